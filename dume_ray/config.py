@@ -1,0 +1,296 @@
+"""Typed configuration for the whole pipeline: dataclass schemas merged with YAML and CLI overrides.
+
+The dataclasses are the schema (defaults, types, one comment per field); a YAML file in `configs/` holds
+the values for one run; `key=value` arguments on the command line are the last word. The merge is
+OmegaConf's: schema <- YAML <- CLI, so a misspelled key or a wrongly typed value is rejected with the
+key's full path before any work starts. `__post_init__` checks ranges and combinations.
+
+    from dume_ray.config import load_config
+    cfg = load_config("configs/demo.yaml", ["distill.temperature=4.0"])
+
+Pure: no Ray here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+BUILTIN_TASK_NAMES = ["copy", "reverse", "sort", "shift", "add", "sub"]
+LOCAL_TASK_FORMATS = ("jsonl", "json", "parquet", "csv")
+
+
+class ConfigError(ValueError):
+    """A config value or combination that cannot run; the message names the key and the value."""
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass
+class TaskSource:
+    """A user task loaded through Hugging Face `datasets`."""
+
+    name: str = MISSING  # task name used in reports and groupings
+    source: str = MISSING  # "jsonl" | "json" | "parquet" | "csv" (local files) or a Hub dataset name/path
+    data_files: dict[str, str] = field(default_factory=dict)  # split (train/validation/test) -> local file
+    hub_splits: dict[str, str] = field(default_factory=dict)  # our split -> Hub split name, e.g. validation: dev
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+
+    def __post_init__(self) -> None:
+        if self.source in LOCAL_TASK_FORMATS:
+            _check(bool(self.data_files), f"tasks.sources[{self.name}].data_files must map train/validation/test to files for source={self.source!r}")
+
+
+@dataclass
+class TasksConfig:
+    builtin: list[str] = field(default_factory=lambda: list(BUILTIN_TASK_NAMES))  # built-in tasks to use
+    sources: list[TaskSource] = field(default_factory=list)  # user tasks from files or the Hub
+    seed: int = 0  # generation seed of the built-in tasks
+    num_train: int = 2000  # built-in examples per task and split
+    num_validation: int = 100
+    num_test: int = 200
+    skip_bad_rows: bool = False  # drop malformed user rows (counted in the report) instead of stopping
+
+    def __post_init__(self) -> None:
+        unknown = [t for t in self.builtin if t not in BUILTIN_TASK_NAMES]
+        _check(not unknown, f"tasks.builtin: unknown task(s) {unknown}; built-in tasks are {BUILTIN_TASK_NAMES}")
+        names = list(self.builtin) + [s.name for s in self.sources]
+        _check(len(names) > 0, "tasks: no tasks configured (tasks.builtin and tasks.sources are both empty)")
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        _check(not dupes, f"tasks: task name(s) {dupes} used twice")
+        for key in ("num_train", "num_validation", "num_test"):
+            _check(getattr(self, key) > 0, f"tasks.{key} must be > 0, got {getattr(self, key)}")
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.builtin) + [s.name for s in self.sources]
+
+
+@dataclass
+class ModelConfig:
+    """The base model: a Hugging Face causal LM by Hub name or local path, or the embedded tiny Llama."""
+
+    name_or_path: str = "embedded"  # "embedded" builds a tiny Llama + character tokenizer from the fields below
+    hidden_size: int = 64  # embedded model only
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 256
+    max_seq_len: int = 32  # longest prompt+response in tokens; longer examples are an error
+    dtype: str = "float32"  # "float32" | "bfloat16" (training autocast dtype on GPU)
+
+    def __post_init__(self) -> None:
+        _check(self.dtype in ("float32", "bfloat16"), f"model.dtype must be float32 or bfloat16, got {self.dtype!r}")
+        _check(self.max_seq_len > 0, f"model.max_seq_len must be > 0, got {self.max_seq_len}")
+        _check(self.hidden_size % self.num_heads == 0, f"model.hidden_size={self.hidden_size} must be divisible by model.num_heads={self.num_heads}")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3  # peak AdamW learning rate
+    weight_decay: float = 0.0
+    warmup_steps: int = 20  # linear warm-up, then cosine decay to 10% of lr
+    steps: int = 300  # optimizer steps
+    batch_size: int = 32  # examples per step (global, split across workers)
+    grad_clip: float = 1.0
+    checkpoint_every: int = 100  # steps between Ray Train checkpoints
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        _check(self.steps > 0, f"optim.steps must be > 0, got {self.steps}")
+        _check(self.batch_size > 0, f"optim.batch_size must be > 0, got {self.batch_size}")
+        _check(self.checkpoint_every > 0, f"optim.checkpoint_every must be > 0, got {self.checkpoint_every}")
+
+
+@dataclass
+class ResourcesConfig:
+    """What one training job asks of the cluster. Only this section changes between a laptop and a cluster."""
+
+    num_workers: int = 0  # Ray Train workers per job; 0 runs the job in its own Ray task (Train local mode)
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_concurrent_jobs: int = 0  # experts trained at once; 0 = as many as the cluster's resources allow
+    torch_threads: int = 1  # intra-op threads per job on CPU, so concurrent jobs do not oversubscribe cores
+    max_failures: int = 1  # Ray Train restarts a failed worker group this often, from its latest checkpoint
+
+    def __post_init__(self) -> None:
+        _check(self.num_workers >= 0, f"resources.num_workers must be >= 0, got {self.num_workers}")
+        _check(not (self.use_gpu and self.num_workers == 0), "resources.use_gpu=true needs resources.num_workers >= 1")
+        _check(self.cpus_per_worker > 0, f"resources.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+
+
+@dataclass
+class BaseConfig:
+    """Brief pretraining of the embedded base on the task mixture, so experts share a starting point."""
+
+    enabled: bool = True  # false: use model.name_or_path as the base unchanged
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(steps=300))
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+
+
+@dataclass
+class ExpertsConfig:
+    groups: list[list[str]] = field(default_factory=list)  # task groups; empty = one expert per task
+    train_mlp_only: bool = False  # freeze every non-MLP weight (keeps trunks averageable for upcycling)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(steps=300))
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+
+
+@dataclass
+class SoftTargetsConfig:
+    top_k: int = 8  # teacher tokens kept per response token; the rest is one tail bucket
+    batch_size: int = 256  # examples per teacher forward
+    num_actors: int = 1  # TeacherScorer actors per expert
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0  # fractional GPUs are fine: several small teachers can share one card
+
+    def __post_init__(self) -> None:
+        _check(self.top_k >= 1, f"soft_targets.top_k must be >= 1, got {self.top_k}")
+        _check(self.num_actors >= 1, f"soft_targets.num_actors must be >= 1, got {self.num_actors}")
+        _check(self.gpus_per_actor >= 0, f"soft_targets.gpus_per_actor must be >= 0, got {self.gpus_per_actor}")
+
+
+@dataclass
+class DistillConfig:
+    """The student and, with the same optim/resources, the multitask baseline it must beat."""
+
+    alpha: float = 0.5  # weight of the KD term; 1 - alpha weighs CE on gold labels
+    temperature: float = 2.0  # KD temperature T; the KD term is scaled by T^2
+    divergence: str = "forward_kl"  # "forward_kl" | "reverse_kl" | "generalized_jsd"
+    jsd_beta: float = 0.5  # generalized_jsd only
+    anneal: bool = False  # BAM! teacher annealing: KD weight decays linearly from alpha to 0
+    init: str = "base"  # "base" (student starts from the base) or "scratch" (fresh init of student_model)
+    student_model: Optional[ModelConfig] = None  # a smaller embedded config for init=scratch; None = base's
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(steps=600))
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.alpha <= 1.0, f"distill.alpha must be in [0, 1], got {self.alpha}")
+        _check(self.temperature > 0, f"distill.temperature must be > 0, got {self.temperature}")
+        divergences = ("forward_kl", "reverse_kl", "generalized_jsd")
+        _check(self.divergence in divergences, f"distill.divergence must be one of {divergences}, got {self.divergence!r}")
+        _check(0.0 <= self.jsd_beta <= 1.0, f"distill.jsd_beta must be in [0, 1], got {self.jsd_beta}")
+        _check(self.init in ("base", "scratch"), f"distill.init must be 'base' or 'scratch', got {self.init!r}")
+
+
+@dataclass
+class MultitaskConfig:
+    """The baseline: plain mixed CE, same student, init, data stream, optimiser, batch and steps as distill."""
+
+    enabled: bool = True
+
+
+@dataclass
+class EvalConfig:
+    split: str = "test"  # held-out split the report scores
+    batch_size: int = 256  # prompts per greedy-decoding batch
+    max_new_tokens: int = 12
+
+    def __post_init__(self) -> None:
+        _check(self.split in ("validation", "test"), f"eval.split must be 'validation' or 'test', got {self.split!r}")
+
+
+@dataclass
+class PipelineConfig:
+    name: str = "demo"  # run name: outputs go to <runs_dir>/<name>/
+    runs_dir: str = "runs"
+    seed: int = 0  # model init and data order
+    ray_address: Optional[str] = None  # None: RAY_ADDRESS if set (ray job submit), else a local Ray
+    tasks: TasksConfig = field(default_factory=TasksConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    base: BaseConfig = field(default_factory=BaseConfig)
+    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
+    soft_targets: SoftTargetsConfig = field(default_factory=SoftTargetsConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    multitask: MultitaskConfig = field(default_factory=MultitaskConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name) and "/" not in self.name, f"name must be a non-empty folder name, got {self.name!r}")
+        names = self.tasks.names
+        seen: list[str] = []
+        for i, group in enumerate(self.experts.groups):
+            _check(len(group) > 0, f"experts.groups[{i}] is empty")
+            unknown = [t for t in group if t not in names]
+            _check(not unknown, f"experts.groups[{i}] names unknown task(s) {unknown}; configured tasks are {names}")
+            seen += group
+        if self.experts.groups:
+            twice = sorted({t for t in seen if seen.count(t) > 1})
+            _check(not twice, f"experts.groups: task(s) {twice} appear in more than one group")
+            missing = [t for t in names if t not in seen]
+            _check(not missing, f"experts.groups: task(s) {missing} are in no group")
+        if self.distill.init == "scratch" and self.distill.student_model is not None:
+            _check(self.model.name_or_path == "embedded", "distill.student_model is only for the embedded model family")
+
+    @property
+    def run_dir(self) -> str:
+        return f"{self.runs_dir}/{self.name}"
+
+    @property
+    def groups(self) -> dict[str, list[str]]:
+        """Group name (tasks joined by '+') -> task names; one group per task by default."""
+        groups = self.experts.groups or [[t] for t in self.tasks.names]
+        return {"+".join(g): list(g) for g in groups}
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> PipelineConfig:
+    """Merge schema <- YAML <- `key=value` overrides into a validated PipelineConfig.
+
+    Raises:
+        ConfigError: naming the file and the key or value at fault.
+    """
+    where = path or "<defaults>"
+    try:
+        merged = OmegaConf.structured(PipelineConfig)
+        if path is not None:
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        if overrides:
+            bad = [o for o in overrides if "=" not in o]
+            _check(not bad, f"overrides must look like key=value, got {bad}")
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.to_object(merged)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file not found: {path}") from exc
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{where}: {_short(exc)}") from exc
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+    assert isinstance(cfg, PipelineConfig)
+    return cfg
+
+
+def _short(exc: Exception) -> str:
+    """OmegaConf errors carry a multi-line context; keep the first line and the full key."""
+    key = getattr(exc, "full_key", None)
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return f"key '{key}': {first}" if key else first
+
+
+def to_yaml(cfg: Any) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain dict for Ray workers (they get data, not live objects)."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(schema: type, data: dict) -> Any:
+    """Rebuild a typed config from `to_dict` output inside a worker."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), data))
+
+
+def config_hash(*parts: Any) -> str:
+    """Content hash of config sections (dataclasses, dicts, strings) for stage manifests and caches."""
+    plain = [dataclasses.asdict(p) if dataclasses.is_dataclass(p) else p for p in parts]
+    blob = json.dumps(plain, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

@@ -1,0 +1,153 @@
+"""Turns prompt/response text into token ids, padded batches and loss positions.
+
+Sequence layout: ``[bos] + prompt + response + [eos]`` (bos only if the
+tokenizer has one). The loss covers the response tokens and the final eos, so
+the model learns both the answer and when to stop. Logits at position ``t - 1``
+predict the token at position ``t``; :func:`collate` stores targets at their
+own position in ``labels`` and the loss code performs the usual causal shift.
+:func:`response_positions` gives the logits positions directly, for code that
+gathers per-token distributions (e.g. distillation soft targets).
+
+Test with::
+
+    .venv/bin/python -m pytest tests/unit/test_encode.py -q
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+#: Label value ignored by ``torch.nn.functional.cross_entropy``.
+IGNORE_INDEX = -100
+
+
+def _text_ids(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _bos(tokenizer: Any) -> list[int]:
+    return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+
+
+def encode_example(
+    tokenizer: Any, prompt: str, response: str, max_seq_len: int, where: str = ""
+) -> dict:
+    """Encodes one training example.
+
+    Args:
+        tokenizer: A Hugging Face tokenizer with an eos token.
+        prompt: Prompt text.
+        response: Response text; must not be empty.
+        max_seq_len: Longest allowed sequence, special tokens included.
+        where: Human-readable location used in errors, e.g.
+            ``"task 'add' train row 12"``.
+
+    Returns:
+        ``{"input_ids": list[int], "response_start": int}`` where
+        ``response_start`` is the index of the first response token.
+
+    Raises:
+        ValueError: If the tokenizer has no eos token, the response is empty,
+            there is nothing before the response to condition on (no bos and
+            an empty prompt), or the sequence is longer than ``max_seq_len``.
+    """
+    label = where or "example"
+    if tokenizer.eos_token_id is None:
+        raise ValueError(
+            f"{label}: tokenizer has no eos token; one is needed to mark the end of responses"
+        )
+    if not response:
+        raise ValueError(f"{label}: response is empty")
+    prefix = _bos(tokenizer) + _text_ids(tokenizer, prompt)
+    response_ids = _text_ids(tokenizer, response)
+    if not response_ids:
+        raise ValueError(f"{label}: response {response!r} encodes to no tokens")
+    if not prefix:
+        # The first response token must be predicted from some earlier position.
+        raise ValueError(f"{label}: empty prompt and no bos token; nothing to condition on")
+    input_ids = prefix + response_ids + [tokenizer.eos_token_id]
+    if len(input_ids) > max_seq_len:
+        raise ValueError(
+            f"{label}: sequence length {len(input_ids)} tokens exceeds the limit "
+            f"max_seq_len={max_seq_len} (prompt {len(prefix)}, response {len(response_ids)} + eos)"
+        )
+    return {"input_ids": input_ids, "response_start": len(prefix)}
+
+
+def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
+    """Encodes a prompt for generation: ``[bos] + prompt`` ids.
+
+    Args:
+        tokenizer: A Hugging Face tokenizer.
+        prompt: Prompt text.
+
+    Returns:
+        The ids the model should continue from, matching the prefix produced
+        by :func:`encode_example`.
+    """
+    return _bos(tokenizer) + _text_ids(tokenizer, prompt)
+
+
+def collate(rows: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pads encoded rows into a batch.
+
+    Args:
+        rows: Outputs of :func:`encode_example`; ``input_ids`` may be lists or
+            numpy arrays (as returned by ``datasets``).
+        pad_id: Id used for padding positions.
+
+    Returns:
+        ``input_ids``, ``attention_mask`` and ``labels``, each ``[batch, seq]``
+        long tensors, ``seq`` being the longest row. ``labels[b, t]`` equals
+        ``input_ids[b, t]`` for response positions (``t >= response_start``,
+        not padding) and :data:`IGNORE_INDEX` elsewhere. Labels are NOT
+        shifted: logits at ``t - 1`` predict ``labels[t]``.
+
+    Raises:
+        ValueError: If ``rows`` is empty or a ``response_start`` is out of
+            range.
+    """
+    if not rows:
+        raise ValueError("collate needs at least one row")
+    lengths = [len(row["input_ids"]) for row in rows]
+    seq_len = max(lengths)
+    input_ids = torch.full((len(rows), seq_len), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), seq_len), dtype=torch.long)
+    labels = torch.full((len(rows), seq_len), IGNORE_INDEX, dtype=torch.long)
+    for b, (row, length) in enumerate(zip(rows, lengths)):
+        start = int(row["response_start"])
+        if not 1 <= start < length:
+            raise ValueError(
+                f"row {b}: response_start {start} must be in [1, {length}) for a row of "
+                f"{length} tokens"
+            )
+        ids = torch.as_tensor(list(row["input_ids"]), dtype=torch.long)
+        input_ids[b, :length] = ids
+        attention_mask[b, :length] = 1
+        labels[b, start:length] = ids[start:]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def response_positions(batch_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Finds the logits positions that predict response tokens.
+
+    Args:
+        batch_labels: ``[batch, seq]`` labels from :func:`collate`.
+
+    Returns:
+        ``(b_idx, t_idx)`` long tensors such that ``logits[b_idx, t_idx]``
+        are the predictions for ``batch_labels[b_idx, t_idx + 1]``. Order is
+        row-major: all of row 0's response tokens in sequence, then row 1's,
+        and so on, which equals ``batch_labels[batch_labels != IGNORE_INDEX]``.
+
+    Raises:
+        ValueError: If a label sits at position 0 (nothing could predict it).
+    """
+    mask = batch_labels != IGNORE_INDEX
+    if batch_labels.shape[-1] and bool(mask[:, 0].any()):
+        raise ValueError("labels at position 0 cannot be predicted by any logits position")
+    # nonzero() walks the tensor in row-major order, which gives the documented order.
+    b_idx, t_idx = mask.nonzero(as_tuple=True)
+    return b_idx, t_idx - 1

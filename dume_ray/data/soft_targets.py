@@ -1,0 +1,357 @@
+"""On-disk format of teacher soft targets: one Parquet row per training example.
+
+Each row holds the full token sequence (prompt + response) and, for every
+response token, the teacher's top-k token ids, their log-probs at
+temperature 1, and the log of the probability mass outside the top k (the
+"tail"); see ``dume_ray.distill.losses`` for how they are consumed.
+
+Storage choice for log-probs: ``topk_logprobs`` is a native Parquet
+``list<float16>`` (Arrow ``halffloat``, Parquet FLOAT16 logical type).
+pyarrow 26 writes and reads it losslessly (checked by the round-trip test),
+which halves the size of the largest column versus float32. Log-probs are
+clamped to >= -1e4 before the cast so they stay finite (float16 overflows
+to -inf below -65504; e^-1e4 is 0 at any precision anyway).
+
+Pure pyarrow/numpy/torch, no Ray. Test with:
+
+    .venv/bin/python -m pytest tests/unit/test_soft_targets.py -q
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List, Mapping, Sequence, Tuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from torch import Tensor
+
+SOFT_TARGET_COLUMNS = (
+    "example_id",
+    "task",
+    "group",
+    "input_ids",
+    "response_start",
+    "topk_ids",
+    "topk_logprobs",
+    "tail_logmass",
+)
+
+# Lowest stored log-prob; keeps float16 values finite (see module docstring).
+LOGPROB_FLOOR = -1.0e4
+
+_LIST_DTYPES = {
+    "input_ids": np.int32,
+    "topk_ids": np.int32,
+    "topk_logprobs": np.float16,
+    "tail_logmass": np.float32,
+}
+
+
+class SoftTargetError(ValueError):
+    """A soft-target shard is unreadable or violates the format."""
+
+
+def soft_target_schema(top_k: int) -> pa.Schema:
+    """Arrow schema of a soft-target shard.
+
+    Fields: ``example_id``/``task``/``group`` strings; ``input_ids``
+    list<int32> (prompt + response); ``response_start`` int32 (index of the
+    first response token, so logits at positions response_start-1 .. len-2
+    score the n_resp = len(input_ids) - response_start response tokens);
+    ``topk_ids`` list<int32> and ``topk_logprobs`` list<float16>, both the
+    row-major flattening of [n_resp, k]; ``tail_logmass`` list<float32>
+    [n_resp]. Metadata ``b"top_k"`` holds str(k).
+
+    Args:
+        top_k: Number of teacher tokens kept per position.
+
+    Returns:
+        The schema.
+    """
+    return pa.schema(
+        [
+            pa.field("example_id", pa.string()),
+            pa.field("task", pa.string()),
+            pa.field("group", pa.string()),
+            pa.field("input_ids", pa.list_(pa.int32())),
+            pa.field("response_start", pa.int32()),
+            pa.field("topk_ids", pa.list_(pa.int32())),
+            pa.field("topk_logprobs", pa.list_(pa.float16())),
+            pa.field("tail_logmass", pa.list_(pa.float32())),
+        ],
+        metadata={b"top_k": str(int(top_k)).encode()},
+    )
+
+
+# --------------------------------------------------------------------------
+# Encode / decode
+# --------------------------------------------------------------------------
+
+
+def encode_top_k(logprobs: Tensor, k: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Compress full teacher log-probs to top-k + tail.
+
+    Args:
+        logprobs: Teacher ``log_softmax`` output at T=1, [n, V].
+        k: Tokens to keep per position; clamped to V.
+
+    Returns:
+        (topk_ids int32 [n, k], topk_logprobs float16 [n, k],
+        tail_logmass float32 [n]). The tail is the exact logsumexp of the
+        non-top-k log-probs in float32 (-inf when k >= V).
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got k={k!r}")
+    logp = logprobs.detach().float()  # [n, V]
+    n, vocab = logp.shape
+    k = min(k, vocab)
+    values, ids = torch.topk(logp, k, dim=-1)  # [n, k], [n, k]
+    if k == vocab:
+        tail = torch.full((n,), float("-inf"))  # [n]
+    else:
+        # A mask + logsumexp is exact; log1p(-sum p_topk) cancels badly when
+        # the top k hold nearly all the mass.
+        in_topk = torch.zeros_like(logp, dtype=torch.bool).scatter_(-1, ids, True)  # [n, V]
+        tail = torch.logsumexp(logp.masked_fill(in_topk, float("-inf")), dim=-1)  # [n]
+    return (
+        ids.to(torch.int32).cpu().numpy(),
+        values.clamp_min(LOGPROB_FLOOR).cpu().numpy().astype(np.float16),
+        tail.cpu().numpy().astype(np.float32),
+    )
+
+
+def decode_top_k(row: Mapping[str, Any], top_k: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """Turn one stored row back into tensors for ``kd_loss``.
+
+    Accepts values as Python lists (pyarrow ``to_pylist()``) or numpy arrays
+    (a row taken from a Ray Data numpy batch, where list columns are object
+    arrays holding one ndarray per row).
+
+    Args:
+        row: Mapping with at least ``topk_ids``, ``topk_logprobs`` and
+            ``tail_logmass``.
+        top_k: k the shard was written with.
+
+    Returns:
+        (topk_ids int64 [n_resp, k], topk_logprobs float32 [n_resp, k],
+        tail_logmass float32 [n_resp]).
+
+    Raises:
+        SoftTargetError: If the flattened lengths do not match [n_resp, k].
+    """
+    # np.array copies: Arrow-backed arrays are read-only, torch wants writable.
+    tail = np.array(row["tail_logmass"], dtype=np.float32)  # [n_resp]
+    ids = np.asarray(row["topk_ids"], dtype=np.int64)  # [n_resp * k]
+    logps = np.asarray(row["topk_logprobs"], dtype=np.float32)  # [n_resp * k]
+    n_resp = tail.shape[0]
+    if ids.size != n_resp * top_k or logps.size != n_resp * top_k:
+        raise SoftTargetError(
+            f"example_id={row.get('example_id')!r}: topk_ids/topk_logprobs have "
+            f"{ids.size}/{logps.size} values, expected n_resp*k = {n_resp}*{top_k}"
+        )
+    return (
+        torch.from_numpy(ids.reshape(n_resp, top_k)),
+        torch.from_numpy(logps.reshape(n_resp, top_k)),
+        torch.from_numpy(tail),
+    )
+
+
+# --------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------
+
+
+def _list_column(values: Sequence[Any], dtype: Any, arrow_type: pa.DataType) -> pa.Array:
+    # Building flat values + offsets from numpy is fast and accepts lists,
+    # 1-D or 2-D arrays alike (2-D [n_resp, k] is flattened row-major).
+    flats = [np.asarray(v, dtype=dtype).reshape(-1) for v in values]
+    offsets = np.zeros(len(flats) + 1, dtype=np.int32)
+    np.cumsum([f.size for f in flats], out=offsets[1:])
+    flat = np.concatenate(flats) if flats else np.zeros(0, dtype=dtype)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=arrow_type))
+
+
+def rows_to_table(rows: List[Dict[str, Any]], top_k: int) -> pa.Table:
+    """Build a shard table from row dicts (values may be lists or arrays).
+
+    Args:
+        rows: One dict per example with every column in SOFT_TARGET_COLUMNS.
+        top_k: k used for encoding (stored in the schema metadata).
+
+    Returns:
+        A table with exactly ``soft_target_schema(top_k)``.
+    """
+    schema = soft_target_schema(top_k)
+    columns = []
+    for field in schema:
+        values = [r[field.name] for r in rows]
+        if field.name in _LIST_DTYPES:
+            columns.append(_list_column(values, _LIST_DTYPES[field.name], field.type.value_type))
+        elif field.name == "response_start":
+            columns.append(pa.array(np.asarray(values, dtype=np.int32), type=pa.int32()))
+        else:
+            columns.append(pa.array([str(v) for v in values], type=pa.string()))
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def write_shard(table: pa.Table, path: str) -> None:
+    """Write a shard atomically: to ``path + ".tmp"``, fsync, then rename.
+
+    Readers (and resumed jobs checking which shards exist) therefore never
+    see a half-written file under the final name. Local filesystems only.
+
+    Args:
+        table: Table to write (normally from rows_to_table).
+        path: Final Parquet path; parent directories are created.
+    """
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            pq.write_table(table, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+# --------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------
+
+
+def validate_shard(path: str, vocab_size: int, top_k: int, atol: float = 2e-2) -> int:
+    """Check a shard against the format and the teacher's probability axioms.
+
+    Checks: readable Parquet; schema equals soft_target_schema(top_k)
+    (metadata ignored) and metadata top_k matches; no nulls; per row
+    0 < response_start < len(input_ids), flattened top-k lengths equal
+    n_resp * k and the tail length n_resp, every id in [0, vocab_size),
+    top-k log-probs finite and <= atol, tail finite or -inf, and each
+    position's logsumexp(topk_logprobs ∪ tail) within atol of 0.
+
+    Args:
+        path: Shard file.
+        vocab_size: Teacher/student vocabulary size.
+        top_k: Expected k.
+        atol: Tolerance for the log-prob checks (float16 storage rounds).
+
+    Returns:
+        Number of rows.
+
+    Raises:
+        SoftTargetError: On the first violation; the message names the file
+            and, for row-level problems, the row index, example_id and field.
+    """
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as e:
+        # Truncated files raise ArrowInvalid; wrap so callers handle one type.
+        raise SoftTargetError(f"{path}: cannot read Parquet file: {e}") from e
+
+    expected = soft_target_schema(top_k)
+    if not table.schema.equals(expected, check_metadata=False):
+        raise SoftTargetError(
+            f"{path}: schema mismatch: got {_schema_str(table.schema)}, "
+            f"expected {_schema_str(expected)}"
+        )
+    meta_k = (table.schema.metadata or {}).get(b"top_k")
+    if meta_k != str(int(top_k)).encode():
+        raise SoftTargetError(f"{path}: metadata top_k={meta_k!r}, expected {top_k}")
+
+    n_rows = table.num_rows
+    if n_rows == 0:
+        return 0
+    example_ids = table.column("example_id")
+
+    def fail(row: int, field: str, msg: str) -> SoftTargetError:
+        eid = example_ids[row].as_py()
+        return SoftTargetError(f"{path}: row {row} (example_id={eid!r}): {field} {msg}")
+
+    for name in SOFT_TARGET_COLUMNS:
+        col = table.column(name)
+        if col.null_count:
+            row = int(np.flatnonzero(pc.is_null(col).to_numpy(zero_copy_only=False))[0])
+            raise fail(row, name, "is null")
+
+    lists = {name: _flat_list(table.column(name)) for name in _LIST_DTYPES}
+    seq_len = np.diff(lists["input_ids"][1])  # [rows]
+    start = table.column("response_start").to_numpy().astype(np.int64)  # [rows]
+    bad = np.flatnonzero((start <= 0) | (start >= seq_len))
+    if bad.size:
+        r = int(bad[0])
+        raise fail(r, "response_start", f"{start[r]} not in (0, len(input_ids)={seq_len[r]})")
+    n_resp = seq_len - start  # [rows]
+
+    for name, per_pos in (("topk_ids", top_k), ("topk_logprobs", top_k), ("tail_logmass", 1)):
+        length = np.diff(lists[name][1])  # [rows]
+        bad = np.flatnonzero(length != n_resp * per_pos)
+        if bad.size:
+            r = int(bad[0])
+            raise fail(
+                r, name, f"has {length[r]} values, expected {n_resp[r] * per_pos} "
+                f"(n_resp={n_resp[r]} x {per_pos})"
+            )
+
+    for name in ("input_ids", "topk_ids"):
+        values, offsets = lists[name]
+        bad = np.flatnonzero((values < 0) | (values >= vocab_size))
+        if bad.size:
+            r, value = _row_of(offsets, bad[0]), int(values[bad[0]])
+            problem = (
+                f"id {value} >= vocab_size {vocab_size}" if value >= 0 else f"negative id {value}"
+            )
+            raise fail(r, name, f"has {problem}")
+
+    logps, lp_offsets = lists["topk_logprobs"]
+    logps = logps.astype(np.float64)  # [positions * k]
+    bad = np.flatnonzero(~np.isfinite(logps) | (logps > atol))
+    if bad.size:
+        r = _row_of(lp_offsets, bad[0])
+        raise fail(r, "topk_logprobs", f"has value {logps[bad[0]]}, expected finite and <= 0")
+
+    tail, tail_offsets = lists["tail_logmass"]
+    tail = tail.astype(np.float64)  # [positions]
+    bad = np.flatnonzero(np.isnan(tail) | (tail == np.inf))
+    if bad.size:
+        r = _row_of(tail_offsets, bad[0])
+        raise fail(r, "tail_logmass", f"has value {tail[bad[0]]}, expected finite or -inf")
+
+    # Lengths are consistent now, so positions line up across columns.
+    buckets = np.concatenate([logps.reshape(-1, top_k), tail[:, None]], axis=1)  # [positions, k+1]
+    peak = buckets.max(axis=1, keepdims=True)  # [positions, 1], finite: top-k finite
+    total = peak[:, 0] + np.log(np.exp(buckets - peak).sum(axis=1))  # [positions]
+    bad = np.flatnonzero(np.abs(total) > atol)
+    if bad.size:
+        r = _row_of(tail_offsets, bad[0])
+        pos = int(bad[0] - tail_offsets[r])
+        raise fail(
+            r, "topk_logprobs+tail_logmass",
+            f"logsumexp at response position {pos} is {total[bad[0]]:.4f}, expected 0 ± {atol}",
+        )
+    return n_rows
+
+
+def _flat_list(col: pa.ChunkedArray) -> Tuple[np.ndarray, np.ndarray]:
+    """(flat values, offsets [rows+1] starting at 0) of a null-free list column."""
+    arr = col.combine_chunks()  # ListArray, possibly a slice
+    offsets = arr.offsets.to_numpy().astype(np.int64)
+    values = arr.flatten().to_numpy(zero_copy_only=False)
+    return values, offsets - offsets[0]
+
+
+def _row_of(offsets: np.ndarray, flat_index: int) -> int:
+    # Row whose [offsets[r], offsets[r+1]) span contains flat_index.
+    return int(np.searchsorted(offsets, flat_index, side="right") - 1)
+
+
+def _schema_str(schema: pa.Schema) -> str:
+    return "{" + ", ".join(f"{f.name}: {f.type}" for f in schema) + "}"

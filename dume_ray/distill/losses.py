@@ -1,0 +1,470 @@
+"""Knowledge-distillation losses on top-k teacher soft targets with a tail bucket.
+
+The teacher's full next-token distribution is too large to store for every
+response token, so the soft-target pipeline keeps, per token, the teacher's k
+most likely token ids, their log-probs (at temperature 1) and the log of the
+probability mass left outside those k tokens (the "tail"). The losses here
+compare teacher and student on that (k+1)-bucket distribution: the k kept
+tokens plus one tail bucket. With k == vocab size the tail is empty (-inf) and
+every loss equals its full-vocabulary counterpart.
+
+Everything is pure torch (no Ray), so it runs inside any training worker.
+Test with:
+
+    .venv/bin/python -m pytest tests/unit/test_losses.py -q
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "generalized_jsd")
+
+_NEG_INF = float("-inf")
+
+
+# --------------------------------------------------------------------------
+# Bucket distributions
+# --------------------------------------------------------------------------
+
+
+def teacher_bucket_logprobs(
+    topk_logprobs: Tensor,
+    tail_logmass: Tensor,
+    temperature: float,
+    vocab_size: int,
+) -> Tensor:
+    """Teacher log-probs at temperature T over the k kept tokens plus the tail.
+
+    At T == 1 this is exactly ``cat(topk_logprobs, tail_logmass)`` (no
+    renormalisation, so stored targets are used bit for bit).
+
+    At T != 1 the tempered distribution needs every token's logit, but the
+    individual tail logits were not stored. **Approximation:** the tail mass is
+    assumed to be spread uniformly over the ``V - k`` tail tokens, i.e. each
+    tail token has log-prob ``tail_logmass - log(V - k)``. Every token's
+    log-prob is divided by T and the result renormalised, so before
+    renormalisation the tempered tail bucket has log-mass
+    ``log(V - k) + (tail_logmass - log(V - k)) / T``. Because a uniform tail
+    has the highest entropy for its mass, at T > 1 this slightly over-states
+    the tempered tail mass compared with the real (peaked) tail. The result is
+    exact when T == 1 or when k == V (the tail is then -inf and stays -inf).
+
+    Args:
+        topk_logprobs: Teacher log-probs of its top-k tokens at T=1, [n, k].
+            float16 input is upcast to float32.
+        tail_logmass: Log of the teacher's mass outside the top k at T=1, [n];
+            -inf when k == vocab_size.
+        temperature: Softmax temperature T > 0.
+        vocab_size: Vocabulary size V (>= k).
+
+    Returns:
+        Float32 log-probs over the k+1 buckets, [n, k+1]; each row
+        logsumexps to 0 (up to the precision of the stored targets at T=1).
+
+    Raises:
+        ValueError: If temperature <= 0 or vocab_size < k.
+    """
+    _check_temperature(temperature)
+    topk = topk_logprobs.float()  # [n, k]
+    tail = tail_logmass.float()  # [n]
+    k = topk.shape[-1]
+    if vocab_size < k:
+        raise ValueError(f"vocab_size {vocab_size} is smaller than top_k {k}")
+
+    if temperature == 1.0:
+        return torch.cat([topk, tail.unsqueeze(-1)], dim=-1)  # [n, k+1]
+
+    n_tail = vocab_size - k
+    if n_tail == 0:
+        # log(0) would turn the formula below into -inf - -inf = NaN.
+        tail_t = torch.full_like(tail, _NEG_INF)  # [n]
+    else:
+        log_n = math.log(n_tail)
+        # -inf tail stays -inf: (-inf - log_n) / T + log_n == -inf.
+        tail_t = log_n + (tail - log_n) / temperature  # [n]
+    buckets = torch.cat([topk / temperature, tail_t.unsqueeze(-1)], dim=-1)  # [n, k+1]
+    return buckets - torch.logsumexp(buckets, dim=-1, keepdim=True)
+
+
+def student_bucket_logprobs(
+    student_logits: Tensor, topk_ids: Tensor, temperature: float
+) -> Tensor:
+    """Student log-probs at temperature T over the teacher's top-k tokens + tail.
+
+    Args:
+        student_logits: Student logits, [n, V]. Upcast to float32 because the
+            tail bucket sums many small probabilities that bf16 would round.
+        topk_ids: The teacher's top-k token ids, [n, k], distinct per row.
+        temperature: Softmax temperature T > 0.
+
+    Returns:
+        Float32 log-probs, [n, k+1]: ``log_softmax(logits / T)`` gathered at
+        the k ids, then the log of the mass on all other tokens (-inf when
+        k == V).
+    """
+    _check_temperature(temperature)
+    logp = torch.log_softmax(student_logits.float() / temperature, dim=-1)  # [n, V]
+    ids = topk_ids.long()  # [n, k]
+    top = logp.gather(-1, ids)  # [n, k]
+    n, vocab = logp.shape
+    if ids.shape[-1] >= vocab:
+        # Nothing is left outside the top k. Skipping logsumexp over an all
+        # -inf row also avoids its NaN backward (exp(-inf - -inf)).
+        tail = logp.new_full((n,), _NEG_INF)  # [n]
+    else:
+        # Exact logsumexp over the non-top-k tokens; log1p(-sum(p_topk))
+        # would cancel catastrophically when the top k hold almost all mass.
+        in_topk = torch.zeros_like(logp, dtype=torch.bool).scatter_(-1, ids, True)  # [n, V]
+        tail = torch.logsumexp(logp.masked_fill(in_topk, _NEG_INF), dim=-1)  # [n]
+    return torch.cat([top, tail.unsqueeze(-1)], dim=-1)  # [n, k+1]
+
+
+# --------------------------------------------------------------------------
+# Divergences between two log-prob tensors over the same buckets
+# --------------------------------------------------------------------------
+
+
+def _kl(p_logp: Tensor, q_logp: Tensor) -> Tensor:
+    """KL(p‖q) per row, [n, m] x [n, m] -> [n], with 0·log 0 = 0.
+
+    Buckets where p is -inf are replaced by zeros *before* any arithmetic:
+    masking only the result with torch.where would still back-propagate
+    0 * NaN = NaN through the discarded branch (-inf - -inf).
+    """
+    support = p_logp > _NEG_INF  # [n, m]
+    p_safe = torch.where(support, p_logp, torch.zeros_like(p_logp))
+    q_safe = torch.where(support, q_logp, torch.zeros_like(q_logp))
+    terms = torch.where(
+        support, p_safe.exp() * (p_safe - q_safe), torch.zeros_like(p_safe)
+    )  # [n, m]
+    return terms.sum(dim=-1)
+
+
+def forward_kl(teacher_logp: Tensor, student_logp: Tensor) -> Tensor:
+    """KL(teacher‖student) = sum_i p_i (log p_i - log q_i) per row.
+
+    Args:
+        teacher_logp: Teacher log-probs, [n, m].
+        student_logp: Student log-probs, [n, m].
+
+    Returns:
+        Per-row divergence, [n]. Buckets with teacher -inf contribute 0.
+    """
+    return _kl(teacher_logp, student_logp)
+
+
+def reverse_kl(teacher_logp: Tensor, student_logp: Tensor) -> Tensor:
+    """KL(student‖teacher) = sum_i q_i (log q_i - log p_i) per row.
+
+    Args:
+        teacher_logp: Teacher log-probs, [n, m].
+        student_logp: Student log-probs, [n, m].
+
+    Returns:
+        Per-row divergence, [n]. Buckets with student -inf contribute 0.
+    """
+    return _kl(student_logp, teacher_logp)
+
+
+def generalized_jsd(
+    teacher_logp: Tensor, student_logp: Tensor, beta: float = 0.5
+) -> Tensor:
+    """Generalized Jensen-Shannon divergence of GKD, per row.
+
+    From Agarwal et al. 2024, "On-Policy Distillation of Language Models:
+    Learning from Self-Generated Mistakes" (GKD), as implemented in TRL's
+    ``GKDTrainer.generalized_jsd_loss``: with the mixture
+    ``m = beta * p_teacher + (1 - beta) * p_student``,
+
+        JSD(beta) = beta * KL(teacher‖m) + (1 - beta) * KL(student‖m).
+
+    The endpoints are defined (as in TRL) rather than taken from the formula,
+    which would give 0 there: beta == 0 returns exactly forward KL
+    (teacher‖student) and beta == 1 exactly reverse KL (student‖teacher).
+    At beta == 0.5 the divergence is symmetric in its arguments.
+
+    Args:
+        teacher_logp: Teacher log-probs, [n, m].
+        student_logp: Student log-probs, [n, m].
+        beta: Mixture weight on the teacher, in [0, 1].
+
+    Returns:
+        Per-row divergence, [n].
+
+    Raises:
+        ValueError: If beta is outside [0, 1].
+    """
+    _check_beta(beta)
+    if beta == 0.0:
+        return forward_kl(teacher_logp, student_logp)
+    if beta == 1.0:
+        return reverse_kl(teacher_logp, student_logp)
+    # Zero out buckets where both sides are -inf before logaddexp, whose
+    # backward is NaN there; one-sided -inf is fine and kept.
+    either = (teacher_logp > _NEG_INF) | (student_logp > _NEG_INF)  # [n, m]
+    t_safe = torch.where(either, teacher_logp, torch.zeros_like(teacher_logp))
+    s_safe = torch.where(either, student_logp, torch.zeros_like(student_logp))
+    mixture = torch.logaddexp(
+        t_safe + math.log(beta), s_safe + math.log(1.0 - beta)
+    )  # [n, m]
+    mixture = torch.where(either, mixture, torch.full_like(mixture, _NEG_INF))
+    return beta * _kl(teacher_logp, mixture) + (1.0 - beta) * _kl(student_logp, mixture)
+
+
+# --------------------------------------------------------------------------
+# Losses used by the trainer
+# --------------------------------------------------------------------------
+
+
+def kd_loss(
+    student_logits: Tensor,
+    topk_ids: Tensor,
+    topk_logprobs: Tensor,
+    tail_logmass: Tensor,
+    temperature: float,
+    divergence: str = "forward_kl",
+    jsd_beta: float = 0.5,
+    mask: Optional[Tensor] = None,
+) -> Tensor:
+    """Distillation loss: T² · mean over kept rows of D(teacher_T, student_T).
+
+    The T² factor (Hinton et al. 2015) keeps gradient magnitudes comparable
+    across temperatures, so alpha means the same thing at every T.
+
+    Args:
+        student_logits: Student logits at the response positions, [n, V].
+        topk_ids: Teacher top-k token ids, [n, k].
+        topk_logprobs: Teacher top-k log-probs at T=1, [n, k] (float16 ok).
+        tail_logmass: Teacher log tail mass at T=1, [n].
+        temperature: Softmax temperature T > 0 applied to both models.
+        divergence: One of "forward_kl", "reverse_kl", "generalized_jsd".
+        jsd_beta: beta of generalized_jsd (ignored otherwise).
+        mask: Optional bool [n]; True marks rows that count. Rows with False
+            are dropped before any computation, so padding garbage in them
+            cannot leak NaNs into the loss.
+
+    Returns:
+        Scalar float32 loss. If no row counts (empty input or all masked)
+        returns exactly 0.0, still attached to student_logits' graph so
+        ``backward()`` works uniformly across ranks/micro-batches.
+
+    Raises:
+        ValueError: On temperature <= 0, an unknown divergence, a bad
+            jsd_beta, mismatched shapes, or a top-k id outside [0, V).
+    """
+    _check_kd_args(temperature, divergence, jsd_beta)
+    n, vocab = student_logits.shape
+    if topk_ids.shape != topk_logprobs.shape or topk_ids.shape[0] != n:
+        raise ValueError(
+            f"topk_ids {tuple(topk_ids.shape)} and topk_logprobs "
+            f"{tuple(topk_logprobs.shape)} must both be [n={n}, k]"
+        )
+    if tail_logmass.shape != (n,):
+        raise ValueError(f"tail_logmass shape {tuple(tail_logmass.shape)} must be [n={n}]")
+
+    if mask is not None:
+        keep = _as_row_mask(mask, n)  # [n]
+        student_logits = student_logits[keep]
+        topk_ids = topk_ids[keep]
+        topk_logprobs = topk_logprobs[keep]
+        tail_logmass = tail_logmass[keep]
+    if student_logits.shape[0] == 0:
+        return _zero_with_graph(student_logits)
+
+    # An out-of-range id would otherwise be a silent CUDA gather error.
+    max_id, min_id = int(topk_ids.max()), int(topk_ids.min())
+    if max_id >= vocab:
+        raise ValueError(f"topk_ids has id {max_id} >= vocab_size {vocab}")
+    if min_id < 0:
+        raise ValueError(f"topk_ids has negative id {min_id}")
+
+    teacher = teacher_bucket_logprobs(topk_logprobs, tail_logmass, temperature, vocab)  # [n, k+1]
+    student = student_bucket_logprobs(student_logits, topk_ids, temperature)  # [n, k+1]
+    per_row = _divergence_fn(divergence, jsd_beta)(teacher, student)  # [n]
+    return temperature**2 * per_row.mean()
+
+
+def cross_entropy(
+    student_logits: Tensor, target_ids: Tensor, mask: Optional[Tensor] = None
+) -> Tensor:
+    """Mean token cross-entropy over kept rows.
+
+    Args:
+        student_logits: Student logits, [n, V] (upcast to float32).
+        target_ids: Gold token ids, [n]. Ids equal to -100 (the PyTorch
+            ignore_index convention) are treated as masked.
+        mask: Optional bool [n]; True marks rows that count.
+
+    Returns:
+        Scalar float32 loss; exactly 0.0 (attached to the graph) when no row
+        counts, instead of PyTorch's NaN.
+    """
+    n = student_logits.shape[0]
+    if target_ids.shape != (n,):
+        raise ValueError(f"target_ids shape {tuple(target_ids.shape)} must be [n={n}]")
+    keep = target_ids != -100  # [n]
+    if mask is not None:
+        keep = keep & _as_row_mask(mask, n)
+    logits = student_logits[keep]
+    if logits.shape[0] == 0:
+        return _zero_with_graph(student_logits)
+    return F.cross_entropy(logits.float(), target_ids[keep].long())
+
+
+def distill_objective(
+    student_logits: Tensor,
+    target_ids: Optional[Tensor],
+    topk_ids: Optional[Tensor],
+    topk_logprobs: Optional[Tensor],
+    tail_logmass: Optional[Tensor],
+    alpha: float,
+    temperature: float,
+    divergence: str = "forward_kl",
+    jsd_beta: float = 0.5,
+    mask: Optional[Tensor] = None,
+) -> Dict[str, Tensor]:
+    """Training objective ``alpha * kd + (1 - alpha) * ce``.
+
+    alpha == 0 skips the KD term entirely (the multitask baseline needs no
+    soft targets; topk_* may be None) and alpha == 1 skips CE (target_ids may
+    be None). temperature/divergence are validated even when unused so a
+    misconfigured run fails at its first step, not when alpha changes.
+
+    Args:
+        student_logits: Student logits at response positions, [n, V].
+        target_ids: Gold next-token ids, [n].
+        topk_ids: Teacher top-k ids, [n, k].
+        topk_logprobs: Teacher top-k log-probs at T=1, [n, k].
+        tail_logmass: Teacher log tail mass at T=1, [n].
+        alpha: Weight on the KD term, in [0, 1].
+        temperature: KD temperature (> 0).
+        divergence: See kd_loss.
+        jsd_beta: See kd_loss.
+        mask: Optional bool [n] of rows that count, applied to both terms.
+
+    Returns:
+        {"loss": differentiable scalar, "kd_loss": detached scalar,
+        "ce_loss": detached scalar}; a skipped term is reported as 0.0.
+
+    Raises:
+        ValueError: If alpha is outside [0, 1], or as kd_loss.
+    """
+    if not (0.0 <= alpha <= 1.0):
+        raise ValueError(f"alpha must be in [0, 1], got alpha={alpha!r}")
+    _check_kd_args(temperature, divergence, jsd_beta)
+    zero = torch.zeros((), dtype=torch.float32, device=student_logits.device)
+
+    kd = None
+    if alpha > 0.0:
+        if topk_ids is None or topk_logprobs is None or tail_logmass is None:
+            raise ValueError(f"alpha={alpha!r} > 0 needs topk_ids, topk_logprobs and tail_logmass")
+        kd = kd_loss(
+            student_logits, topk_ids, topk_logprobs, tail_logmass,
+            temperature, divergence, jsd_beta, mask,
+        )
+    ce = None
+    if alpha < 1.0:
+        if target_ids is None:
+            raise ValueError(f"alpha={alpha!r} < 1 needs target_ids")
+        ce = cross_entropy(student_logits, target_ids, mask)
+
+    if kd is None:
+        loss = ce
+    elif ce is None:
+        loss = kd
+    else:
+        loss = alpha * kd + (1.0 - alpha) * ce
+    return {
+        "loss": loss,
+        "kd_loss": kd.detach() if kd is not None else zero,
+        "ce_loss": ce.detach() if ce is not None else zero,
+    }
+
+
+def annealed_alpha(alpha: float, step: int, total_steps: int, anneal: bool) -> float:
+    """Teacher weight under BAM! teacher annealing.
+
+    Clark et al. 2019, "BAM! Born-Again Multi-Task Networks for Natural
+    Language Understanding": the student starts by imitating the teacher and
+    moves linearly towards the gold labels, so it can end up better than the
+    teacher. Here the KD weight decays linearly from ``alpha`` at step 0 to 0
+    at the last step (``total_steps - 1``; steps are 0-indexed and later steps
+    are clamped to it). With a single step, step 0 wins and alpha is returned.
+
+    Args:
+        alpha: Base KD weight in [0, 1].
+        step: Current optimiser step, >= 0.
+        total_steps: Number of steps in the run, >= 1.
+        anneal: If False, alpha is returned unchanged.
+
+    Returns:
+        The KD weight to use at this step.
+
+    Raises:
+        ValueError: On alpha outside [0, 1], step < 0 or total_steps < 1.
+    """
+    if not (0.0 <= alpha <= 1.0):
+        raise ValueError(f"alpha must be in [0, 1], got alpha={alpha!r}")
+    if not anneal:
+        return alpha
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps!r}")
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step!r}")
+    last = total_steps - 1
+    if last == 0:
+        return alpha
+    return alpha * (1.0 - min(step, last) / last)
+
+
+# --------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------
+
+
+def _check_temperature(temperature: float) -> None:
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(
+            f"temperature must be a finite number > 0, got temperature={temperature!r}"
+        )
+
+
+def _check_beta(beta: float) -> None:
+    if not (0.0 <= beta <= 1.0):
+        raise ValueError(f"jsd_beta must be in [0, 1], got jsd_beta={beta!r}")
+
+
+def _check_kd_args(temperature: float, divergence: str, jsd_beta: float) -> None:
+    _check_temperature(temperature)
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got divergence={divergence!r}")
+    if divergence == "generalized_jsd":
+        _check_beta(jsd_beta)
+
+
+def _divergence_fn(divergence: str, jsd_beta: float) -> Callable[[Tensor, Tensor], Tensor]:
+    if divergence == "forward_kl":
+        return forward_kl
+    if divergence == "reverse_kl":
+        return reverse_kl
+    return lambda t, s: generalized_jsd(t, s, jsd_beta)
+
+
+def _as_row_mask(mask: Tensor, n: int) -> Tensor:
+    # Converting to bool matters: an int mask used as an index would gather
+    # rows 0/1 instead of selecting.
+    if mask.shape != (n,):
+        raise ValueError(f"mask shape {tuple(mask.shape)} must be [n={n}]")
+    return mask.to(torch.bool)
+
+
+def _zero_with_graph(x: Tensor) -> Tensor:
+    # Summing an empty slice gives 0.0 with a grad_fn when x requires grad,
+    # and unlike x.sum() * 0 cannot turn into NaN if x holds inf.
+    return x.reshape(-1)[:0].float().sum()

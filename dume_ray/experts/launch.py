@@ -1,0 +1,160 @@
+"""Driver side of the `base` and `experts` stages: one Ray Train `TorchTrainer` per job, jobs run at once.
+
+    python -m dume_ray base --config configs/demo.yaml
+    python -m dume_ray experts --config configs/demo.yaml experts.resources.num_workers=2
+
+`run_base(cfg)` briefly pretrains the starting model on the whole task mixture so every expert starts from
+one shared point; `run_experts(cfg)` fine-tunes one expert per task group from it. Each job's
+`trainer.fit()` runs inside its own Ray task, so the groups train concurrently within the cluster's
+resources (`resources` section of the config). Finished experts are skipped on rerun by their manifest.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from typing import Callable
+
+import ray
+import ray.data
+from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from dume_ray import manifest
+from dume_ray.config import PipelineConfig, ResourcesConfig, config_hash, to_dict
+from dume_ray.experts.worker import train_fn_per_worker
+from dume_ray.model import create_initial_model, load_tokenizer
+from dume_ray.tasks import encode_rows, load_tasks
+
+
+def run_base(cfg: PipelineConfig) -> dict:
+    stage_dir = f"{cfg.run_dir}/base"
+    stage_hash = config_hash("base", cfg.seed, cfg.model, cfg.tasks, cfg.base)
+    if manifest.is_done(stage_dir, stage_hash):
+        print(f"[base] done already ({stage_dir}), skipping", flush=True)
+        return manifest.read_manifest(stage_dir)
+    start = time.time()
+    init_dir = create_initial_model(cfg.model, cfg.seed, f"{stage_dir}/init")
+    model_dir = f"{stage_dir}/model"
+    if not cfg.base.enabled:
+        shutil.copytree(init_dir, model_dir, dirs_exist_ok=True)
+        return manifest.mark_done(stage_dir, stage_hash, {"model": model_dir}, seconds=time.time() - start)
+
+    tasks = load_tasks(cfg.tasks)
+    tokenizer = load_tokenizer(init_dir)
+    rows = encode_rows(tasks, tokenizer, "train", cfg.model.max_seq_len, {t: "base" for t in tasks})
+    job = TrainingJob("base", init_dir, model_dir, rows, {t: tasks[t] for t in tasks})
+    result = run_training_jobs(cfg, [job], cfg.base.optim, cfg.base.resources, stage_dir)["base"]
+    print(f"[base] validation exact-match {_mean(result['validation']):.3f}", flush=True)
+    return manifest.mark_done(stage_dir, stage_hash, {"model": model_dir}, metrics=result,
+                              inputs={"init": init_dir}, seconds=time.time() - start)
+
+
+def run_experts(cfg: PipelineConfig) -> dict[str, dict]:
+    base = _require(f"{cfg.run_dir}/base", "base")
+    base_dir = base["outputs"]["model"]
+    tasks = load_tasks(cfg.tasks)
+    tokenizer = load_tokenizer(base_dir)
+    manifests, jobs, hashes = {}, [], {}
+    for group, names in cfg.groups.items():
+        group_dir = f"{cfg.run_dir}/experts/{group}"
+        hashes[group] = expert_hash(base["config_hash"], names, cfg)
+        if manifest.is_done(group_dir, hashes[group]):
+            print(f"[experts] {group}: done already, skipping", flush=True)
+            manifests[group] = manifest.read_manifest(group_dir)
+            continue
+        rows = encode_rows({t: tasks[t] for t in names}, tokenizer, "train", cfg.model.max_seq_len, {t: group for t in names})
+        jobs.append(TrainingJob(group, base_dir, f"{group_dir}/model", rows, {t: tasks[t] for t in names}))
+
+    results = run_training_jobs(cfg, jobs, cfg.experts.optim, cfg.experts.resources, f"{cfg.run_dir}/experts",
+                                train_mlp_only=cfg.experts.train_mlp_only)
+    for group, result in results.items():
+        group_dir = f"{cfg.run_dir}/experts/{group}"
+        manifests[group] = manifest.mark_done(group_dir, hashes[group], {"model": f"{group_dir}/model"},
+                                              metrics=result, inputs={"base": base_dir, "tasks": cfg.groups[group]},
+                                              seconds=result["train_seconds"])
+    return manifests
+
+
+def expert_hash(base_hash: str, task_names: list[str], cfg: PipelineConfig) -> str:
+    """Content hash of (task group, base model, expert config): equal hashes mean reusable experts."""
+    return config_hash("expert", base_hash, sorted(task_names), cfg.experts.optim, cfg.experts.train_mlp_only, cfg.tasks)
+
+
+class TrainingJob:
+    """One model to train with cross-entropy: where it starts, where it goes, what it reads."""
+
+    def __init__(self, label: str, init_dir: str, output_dir: str, rows: list[dict], validation_tasks: dict):
+        if not rows:
+            raise ValueError(f"{label}: no training examples")
+        self.label, self.init_dir, self.output_dir, self.rows = label, init_dir, output_dir, rows
+        self.validation = {n: [(e.prompt, e.response) for e in t.examples("validation")] for n, t in validation_tasks.items()}
+
+
+def run_training_jobs(cfg: PipelineConfig, jobs: list[TrainingJob], optim, resources: ResourcesConfig,
+                      stage_dir: str, train_mlp_only: bool = False) -> dict[str, dict]:
+    """Fit one TorchTrainer per job, concurrently, printing a line as each finishes; {label: return value}."""
+    pending = {}
+    for job in jobs:
+        loop_config = {"label": job.label, "init_dir": job.init_dir, "output_dir": job.output_dir,
+                       "optim": to_dict(optim), "seed": cfg.seed, "torch_threads": resources.torch_threads,
+                       "num_workers": resources.num_workers, "dtype": cfg.model.dtype,
+                       "train_mlp_only": train_mlp_only, "validation": job.validation,
+                       "max_new_tokens": cfg.eval.max_new_tokens,
+                       "local_checkpoint_dir": _local_checkpoint_dir(job, resources)}
+        pending[job.label] = (loop_config, ray.data.from_items(job.rows))
+    return fit_concurrently(train_fn_per_worker, pending, resources, os.path.abspath(f"{stage_dir}/ray_train"),
+                            stage=os.path.basename(stage_dir))
+
+
+def fit_concurrently(train_fn: Callable, pending: dict[str, tuple[dict, object]], resources: ResourcesConfig,
+                     storage_path: str, stage: str) -> dict[str, dict]:
+    """Run `trainer.fit()` for each (loop_config, dataset) in its own Ray task; at most
+    `resources.max_concurrent_jobs` at once (0 = let the cluster's free resources decide)."""
+    limit = resources.max_concurrent_jobs or len(pending) or 1
+    # In local mode the training runs inside the task, so the task holds the CPUs; otherwise it only drives.
+    task_cpus = resources.cpus_per_worker if resources.num_workers == 0 else 0
+    fit = ray.remote(num_cpus=task_cpus, max_retries=0)(_fit)
+    queue, running, results, start = list(pending.items()), {}, {}, time.time()
+    total = len(queue)
+    while queue or running:
+        while queue and len(running) < limit:
+            label, (loop_config, dataset) = queue.pop(0)
+            ref = fit.remote(train_fn, loop_config, to_dict(resources), dataset, storage_path, f"{stage}-{label}")
+            running[ref] = label
+        done, _ = ray.wait(list(running), num_returns=1)
+        label = running.pop(done[0])
+        results[label] = ray.get(done[0])
+        scores = results[label].get("validation", {})
+        print(f"[{stage}] {len(results)}/{total} finished: {label} validation exact-match "
+              f"{_mean(scores):.3f} ({time.time() - start:.0f} s since stage start)", flush=True)
+    return results
+
+
+def _fit(train_fn: Callable, loop_config: dict, resources: dict, dataset, storage_path: str, name: str) -> dict:
+    trainer = TorchTrainer(
+        train_fn,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=resources["num_workers"], use_gpu=resources["use_gpu"],
+                                     resources_per_worker={"CPU": resources["cpus_per_worker"]}),
+        run_config=RunConfig(name=name, storage_path=storage_path,
+                             failure_config=FailureConfig(max_failures=resources["max_failures"])),
+        datasets={"train": dataset},
+    )
+    return trainer.fit().return_value
+
+
+def _local_checkpoint_dir(job: TrainingJob, resources: ResourcesConfig):
+    return os.path.join(os.path.dirname(job.output_dir), "checkpoint") if resources.num_workers == 0 else None
+
+
+def _require(stage_dir: str, stage: str) -> dict:
+    found = manifest.read_manifest(stage_dir)
+    if found is None:
+        raise FileNotFoundError(f"stage '{stage}' has not finished in {stage_dir}: run `python -m dume_ray {stage}` first")
+    return found
+
+
+def _mean(scores: dict) -> float:
+    return sum(scores.values()) / len(scores) if scores else float("nan")

@@ -1,0 +1,47 @@
+"""Tasks: built-in generated ones (builtin.py) and user ones from files or the Hub (files.py).
+
+    from dume_ray.tasks import load_tasks, encode_rows
+    tasks = load_tasks(cfg.tasks)                        # {name: Task}
+    rows = encode_rows(tasks, tokenizer, "train", 32, {"copy": "copy+sort", ...})
+
+Pure: no Ray here. Tested in tests/unit/test_tasks.py.
+"""
+
+from __future__ import annotations
+
+from dume_ray.config import TasksConfig
+from dume_ray.data.encode import encode_example
+from dume_ray.tasks.base import SPLITS, Example, Task, exact_match
+from dume_ray.tasks.builtin import BUILTIN_TASKS, make_builtin_task
+from dume_ray.tasks.files import load_task_from_source
+
+__all__ = ["BUILTIN_TASKS", "SPLITS", "Example", "Task", "encode_rows", "exact_match", "load_tasks"]
+
+
+def load_tasks(cfg: TasksConfig) -> dict[str, Task]:
+    """Every configured task, built-in first, in config order."""
+    tasks = {name: make_builtin_task(name, cfg.seed, cfg.num_train, cfg.num_validation, cfg.num_test)
+             for name in cfg.builtin}
+    for src in cfg.sources:
+        tasks[src.name] = load_task_from_source(
+            src.name, src.source, dict(src.data_files) or None, src.prompt_column, src.response_column,
+            dict(src.hub_splits) or None, skip_bad_rows=cfg.skip_bad_rows)
+    return tasks
+
+
+def encode_rows(tasks: dict[str, Task], tokenizer, split: str, max_seq_len: int,
+                group_of: dict[str, str]) -> list[dict]:
+    """Token ids of every example of `split`, tagged with its task, group and a stable example id.
+
+    Raises:
+        ValueError: naming the task, split and row of an example longer than `max_seq_len`.
+    """
+    rows = []
+    for name, task in tasks.items():
+        if name not in group_of:
+            continue
+        for i, example in enumerate(task.examples(split)):
+            encoded = encode_example(tokenizer, example.prompt, example.response, max_seq_len,
+                                     where=f"task {name!r} {split} row {i}")
+            rows.append({"example_id": f"{name}/{split}/{i}", "task": name, "group": group_of[name], **encoded})
+    return rows

@@ -1,0 +1,284 @@
+"""User-defined tasks loaded through Hugging Face ``datasets``.
+
+:func:`load_task_from_source` turns local JSON/JSONL/Parquet/CSV files, or a
+dataset on the Hugging Face Hub (or a local dataset directory laid out like
+one), into a :class:`~dume_ray.tasks.base.Task`. All reading goes through
+``datasets.load_dataset``; this module only maps columns and splits and
+validates the rows, with error messages that name the task, the file or split,
+the row and the column involved.
+
+Test with::
+
+    .venv/bin/python -m pytest tests/unit/test_tasks.py -q
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from dume_ray.tasks.base import SPLITS, Example, Task
+
+#: Local formats and the ``datasets`` builder that reads each.
+LOCAL_FORMATS: dict[str, str] = {
+    "json": "json",
+    "jsonl": "json",  # the json builder reads JSON Lines too
+    "parquet": "parquet",
+    "csv": "csv",
+}
+
+
+def load_task_from_source(
+    name: str,
+    source: str,
+    data_files: dict[str, str] | None,
+    prompt_column: str,
+    response_column: str,
+    splits: dict[str, str] | None = None,
+    *,
+    skip_bad_rows: bool = False,
+    config: str | None = None,
+    cache_dir: str | None = None,
+) -> Task:
+    """Loads a user task from local files or a Hub dataset.
+
+    All three splits (train, validation, test) are required; nothing is carved
+    out of train implicitly, so what is evaluated is always what the user gave.
+
+    Args:
+        name: Task name, used in the Task and in every error message.
+        source: ``"json"``, ``"jsonl"``, ``"parquet"`` or ``"csv"`` for local
+            files; anything else is passed to ``datasets.load_dataset`` as a Hub
+            dataset name or a local dataset directory.
+        data_files: For local formats, maps each of ``train``/``validation``/
+            ``test`` to a file path (required). For a Hub source it is optional
+            and passed through to ``load_dataset``.
+        prompt_column: Column holding the prompt text.
+        response_column: Column holding the response text.
+        splits: Hub sources only: maps our split names to the dataset's split
+            names, e.g. ``{"validation": "dev"}``; unmapped splits keep their
+            own name.
+        skip_bad_rows: If True, rows whose prompt or response is missing,
+            None, blank or not a string are dropped and counted in
+            ``Task.skipped_rows``; if False such a row raises.
+        config: Hub sources only: dataset configuration name (e.g. ``"sst2"``).
+        cache_dir: Where ``datasets`` caches Arrow files; its default if None.
+
+    Returns:
+        The task, with ``skipped_rows`` holding a count for every split.
+
+    Raises:
+        FileNotFoundError: A local data file does not exist.
+        ValueError: Splits are missing or unknown, a column is missing, a split
+            is empty, or (unless ``skip_bad_rows``) a row is malformed.
+    """
+    if source in LOCAL_FORMATS:
+        columns = (prompt_column, response_column)
+        raw = _load_local(name, source, data_files, splits, columns, cache_dir)
+    else:
+        raw = _load_hub(name, source, data_files, splits, config, cache_dir)
+
+    task_splits: dict[str, list[Example]] = {}
+    skipped: dict[str, int] = {}
+    for split in SPLITS:
+        dataset, where = raw[split]
+        task_splits[split], skipped[split] = _to_examples(
+            name, split, where, dataset, prompt_column, response_column, skip_bad_rows
+        )
+    return Task(name=name, splits=task_splits, skipped_rows=skipped)
+
+
+def _check_split_keys(name: str, given: dict[str, Any], what: str) -> None:
+    """Requires exactly the canonical splits as keys of ``given``."""
+    unknown = sorted(set(given) - set(SPLITS))
+    if unknown:
+        raise ValueError(
+            f"task {name!r}: unknown split name(s) {unknown} in {what}; "
+            f"expected keys among {list(SPLITS)}"
+        )
+    missing = [s for s in SPLITS if s not in given]
+    if missing:
+        raise ValueError(
+            f"task {name!r}: {what} is missing split(s) {missing}; user tasks need all of "
+            f"{list(SPLITS)} (validation and test are not carved out of train)"
+        )
+
+
+def _load_local(
+    name: str,
+    source: str,
+    data_files: dict[str, str] | None,
+    splits: dict[str, str] | None,
+    columns: tuple[str, str],
+    cache_dir: str | None,
+) -> dict[str, tuple[Any, str]]:
+    """Loads one local file per split; returns ``{split: (dataset, where)}``.
+
+    Each split is loaded on its own so that a schema difference between files
+    cannot break the others, and errors can name the offending file.
+    """
+    import datasets  # heavy import, only needed when user tasks are used
+
+    if splits is not None:
+        raise ValueError(
+            f"task {name!r}: `splits` only applies to Hub sources; for local {source!r} "
+            f"files key `data_files` by {list(SPLITS)} instead"
+        )
+    if not data_files:
+        raise ValueError(
+            f"task {name!r}: local source {source!r} needs `data_files` mapping "
+            f"{list(SPLITS)} to file paths"
+        )
+    _check_split_keys(name, data_files, "data_files")
+
+    builder = LOCAL_FORMATS[source]
+    kwargs: dict[str, Any] = {}
+    if builder == "csv":
+        # CSV carries no types: without this, an answer column like "62" would
+        # be inferred as numbers and then rejected as non-string. (Empty cells
+        # still come back as None and are reported as missing.)
+        kwargs["converters"] = {column: str for column in columns}
+
+    paths = {split: os.fspath(data_files[split]) for split in SPLITS}
+    # Check every file before loading any, so a typo in the test path fails fast.
+    for split, path in paths.items():
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"task {name!r}: {split} data file {path!r} does not exist")
+
+    loaded: dict[str, tuple[Any, str]] = {}
+    for split, path in paths.items():
+        where = f"{split} file {path!r}"
+        empty_error = ValueError(f"task {name!r}: split {split!r} is empty ({where} has no rows)")
+        # datasets fails on row-less files with unrelated-looking errors (a bare
+        # StopIteration, "corresponds to no data", a generation error for
+        # Parquet), so recognise the empty case before and after loading.
+        if _has_no_rows(builder, path):
+            raise empty_error
+        try:
+            dataset = datasets.load_dataset(
+                builder, data_files={split: path}, split=split, cache_dir=cache_dir, **kwargs
+            )
+        except StopIteration as exc:
+            raise empty_error from exc
+        except ValueError as exc:
+            if "corresponds to no data" in str(exc):
+                raise empty_error from exc
+            exc.add_note(f"while loading task {name!r} {where}")
+            raise
+        except Exception as exc:
+            exc.add_note(f"while loading task {name!r} {where}")
+            raise
+        loaded[split] = (dataset, where)
+    return loaded
+
+
+def _has_no_rows(builder: str, path: str) -> bool:
+    """Cheap emptiness check: a zero-byte file, or Parquet metadata saying 0 rows."""
+    if os.path.getsize(path) == 0:
+        return True
+    if builder == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.read_metadata(path).num_rows == 0
+        except Exception:
+            return False  # not valid Parquet: let datasets report the real error
+    return False
+
+
+def _load_hub(
+    name: str,
+    source: str,
+    data_files: dict[str, str] | None,
+    splits: dict[str, str] | None,
+    config: str | None,
+    cache_dir: str | None,
+) -> dict[str, tuple[Any, str]]:
+    """Loads a Hub dataset (or local dataset directory); returns ``{split: (dataset, where)}``."""
+    import datasets  # heavy import, only needed when user tasks are used
+
+    mapping = dict(splits or {})
+    unknown = sorted(set(mapping) - set(SPLITS))
+    if unknown:
+        raise ValueError(
+            f"task {name!r}: unknown split name(s) {unknown} in `splits`; "
+            f"keys must be among {list(SPLITS)}"
+        )
+    try:
+        dataset_dict = datasets.load_dataset(
+            source, config, data_files=data_files, cache_dir=cache_dir
+        )
+    except Exception as exc:
+        exc.add_note(f"while loading task {name!r} from dataset {source!r}")
+        raise
+
+    available = list(dataset_dict.keys())
+    loaded: dict[str, tuple[Any, str]] = {}
+    missing = []
+    for split in SPLITS:
+        source_split = mapping.get(split, split)
+        if source_split not in dataset_dict:
+            missing.append(f"{split} (looked for {source_split!r})")
+            continue
+        loaded[split] = (dataset_dict[source_split], f"split {source_split!r} of {source!r}")
+    if missing:
+        raise ValueError(
+            f"task {name!r}: dataset {source!r} lacks split(s) {missing}; it has {available}. "
+            f"Map our split names to the dataset's with `splits`, e.g. {{'validation': 'dev'}}"
+        )
+    return loaded
+
+
+def _to_examples(
+    name: str,
+    split: str,
+    where: str,
+    dataset: Any,
+    prompt_column: str,
+    response_column: str,
+    skip_bad_rows: bool,
+) -> tuple[list[Example], int]:
+    """Validates one split and converts it to examples; returns (examples, skipped)."""
+    columns = list(dataset.column_names)
+    for column in (prompt_column, response_column):
+        if column not in columns:
+            raise ValueError(
+                f"task {name!r}: {where} has no column {column!r}; columns are {columns}"
+            )
+    if len(dataset) == 0:
+        raise ValueError(f"task {name!r}: split {split!r} is empty ({where} has no rows)")
+
+    # Whole-column access is one Arrow conversion instead of a Python dict per row.
+    prompts = dataset[prompt_column]
+    responses = dataset[response_column]
+    examples: list[Example] = []
+    skipped = 0
+    for index, (prompt, response) in enumerate(zip(prompts, responses)):
+        problem = _cell_problem(prompt, prompt_column) or _cell_problem(response, response_column)
+        if problem is None:
+            examples.append(Example(prompt=prompt, response=response))
+        elif skip_bad_rows:
+            skipped += 1
+        else:
+            raise ValueError(
+                f"task {name!r}: {where} row {index} (0-based): {problem} "
+                f"(pass skip_bad_rows=True to drop such rows)"
+            )
+    if not examples:
+        raise ValueError(
+            f"task {name!r}: split {split!r} is empty after dropping {skipped} bad rows ({where})"
+        )
+    return examples, skipped
+
+
+def _cell_problem(value: Any, column: str) -> str | None:
+    """Describes what is wrong with a prompt/response cell, or None if it is fine."""
+    if value is None:
+        return f"column {column!r} is missing (None)"
+    if not isinstance(value, str):
+        return f"column {column!r} is not a string ({type(value).__name__}: {value!r})"
+    # A whitespace-only response can never be told apart from an empty one by
+    # exact match (which strips), so it is treated as empty too.
+    if not value.strip():
+        return f"column {column!r} is empty"
+    return None

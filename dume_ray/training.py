@@ -1,0 +1,158 @@
+"""Pure training and evaluation steps shared by the base, expert, student and multitask stages.
+
+Nothing here knows about Ray or ranks: the Ray workers (`experts/worker.py`, `distill/worker.py`) loop
+over these functions and do the reporting. Loss is taken on response tokens only.
+
+    step_metrics = ce_train_step(model, batch, optimizer, scheduler, grad_clip=1.0)
+    predictions = greedy_generate(model, tokenizer, prompts, max_new_tokens=12)
+
+Tested in tests/unit/test_training.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import tempfile
+from typing import Optional
+
+import torch
+
+from dume_ray.config import OptimConfig
+from dume_ray.data.encode import IGNORE_INDEX, encode_prompt, response_positions
+from dume_ray.distill.losses import cross_entropy, distill_objective
+
+
+def make_optimizer(model: torch.nn.Module, optim: OptimConfig):
+    """AdamW with linear warm-up then cosine decay to 10% of the peak rate."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay, betas=(0.9, 0.95))
+
+    def lr_factor(step: int) -> float:
+        if step < optim.warmup_steps:
+            return (step + 1) / optim.warmup_steps
+        progress = (step - optim.warmup_steps) / max(1, optim.steps - optim.warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+
+
+def autocast(device: torch.device, dtype: str):
+    """bf16 autocast on GPU when asked; a no-op on CPU (CPU bf16 is slower than fp32 for tiny models)."""
+    if device.type == "cuda" and dtype == "bfloat16":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def response_logits(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits at the positions that predict response tokens, and those tokens.
+
+    Returns:
+        logits [n, V] (n = response tokens in the batch, row-major) and target_ids [n].
+    """
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [b, s, v]
+    b_idx, t_idx = response_positions(batch["labels"])
+    return logits[b_idx, t_idx].float(), batch["labels"][b_idx, t_idx + 1]
+
+
+def _optimizer_step(model, loss, optimizer, scheduler, grad_clip: float) -> float:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
+    optimizer.step()
+    scheduler.step()
+    return float(grad_norm)
+
+
+def ce_train_step(model, batch: dict, optimizer, scheduler, grad_clip: float, dtype: str = "float32") -> dict:
+    """One step of plain cross-entropy on response tokens (base, experts, multitask baseline)."""
+    model.train()
+    with autocast(batch["input_ids"].device, dtype):
+        logits, targets = response_logits(model, batch)
+    loss = cross_entropy(logits, targets)
+    grad_norm = _optimizer_step(model, loss, optimizer, scheduler, grad_clip)
+    return {"loss": loss.item(), "ce_loss": loss.item(), "grad_norm": grad_norm, "tokens": int(targets.numel())}
+
+
+def distill_train_step(model, batch: dict, optimizer, scheduler, grad_clip: float, alpha: float,
+                       temperature: float, divergence: str, jsd_beta: float, dtype: str = "float32") -> dict:
+    """One student step: alpha * T^2 * KD(teacher_T || student_T) on the top-k support + (1 - alpha) * CE.
+
+    `batch` carries the teacher's top-k soft targets for every response token (`topk_ids` [n, k],
+    `topk_logprobs` [n, k], `tail_logmass` [n]) in the same row-major order as `response_logits`.
+    """
+    model.train()
+    with autocast(batch["input_ids"].device, dtype):
+        logits, targets = response_logits(model, batch)
+    if alpha > 0 and batch["topk_ids"].shape[0] != targets.shape[0]:
+        raise ValueError(f"soft targets cover {batch['topk_ids'].shape[0]} tokens but the batch has {targets.shape[0]} response tokens")
+    out = distill_objective(logits, targets, batch["topk_ids"], batch["topk_logprobs"], batch["tail_logmass"],
+                            alpha=alpha, temperature=temperature, divergence=divergence, jsd_beta=jsd_beta)
+    grad_norm = _optimizer_step(model, out["loss"], optimizer, scheduler, grad_clip)
+    return {"loss": float(out["loss"]), "kd_loss": float(out["kd_loss"]), "ce_loss": float(out["ce_loss"]),
+            "grad_norm": grad_norm, "tokens": int(targets.numel())}
+
+
+@torch.no_grad()
+def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 256) -> list[str]:
+    """Greedy decoding of each prompt's response (stops at eos); left-padded batches."""
+    model.eval()
+    device = next(model.parameters()).device
+    outputs: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        encoded = [encode_prompt(tokenizer, p) for p in prompts[start:start + batch_size]]
+        width = max(len(ids) for ids in encoded)
+        input_ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, ids in enumerate(encoded):
+            input_ids[row, width - len(ids):] = torch.tensor(ids)
+            attention_mask[row, width - len(ids):] = 1
+        generated = model.generate(
+            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), max_new_tokens=max_new_tokens,
+            do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        )
+        outputs += tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
+    return outputs
+
+
+def evaluate_tasks(model, tokenizer, tasks: dict, split: str, max_new_tokens: int, batch_size: int = 256) -> dict[str, float]:
+    """Exact-match (the task's metric) of greedy answers on `split` of each task: {task name: score}."""
+    scores = {}
+    for name, task in tasks.items():
+        examples = task.examples(split)
+        predictions = greedy_generate(model, tokenizer, [e.prompt for e in examples], max_new_tokens, batch_size)
+        scores[name] = task.score(predictions, split)
+    return scores
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training state on disk: what a Ray Train checkpoint holds. Written to a temp folder and renamed.
+# ---------------------------------------------------------------------------------------------------------
+
+def save_training_state(directory: str, model, optimizer, scheduler, step: int, extra: Optional[dict] = None) -> str:
+    """Write model/optimizer/scheduler state + step into `directory` atomically (temp folder, then rename)."""
+    parent = os.path.dirname(os.path.abspath(directory))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "step": step, "extra": extra or {}},
+               os.path.join(tmp, "state.pt"))
+    if os.path.exists(directory):
+        shutil.rmtree(directory)
+    os.replace(tmp, directory)
+    return directory
+
+
+def load_training_state(directory: str, model, optimizer, scheduler) -> tuple[int, dict]:
+    """Restore what `save_training_state` wrote; returns (step, extra)."""
+    state = torch.load(os.path.join(directory, "state.pt"), map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return state["step"], state["extra"]
+
+
+def count_ignored(labels: torch.Tensor) -> int:
+    return int((labels == IGNORE_INDEX).sum())

@@ -1,0 +1,103 @@
+"""What every Ray Train worker of ours does the same way: device, data stream, checkpoints, progress.
+
+Used by `experts/worker.py` (base and experts) and `distill/worker.py` (student and multitask baseline).
+Checkpoints go through Ray Train: rank 0 writes the training state and passes it to `ray.train.report`,
+and on a restart (worker failure, or the same run rerun after a driver crash) `ray.train.get_checkpoint()`
+hands it back. Ray Train's local mode (`num_workers=0`) keeps checkpoints in memory only, so there we
+also keep the latest one in the stage folder.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+import time
+from typing import Iterator, Optional
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+
+from dume_ray.training import load_training_state, save_training_state
+
+
+def setup_worker(seed: int, torch_threads: int) -> torch.device:
+    if torch_threads > 0:
+        torch.set_num_threads(torch_threads)
+    rank = ray.train.get_context().get_world_rank()
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    torch.manual_seed(seed)  # same init on every rank; DDP keeps them equal
+    return ray.train.torch.get_device()
+
+
+def is_rank_zero() -> bool:
+    return ray.train.get_context().get_world_rank() == 0
+
+
+def per_worker_batch_size(global_batch_size: int) -> int:
+    world = ray.train.get_context().get_world_size()
+    return max(1, global_batch_size // world)
+
+
+def batch_stream(dataset_name: str, batch_size: int, seed: int) -> Iterator[dict]:
+    """Endless numpy batches from this worker's Ray Data shard, reshuffled locally every epoch."""
+    shard = ray.train.get_dataset_shard(dataset_name)
+    epoch = 0
+    while True:
+        empty = True
+        for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=False,
+                                        local_shuffle_buffer_size=4 * batch_size, local_shuffle_seed=seed + epoch):
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError(f"dataset {dataset_name!r} is empty for this worker: nothing to train on")
+        epoch += 1
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def restore_checkpoint(model, optimizer, scheduler, local_checkpoint_dir: Optional[str]) -> int:
+    """Resume from Ray Train's latest checkpoint (or, in local mode, the stage folder's); returns the step."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            step, _ = load_training_state(directory, unwrap(model), optimizer, scheduler)
+    elif local_checkpoint_dir and os.path.exists(os.path.join(local_checkpoint_dir, "state.pt")):
+        step, _ = load_training_state(local_checkpoint_dir, unwrap(model), optimizer, scheduler)
+    else:
+        return 0
+    if is_rank_zero():
+        print(f"resumed from checkpoint at step {step}", flush=True)
+    return step
+
+
+def report_checkpoint(metrics: dict, model, optimizer, scheduler, step: int, local_checkpoint_dir: Optional[str]) -> None:
+    """Every rank reports; rank 0 attaches the checkpoint (Ray persists it to the run's storage)."""
+    if not is_rank_zero():
+        ray.train.report(metrics)
+        return
+    if local_checkpoint_dir:  # local mode: Ray keeps checkpoints in memory only, so keep ours on disk
+        save_training_state(local_checkpoint_dir, unwrap(model), optimizer, scheduler, step)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local_checkpoint_dir))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        state_dir = save_training_state(os.path.join(tmp, "state"), unwrap(model), optimizer, scheduler, step)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(state_dir))
+
+
+class Progress:
+    """One line every `every` steps on rank 0: `[expert copy] step 100/300 loss 0.512 (12.3 s)`."""
+
+    def __init__(self, label: str, total_steps: int, every: int):
+        self.label, self.total, self.every = label, total_steps, max(1, every)
+        self.start = time.time()
+
+    def __call__(self, step: int, metrics: dict) -> None:
+        if is_rank_zero() and (step % self.every == 0 or step == self.total):
+            shown = " ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.endswith("loss"))
+            print(f"[{self.label}] step {step}/{self.total} {shown} ({time.time() - self.start:.1f} s)", flush=True)

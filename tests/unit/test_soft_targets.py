@@ -1,0 +1,203 @@
+"""Round trip and validation of the Parquet soft-target shard format.
+
+Run: cd /work/main && .venv/bin/python -m pytest tests/unit/test_soft_targets.py -q
+"""
+
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from dume_ray.data.soft_targets import (
+    SOFT_TARGET_COLUMNS,
+    SoftTargetError,
+    decode_top_k,
+    encode_top_k,
+    rows_to_table,
+    soft_target_schema,
+    validate_shard,
+    write_shard,
+)
+
+VOCAB, TOP_K = 64, 5
+
+
+def _make_rows(n_rows=4, seed=0, vocab=VOCAB, k=TOP_K):
+    """Rows from a random teacher; also returns each row's full log-probs [n_resp, V]."""
+    gen = torch.Generator().manual_seed(seed)
+    rows, full = [], []
+    for i in range(n_rows):
+        prompt_len, n_resp = 3 + i, 2 + i
+        input_ids = torch.randint(0, vocab, (prompt_len + n_resp,), generator=gen)
+        logp = torch.log_softmax(torch.randn(n_resp, vocab, generator=gen) * 3, -1)  # [n_resp, V]
+        ids, lps, tail = encode_top_k(logp, k)
+        rows.append(
+            dict(
+                example_id=f"reverse/train/{i}", task="reverse", group="string",
+                input_ids=input_ids.tolist(), response_start=prompt_len,
+                topk_ids=ids.reshape(-1).tolist(), topk_logprobs=lps.reshape(-1),
+                tail_logmass=tail,
+            )
+        )
+        full.append(logp)
+    return rows, full
+
+
+def _write(tmp_path, rows, k=TOP_K, name="shard-00003.parquet"):
+    path = str(tmp_path / name)
+    write_shard(rows_to_table(rows, k), path)
+    return path
+
+
+# ---------------------------------------------------------------- encode/decode
+
+
+def test_round_trip_through_parquet_preserves_values(tmp_path):
+    rows, full = _make_rows()
+    path = _write(tmp_path, rows)
+    table = pq.read_table(path)
+    assert table.schema.field("topk_logprobs").type == pa.list_(pa.float16())
+    for row, logp in zip(table.to_pylist(), full):
+        ids, lps, tail = decode_top_k(row, TOP_K)
+        want_lps, want_ids = torch.topk(logp, TOP_K, -1)
+        assert ids.dtype == torch.int64 and lps.dtype == torch.float32
+        assert torch.equal(ids, want_ids)
+        # float16 has a 10-bit mantissa: relative error <= 2**-11.
+        assert torch.allclose(lps, want_lps, rtol=2**-10, atol=0)
+        want_tail = torch.logsumexp(logp.scatter(-1, want_ids, float("-inf")), -1)
+        assert torch.allclose(tail, want_tail, atol=1e-5)
+
+
+def test_decode_accepts_numpy_values_like_ray_batches(tmp_path):
+    rows, _ = _make_rows(n_rows=2)
+    table = pq.read_table(_write(tmp_path, rows))
+    from_lists = decode_top_k(table.to_pylist()[1], TOP_K)
+    batch = {c: table.column(c).to_numpy(zero_copy_only=False) for c in SOFT_TARGET_COLUMNS}
+    row = {c: batch[c][1] for c in batch}  # object arrays of ndarrays -> one ndarray each
+    from_numpy = decode_top_k(row, TOP_K)
+    for a, b in zip(from_lists, from_numpy):
+        assert torch.equal(a, b)
+
+
+def test_tail_is_neg_inf_when_k_equals_vocab():
+    logp = torch.log_softmax(torch.randn(3, 8), -1)
+    ids, lps, tail = encode_top_k(logp, 8)
+    assert ids.shape == (3, 8) and np.isneginf(tail).all()
+    ids, _, tail = encode_top_k(logp, 100)  # k is clamped to V
+    assert ids.shape == (3, 8) and np.isneginf(tail).all()
+
+
+def test_tail_equals_log_of_one_minus_topk_mass():
+    logp = torch.log_softmax(torch.randn(5, 32, generator=torch.Generator().manual_seed(1)), -1)
+    ids, lps, tail = encode_top_k(logp, 4)
+    assert ids.dtype == np.int32 and lps.dtype == np.float16 and tail.dtype == np.float32
+    top_mass = torch.topk(logp, 4, -1).values.exp().sum(-1)
+    assert np.allclose(tail, torch.log1p(-top_mass).numpy(), atol=1e-5)
+
+
+# ---------------------------------------------------------------- validate_shard
+
+
+def test_validate_accepts_good_shard_and_returns_row_count(tmp_path):
+    rows, _ = _make_rows(n_rows=4)
+    assert validate_shard(_write(tmp_path, rows), VOCAB, TOP_K) == 4
+
+
+def test_validate_accepts_k_equal_vocab_with_neg_inf_tail(tmp_path):
+    rows, _ = _make_rows(n_rows=2, vocab=8, k=8)
+    assert validate_shard(_write(tmp_path, rows, k=8), 8, 8) == 2
+
+
+def _assert_rejects(path, row, field, match=None, **kw):
+    with pytest.raises(SoftTargetError) as info:
+        validate_shard(path, kw.get("vocab", VOCAB), kw.get("k", TOP_K))
+    msg = str(info.value)
+    assert path in msg
+    assert f"row {row} (example_id='reverse/train/{row}')" in msg
+    assert field in msg
+    if match:
+        assert match in msg
+    return msg
+
+
+def test_validate_rejects_id_outside_vocab(tmp_path):
+    rows, _ = _make_rows()
+    rows[2]["topk_ids"][3] = 900
+    path = _write(tmp_path, rows)
+    msg = _assert_rejects(path, 2, "topk_ids", match="900")
+    assert "vocab_size 64" in msg
+
+
+def test_validate_rejects_nan_logprob(tmp_path):
+    rows, _ = _make_rows()
+    rows[1]["topk_logprobs"] = rows[1]["topk_logprobs"].copy()
+    rows[1]["topk_logprobs"][0] = np.nan
+    _assert_rejects(_write(tmp_path, rows), 1, "topk_logprobs", match="nan")
+
+
+def test_validate_rejects_wrong_flattened_length(tmp_path):
+    rows, _ = _make_rows()
+    rows[3]["topk_ids"] = rows[3]["topk_ids"][:-1]
+    _assert_rejects(_write(tmp_path, rows), 3, "topk_ids")
+
+
+def test_validate_rejects_logprobs_that_do_not_sum_to_one(tmp_path):
+    rows, _ = _make_rows()
+    rows[2]["tail_logmass"] = np.zeros_like(rows[2]["tail_logmass"])  # tail mass 1
+    _assert_rejects(_write(tmp_path, rows), 2, "logsumexp")
+
+
+def test_validate_rejects_bad_response_start(tmp_path):
+    rows, _ = _make_rows()
+    rows[0]["response_start"] = 0
+    _assert_rejects(_write(tmp_path, rows), 0, "response_start")
+
+
+def test_validate_rejects_truncated_file_naming_it(tmp_path):
+    rows, _ = _make_rows()
+    path = _write(tmp_path, rows)
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.truncate(size // 2)
+    with pytest.raises(SoftTargetError, match="shard-00003.parquet"):
+        validate_shard(path, VOCAB, TOP_K)
+
+
+def test_validate_rejects_wrong_schema(tmp_path):
+    rows, _ = _make_rows()
+    table = rows_to_table(rows, TOP_K)
+    as_float32 = table.set_column(
+        table.schema.get_field_index("topk_logprobs"), "topk_logprobs",
+        table.column("topk_logprobs").cast(pa.list_(pa.float32())),
+    )
+    path = str(tmp_path / "bad.parquet")
+    write_shard(as_float32, path)
+    with pytest.raises(SoftTargetError, match="bad.parquet: schema mismatch"):
+        validate_shard(path, VOCAB, TOP_K)
+
+
+def test_validate_rejects_top_k_metadata_mismatch(tmp_path):
+    rows, _ = _make_rows()
+    path = _write(tmp_path, rows)
+    with pytest.raises(SoftTargetError, match="top_k"):
+        validate_shard(path, VOCAB, TOP_K + 1)
+
+
+# ---------------------------------------------------------------- writing
+
+
+def test_write_shard_leaves_no_tmp_file_behind(tmp_path):
+    rows, _ = _make_rows(n_rows=1)
+    path = _write(tmp_path, rows)
+    assert os.listdir(tmp_path) == [os.path.basename(path)]
+
+
+def test_schema_has_exact_fields_and_top_k_metadata():
+    schema = soft_target_schema(7)
+    assert tuple(schema.names) == SOFT_TARGET_COLUMNS
+    assert schema.metadata[b"top_k"] == b"7"
+    assert schema.field("response_start").type == pa.int32()
+    assert schema.field("tail_logmass").type == pa.list_(pa.float32())
