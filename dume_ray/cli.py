@@ -1,0 +1,108 @@
+"""Command line: `python -m dume_ray <stage> --config FILE [key=value ...]`.
+
+    python -m dume_ray run --config configs/demo.yaml                 # every stage, skipping finished ones
+    python -m dume_ray experts --config configs/demo.yaml experts.optim.steps=500
+    python -m dume_ray --help
+
+Each stage reads earlier stages' outputs from `runs/<name>/` and can be rerun on its own. The resolved
+config is printed and saved as `runs/<name>/config.yaml`. Inputs are checked (tasks, columns, lengths,
+tokenizer) before any training starts. Ray is started locally, or joined when RAY_ADDRESS is set (as under
+`ray job submit`) or `ray_address` is configured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from dume_ray.config import ConfigError, PipelineConfig, load_config, to_yaml
+
+QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false",
+             "RAY_DEDUP_LOGS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+
+
+def _stages():
+    from dume_ray.distill.launch import run_distill, run_multitask
+    from dume_ray.eval.launch import run_eval
+    from dume_ray.experts.launch import run_base, run_experts
+    from dume_ray.soft_targets.launch import run_soft_targets
+    return {"base": run_base, "experts": run_experts, "soft-targets": run_soft_targets, "distill": run_distill,
+            "multitask": run_multitask, "eval": run_eval}
+
+
+STAGE_HELP = {
+    "run": "the whole pipeline: base → experts → soft-targets → distill → multitask → eval",
+    "base": "briefly pretrain the starting model on the task mixture (shared starting point of the experts)",
+    "experts": "fine-tune one expert per task group from the base (Ray Train, groups run concurrently)",
+    "soft-targets": "experts score their groups' training examples: top-k soft targets as Parquet (Ray Data)",
+    "distill": "train the student on the soft-target stream: KD at temperature T + CE (Ray Train)",
+    "multitask": "the baseline: same student, data, optimiser and steps, plain mixed CE (Ray Train)",
+    "eval": "score every model on the held-out split; write report.md/json/png and print the table",
+}
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m dume_ray", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    for name, text in STAGE_HELP.items():
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("--config", default=None, help="YAML config (default: the embedded demo defaults)")
+        p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. distill.temperature=4")
+    return parser.parse_args(argv)
+
+
+def preflight(cfg: PipelineConfig) -> None:
+    """Fail before any training on bad tasks, columns, lengths or a missing model."""
+    from dume_ray.data.tokenizer import build_char_tokenizer
+    from dume_ray.model import EMBEDDED, load_tokenizer
+    from dume_ray.tasks import SPLITS, encode_rows, load_tasks
+
+    tokenizer = build_char_tokenizer() if cfg.model.name_or_path == EMBEDDED else load_tokenizer(cfg.model.name_or_path)
+    tasks = load_tasks(cfg.tasks)
+    group_of = {t: g for g, names in cfg.groups.items() for t in names}
+    for split in SPLITS:
+        encode_rows(tasks, tokenizer, split, cfg.model.max_seq_len, group_of)
+    skipped = {n: t.skipped_rows for n, t in tasks.items() if any(t.skipped_rows.values())}
+    if skipped:
+        print(f"[preflight] skipped malformed rows (tasks.skip_bad_rows=true): {skipped}", flush=True)
+    print(f"[preflight] {len(tasks)} tasks, {len(cfg.groups)} expert groups: {' | '.join(cfg.groups)}", flush=True)
+
+
+def init_ray(cfg: PipelineConfig) -> None:
+    import ray
+    import ray.data
+    os.environ.update(QUIET_ENV)
+    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
+    if not ray.is_initialized():
+        ray.init(address=address, runtime_env={"env_vars": QUIET_ENV}, log_to_driver=True)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    print(f"[ray] {'joined ' + address if address else 'started a local Ray'}: {ray.cluster_resources()}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        print(to_yaml(cfg), flush=True)
+        os.makedirs(cfg.run_dir, exist_ok=True)
+        with open(f"{cfg.run_dir}/config.yaml", "w") as f:
+            f.write(to_yaml(cfg))
+        preflight(cfg)
+    except (ConfigError, ValueError, KeyError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    init_ray(cfg)
+    stages = _stages()
+    if args.stage == "run":
+        order = ["base", "experts", "soft-targets", "distill"] + (["multitask"] if cfg.multitask.enabled else []) + ["eval"]
+    else:
+        order = [args.stage]
+    start = time.time()
+    for i, name in enumerate(order, 1):
+        print(f"\n=== [{i}/{len(order)}] {name} ({time.time() - start:.0f} s elapsed) ===", flush=True)
+        stages[name](cfg)
+    print(f"\n=== done in {time.time() - start:.0f} s: {cfg.run_dir} ===", flush=True)
+    return 0

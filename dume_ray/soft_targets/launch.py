@@ -1,0 +1,83 @@
+"""Driver side of the `soft_targets` stage: every expert scores its own group's training examples.
+
+    python -m dume_ray soft-targets --config configs/demo.yaml soft_targets.top_k=16
+
+A Ray Data pipeline per group: `from_items(encoded rows)` -> `map_batches(TeacherScorer, ...)` on an actor
+pool of that group's expert (CPUs/GPUs per actor from `soft_targets`), then one `union` written as Parquet
+shards. Shards are written into a temporary folder, every shard is validated (schema, ids, log-probs that sum
+to one with the tail), and only then is the folder renamed into place: a crash never leaves shards that look
+finished, and a bad shard is never trained on.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import time
+
+import ray
+import ray.data
+
+from dume_ray import manifest
+from dume_ray.config import PipelineConfig, config_hash
+from dume_ray.data.soft_targets import validate_shard
+from dume_ray.experts.launch import _require
+from dume_ray.model import check_same_vocab, load_tokenizer
+from dume_ray.soft_targets.teacher_scoring import TeacherScorer
+from dume_ray.tasks import encode_rows, load_tasks
+
+
+def run_soft_targets(cfg: PipelineConfig) -> dict:
+    stage_dir = f"{cfg.run_dir}/soft_targets"
+    experts = {g: _require(f"{cfg.run_dir}/experts/{g}", "experts") for g in cfg.groups}
+    stage_hash = soft_targets_hash(cfg, {g: m["config_hash"] for g, m in experts.items()})
+    if manifest.is_done(stage_dir, stage_hash):
+        print(f"[soft_targets] done already ({stage_dir}), skipping", flush=True)
+        return manifest.read_manifest(stage_dir)
+    start = time.time()
+    base_dir = _require(f"{cfg.run_dir}/base", "base")["outputs"]["model"]
+    tokenizer = load_tokenizer(base_dir)
+    tasks = load_tasks(cfg.tasks)
+    group_of = {t: g for g, names in cfg.groups.items() for t in names}
+
+    # ---- one scoring pipeline per group, each on its own expert's actor pool --------------------------------
+    scored = []
+    for group, names in cfg.groups.items():
+        expert_dir = experts[group]["outputs"]["model"]
+        check_same_vocab(expert_dir, base_dir)
+        rows = encode_rows({t: tasks[t] for t in names}, tokenizer, "train", cfg.model.max_seq_len, group_of)
+        scored.append(ray.data.from_items(rows).map_batches(
+            TeacherScorer, fn_constructor_kwargs={"model_dir": expert_dir, "top_k": cfg.soft_targets.top_k,
+                                                  "dtype": cfg.model.dtype, "torch_threads": 1},
+            compute=ray.data.ActorPoolStrategy(size=cfg.soft_targets.num_actors), batch_size=cfg.soft_targets.batch_size,
+            batch_format="numpy", num_cpus=cfg.soft_targets.cpus_per_actor, num_gpus=cfg.soft_targets.gpus_per_actor))
+    dataset = scored[0].union(*scored[1:]) if len(scored) > 1 else scored[0]
+
+    # ---- write into a temp folder, validate every shard, then rename into place ------------------------------
+    shards_dir, tmp_dir = os.path.abspath(f"{stage_dir}/shards"), os.path.abspath(f"{stage_dir}/shards.tmp")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    dataset.write_parquet(tmp_dir)
+    rows_written = validate_shards(tmp_dir, vocab_size=len(tokenizer), top_k=min(cfg.soft_targets.top_k, len(tokenizer)))
+    expected = sum(len(tasks[t].examples("train")) for t in group_of)
+    if rows_written != expected:
+        raise RuntimeError(f"soft targets: wrote {rows_written} rows, expected {expected} training examples")
+    shutil.rmtree(shards_dir, ignore_errors=True)
+    os.replace(tmp_dir, shards_dir)
+    seconds = time.time() - start
+    print(f"[soft_targets] {rows_written} examples scored by {len(cfg.groups)} experts in {seconds:.1f} s -> {shards_dir}", flush=True)
+    return manifest.mark_done(stage_dir, stage_hash, {"shards": shards_dir}, seconds=seconds,
+                              metrics={"rows": rows_written, "top_k": cfg.soft_targets.top_k,
+                                       "bytes": sum(os.path.getsize(p) for p in glob.glob(f"{shards_dir}/*.parquet"))})
+
+
+def soft_targets_hash(cfg: PipelineConfig, expert_hashes: dict[str, str]) -> str:
+    return config_hash("soft_targets", expert_hashes, cfg.soft_targets.top_k, cfg.tasks, cfg.model.max_seq_len)
+
+
+def validate_shards(directory: str, vocab_size: int, top_k: int) -> int:
+    """Validate every Parquet shard in `directory`; returns the total row count (raises naming a bad file)."""
+    paths = sorted(glob.glob(os.path.join(directory, "*.parquet")))
+    if not paths:
+        raise FileNotFoundError(f"no soft-target shards in {directory}")
+    return sum(validate_shard(p, vocab_size, top_k) for p in paths)

@@ -1,0 +1,51 @@
+"""TeacherScorer: an expert turns a batch of encoded examples into top-k soft targets.
+
+A plain callable class over dicts of numpy arrays, so Ray Data can run it on an actor pool
+(`ds.map_batches(TeacherScorer, fn_constructor_kwargs=..., compute=ActorPoolStrategy(size=n))`, see
+`soft_targets/launch.py`) and a unit test can call it directly on a tiny model. Full-vocabulary logits
+never leave this class: per response token it keeps the top-k ids (int32), their log-probs (float16)
+and the log of the mass outside the top k, in the schema of `data/soft_targets.py`.
+
+Pure: no Ray here. Tested in tests/unit/test_teacher_scoring.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from dume_ray.data.encode import collate, response_positions
+from dume_ray.data.soft_targets import encode_top_k, rows_to_table
+from dume_ray.model import load_model, load_tokenizer
+
+
+class TeacherScorer:
+    def __init__(self, model_dir: str, top_k: int, dtype: str = "float32", torch_threads: int = 0):
+        if torch_threads > 0:
+            torch.set_num_threads(torch_threads)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        use_bf16 = dtype == "bfloat16" and self.device.type == "cuda"
+        self.model = load_model(model_dir, torch.bfloat16 if use_bf16 else torch.float32).to(self.device).eval()
+        self.pad_id = load_tokenizer(model_dir).pad_token_id
+        self.top_k = top_k
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        rows = [{"input_ids": ids, "response_start": int(rs)} for ids, rs in zip(batch["input_ids"], batch["response_start"])]
+        inputs = collate(rows, self.pad_id)
+        logits = self.model(input_ids=inputs["input_ids"].to(self.device),
+                            attention_mask=inputs["attention_mask"].to(self.device)).logits  # [b, s, v]
+        b_idx, t_idx = response_positions(inputs["labels"])
+        logprobs = torch.log_softmax(logits[b_idx.to(self.device), t_idx.to(self.device)].float(), dim=-1)  # [n, v]
+        topk_ids, topk_logprobs, tail_logmass = encode_top_k(logprobs.cpu(), self.top_k)  # [n, k], [n, k], [n]
+        k = topk_ids.shape[1]
+        out, offset = [], 0
+        for i, row in enumerate(rows):
+            n_resp = len(row["input_ids"]) - row["response_start"]
+            out.append({"example_id": batch["example_id"][i], "task": batch["task"][i], "group": batch["group"][i],
+                        "input_ids": row["input_ids"], "response_start": row["response_start"],
+                        "topk_ids": topk_ids[offset:offset + n_resp], "topk_logprobs": topk_logprobs[offset:offset + n_resp],
+                        "tail_logmass": tail_logmass[offset:offset + n_resp]})
+            offset += n_resp
+        return rows_to_table(out, k)
