@@ -1,0 +1,1 @@
+"""dume_ray: experts per task group, distilled into one student on Ray (see README.md)."""

@@ -33,9 +33,10 @@ def read_manifest(stage_dir: str) -> Optional[dict]:
         return None
     try:
         with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError:
+            manifest = json.load(f)
+    except (OSError, ValueError):  # ValueError covers JSONDecodeError and UnicodeDecodeError (binary garbage)
         return None  # unreadable manifest = stage not finished; it reruns
+    return manifest if isinstance(manifest, dict) else None  # valid JSON but not a manifest object
 
 
 def is_done(stage_dir: str, config_hash: str) -> bool:

@@ -3,7 +3,7 @@
 Everything saved here is a plain Hugging Face checkpoint (`save_pretrained`), so users load our outputs
 with `AutoModelForCausalLM.from_pretrained(dir)` and `AutoTokenizer.from_pretrained(dir)` and no dume_ray.
 
-Pure: no Ray here. Tested in tests/unit/test_model.py.
+Pure: no Ray here. Tested in tests/unit/test_model_and_training.py.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ over these functions and do the reporting. Loss is taken on response tokens only
     step_metrics = ce_train_step(model, batch, optimizer, scheduler, grad_clip=1.0)
     predictions = greedy_generate(model, tokenizer, prompts, max_new_tokens=12)
 
-Tested in tests/unit/test_training.py.
+Tested in tests/unit/test_model_and_training.py.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from dume_ray.config import OptimConfig
-from dume_ray.data.encode import IGNORE_INDEX, encode_prompt, response_positions
+from dume_ray.data.encode import encode_prompt, response_positions
 from dume_ray.distill.losses import cross_entropy, distill_objective
 
 
@@ -91,7 +91,7 @@ def distill_train_step(model, batch: dict, optimizer, scheduler, grad_clip: floa
     out = distill_objective(logits, targets, batch["topk_ids"], batch["topk_logprobs"], batch["tail_logmass"],
                             alpha=alpha, temperature=temperature, divergence=divergence, jsd_beta=jsd_beta)
     grad_norm = _optimizer_step(model, out["loss"], optimizer, scheduler, grad_clip)
-    return {"loss": float(out["loss"]), "kd_loss": float(out["kd_loss"]), "ce_loss": float(out["ce_loss"]),
+    return {"loss": out["loss"].item(), "kd_loss": float(out["kd_loss"]), "ce_loss": float(out["ce_loss"]),
             "grad_norm": grad_norm, "tokens": int(targets.numel())}
 
 
@@ -154,5 +154,3 @@ def load_training_state(directory: str, model, optimizer, scheduler) -> tuple[in
     return state["step"], state["extra"]
 
 
-def count_ignored(labels: torch.Tensor) -> int:
-    return int((labels == IGNORE_INDEX).sum())

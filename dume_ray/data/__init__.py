@@ -1,0 +1,1 @@
+"""Data formats: character tokenizer, example encoding, the soft-target Parquet schema."""

@@ -1,0 +1,1 @@
+"""Distillation: KD losses (pure), the student worker and its driver."""

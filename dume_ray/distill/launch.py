@@ -18,7 +18,7 @@ import ray.data
 from dume_ray import manifest
 from dume_ray.config import PipelineConfig, config_hash, to_dict
 from dume_ray.distill.worker import train_fn_per_worker
-from dume_ray.experts.launch import _require, fit_concurrently
+from dume_ray.experts.launch import _require, fit_concurrently, local_checkpoint_dir
 from dume_ray.model import build_embedded_model, check_same_vocab, load_tokenizer
 from dume_ray.tasks import load_tasks
 
@@ -55,7 +55,8 @@ def _run_student(cfg: PipelineConfig, stage: str, alpha: float) -> dict:
         "num_workers": cfg.distill.resources.num_workers, "dtype": cfg.model.dtype,
         "max_new_tokens": cfg.eval.max_new_tokens,
         "validation": {n: [(e.prompt, e.response) for e in t.examples("validation")] for n, t in tasks.items()},
-        "local_checkpoint_dir": f"{stage_dir}/checkpoint" if cfg.distill.resources.num_workers == 0 else None,
+        "local_checkpoint_dir": local_checkpoint_dir(stage_dir, stage_hash, cfg.distill.resources),
+        "run_name": f"{stage}-{stage_hash}",  # Ray Train resumes a run of this name: never one of another config
     }
     stream = ray.data.read_parquet(soft_targets["outputs"]["shards"])
     result = fit_concurrently(train_fn_per_worker, {stage: (loop_config, stream)}, cfg.distill.resources,

@@ -1,0 +1,1 @@
+"""Evaluation: report building (pure) and the eval stage driver."""

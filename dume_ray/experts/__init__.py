@@ -1,0 +1,1 @@
+"""Expert fine-tuning: the cross-entropy worker and the base/experts stage drivers."""

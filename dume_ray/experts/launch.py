@@ -44,7 +44,7 @@ def run_base(cfg: PipelineConfig) -> dict:
     tasks = load_tasks(cfg.tasks)
     tokenizer = load_tokenizer(init_dir)
     rows = encode_rows(tasks, tokenizer, "train", cfg.model.max_seq_len, {t: "base" for t in tasks})
-    job = TrainingJob("base", init_dir, model_dir, rows, {t: tasks[t] for t in tasks})
+    job = TrainingJob("base", init_dir, model_dir, rows, {t: tasks[t] for t in tasks}, stage_hash)
     result = run_training_jobs(cfg, [job], cfg.base.optim, cfg.base.resources, stage_dir)["base"]
     print(f"[base] validation exact-match {_mean(result['validation']):.3f}", flush=True)
     return manifest.mark_done(stage_dir, stage_hash, {"model": model_dir}, metrics=result,
@@ -65,7 +65,7 @@ def run_experts(cfg: PipelineConfig) -> dict[str, dict]:
             manifests[group] = manifest.read_manifest(group_dir)
             continue
         rows = encode_rows({t: tasks[t] for t in names}, tokenizer, "train", cfg.model.max_seq_len, {t: group for t in names})
-        jobs.append(TrainingJob(group, base_dir, f"{group_dir}/model", rows, {t: tasks[t] for t in names}))
+        jobs.append(TrainingJob(group, base_dir, f"{group_dir}/model", rows, {t: tasks[t] for t in names}, hashes[group]))
 
     results = run_training_jobs(cfg, jobs, cfg.experts.optim, cfg.experts.resources, f"{cfg.run_dir}/experts",
                                 train_mlp_only=cfg.experts.train_mlp_only)
@@ -85,10 +85,11 @@ def expert_hash(base_hash: str, task_names: list[str], cfg: PipelineConfig) -> s
 class TrainingJob:
     """One model to train with cross-entropy: where it starts, where it goes, what it reads."""
 
-    def __init__(self, label: str, init_dir: str, output_dir: str, rows: list[dict], validation_tasks: dict):
+    def __init__(self, label: str, init_dir: str, output_dir: str, rows: list[dict], validation_tasks: dict, config_hash: str):
         if not rows:
             raise ValueError(f"{label}: no training examples")
         self.label, self.init_dir, self.output_dir, self.rows = label, init_dir, output_dir, rows
+        self.config_hash = config_hash  # checkpoints are keyed by it: a changed config never resumes a stale run
         self.validation = {n: [(e.prompt, e.response) for e in t.examples("validation")] for n, t in validation_tasks.items()}
 
 
@@ -102,7 +103,8 @@ def run_training_jobs(cfg: PipelineConfig, jobs: list[TrainingJob], optim, resou
                        "num_workers": resources.num_workers, "dtype": cfg.model.dtype,
                        "train_mlp_only": train_mlp_only, "validation": job.validation,
                        "max_new_tokens": cfg.eval.max_new_tokens,
-                       "local_checkpoint_dir": _local_checkpoint_dir(job, resources)}
+                       "local_checkpoint_dir": local_checkpoint_dir(os.path.dirname(job.output_dir), job.config_hash, resources),
+                       "run_name": f"{job.label}-{job.config_hash}"}
         pending[job.label] = (loop_config, ray.data.from_items(job.rows))
     return fit_concurrently(train_fn_per_worker, pending, resources, os.path.abspath(f"{stage_dir}/ray_train"),
                             stage=os.path.basename(stage_dir))
@@ -121,7 +123,7 @@ def fit_concurrently(train_fn: Callable, pending: dict[str, tuple[dict, object]]
     while queue or running:
         while queue and len(running) < limit:
             label, (loop_config, dataset) = queue.pop(0)
-            ref = fit.remote(train_fn, loop_config, to_dict(resources), dataset, storage_path, f"{stage}-{label}")
+            ref = fit.remote(train_fn, loop_config, to_dict(resources), dataset, storage_path, loop_config["run_name"])
             running[ref] = label
         done, _ = ray.wait(list(running), num_returns=1)
         label = running.pop(done[0])
@@ -145,8 +147,16 @@ def _fit(train_fn: Callable, loop_config: dict, resources: dict, dataset, storag
     return trainer.fit().return_value
 
 
-def _local_checkpoint_dir(job: TrainingJob, resources: ResourcesConfig):
-    return os.path.join(os.path.dirname(job.output_dir), "checkpoint") if resources.num_workers == 0 else None
+def local_checkpoint_dir(job_dir: str, config_hash: str, resources: ResourcesConfig):
+    """Local mode keeps its checkpoint in the job folder, keyed by config hash (older ones are removed)."""
+    if resources.num_workers > 0:
+        return None
+    keep = f"checkpoint-{config_hash}"
+    if os.path.isdir(job_dir):
+        for name in os.listdir(job_dir):
+            if name.startswith("checkpoint-") and name != keep:
+                shutil.rmtree(os.path.join(job_dir, name), ignore_errors=True)
+    return os.path.join(job_dir, keep)
 
 
 def _require(stage_dir: str, stage: str) -> dict:

@@ -1,0 +1,1 @@
+"""Soft targets: the TeacherScorer (pure) and its Ray Data driver."""

@@ -6,7 +6,7 @@ A plain callable class over dicts of numpy arrays, so Ray Data can run it on an 
 never leave this class: per response token it keeps the top-k ids (int32), their log-probs (float16)
 and the log of the mass outside the top k, in the schema of `data/soft_targets.py`.
 
-Pure: no Ray here. Tested in tests/unit/test_teacher_scoring.py.
+Pure: no Ray here. Tested in tests/unit/test_model_and_training.py.
 """
 
 from __future__ import annotations

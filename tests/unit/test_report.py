@@ -1,0 +1,102 @@
+"""Report building, Markdown rendering and the PNG chart, on hand-made scores.
+
+Run: cd /work/main && .venv/bin/python -m pytest tests/unit/test_report.py -q
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from dume_ray.eval.report import build_report, plot_report, render_markdown
+
+TASKS = ["copy", "reverse", "add"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _scores(student=(0.9, 0.6, 0.3), multitask=(0.8, 0.5, 0.2)):
+    return {
+        "base": dict(zip(TASKS, (0.0, 0.1, 0.2))),
+        "experts": dict(zip(TASKS, (1.0, 0.8, 0.6))),
+        "student": dict(zip(TASKS, student)),
+        "multitask": dict(zip(TASKS, multitask)),
+    }
+
+
+def test_build_report_means_are_per_model_task_averages():
+    report = build_report(_scores(), TASKS, "test")
+    assert report["means"]["base"] == pytest.approx(0.1)
+    assert report["means"]["experts"] == pytest.approx(0.8)
+    assert report["means"]["student"] == pytest.approx(0.6)
+    assert report["means"]["multitask"] == pytest.approx(0.5)
+    assert report["models"] == ["base", "experts", "student", "multitask"]
+
+
+def test_build_report_mean_ignores_missing_and_nan_scores():
+    scores = {"student": {"copy": 0.5, "reverse": float("nan")}, "multitask": {"copy": 0.1, "reverse": 0.3, "add": 0.5}}
+    report = build_report(scores, TASKS, "test")
+    assert report["means"]["student"] == pytest.approx(0.5)
+    assert report["means"]["multitask"] == pytest.approx(0.3)
+
+
+def test_build_report_student_minus_multitask_and_pct_of_experts():
+    report = build_report(_scores(), TASKS, "validation")
+    assert report["student_minus_multitask"] == pytest.approx(0.1)
+    assert report["student_pct_of_experts"] == pytest.approx(75.0)
+
+
+def test_build_report_omits_comparisons_without_the_models():
+    report = build_report({"base": {"copy": 0.5}}, ["copy"], "test")
+    assert "student_minus_multitask" not in report
+    assert "student_pct_of_experts" not in report
+
+
+def test_build_report_omits_pct_when_experts_score_zero():
+    scores = _scores()
+    scores["experts"] = dict.fromkeys(TASKS, 0.0)
+    assert "student_pct_of_experts" not in build_report(scores, TASKS, "test")
+
+
+def test_render_markdown_has_a_row_per_task_the_mean_and_beats_verdict():
+    report = build_report(_scores(), TASKS, "test", settings={"alpha": 0.5}, timings={"distill": 12.34})
+    text = render_markdown(report)
+    lines = text.splitlines()
+    for task in TASKS:
+        assert sum(1 for line in lines if line.startswith(f"| {task} |")) == 1, task
+    mean_row = next(line for line in lines if line.startswith("| **mean** |"))
+    assert "0.600" in mean_row and "0.500" in mean_row and "+0.100" in mean_row
+    assert "**beats** the multitask baseline" in text
+    assert "+10.0 points" in text
+    assert "75.0%" in text
+    assert "alpha: 0.5" in text and "distill: 12.3" in text
+
+
+def test_render_markdown_says_does_not_beat_when_student_is_worse():
+    report = build_report(_scores(student=(0.1, 0.1, 0.1)), TASKS, "test")
+    text = render_markdown(report)
+    assert "**does not beat** the multitask baseline" in text
+    assert "**beats**" not in text
+
+
+def test_render_markdown_says_does_not_beat_on_a_tie():
+    report = build_report(_scores(student=(0.8, 0.5, 0.2)), TASKS, "test")
+    assert "**does not beat**" in render_markdown(report)
+
+
+def test_render_markdown_shows_dash_for_missing_score():
+    scores = _scores()
+    del scores["student"]["add"]
+    row = next(l for l in render_markdown(build_report(scores, TASKS, "test")).splitlines() if l.startswith("| add |"))
+    assert "–" in row
+
+
+def test_plot_report_writes_non_empty_png(tmp_path):
+    scores = _scores()
+    scores["student"]["add"] = math.nan  # NaN/missing scores must not break the chart
+    path = tmp_path / "report.png"
+    returned = plot_report(build_report(scores, TASKS, "test"), str(path))
+    assert returned == str(path)
+    data = path.read_bytes()
+    assert len(data) > 1000
+    assert data[:8] == PNG_MAGIC
