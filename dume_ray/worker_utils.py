@@ -20,7 +20,8 @@ import ray.train
 import ray.train.torch
 import torch
 
-from dume_ray.training import load_training_state, save_training_state
+from dume_ray.tasks.base import Example, Task
+from dume_ray.training import evaluate_tasks, load_training_state, save_training_state
 
 
 def setup_worker(seed: int, torch_threads: int) -> torch.device:
@@ -101,3 +102,17 @@ class Progress:
         if is_rank_zero() and (step % self.every == 0 or step == self.total):
             shown = " ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.endswith("loss"))
             print(f"[{self.label}] step {step}/{self.total} {shown} ({time.time() - self.start:.1f} s)", flush=True)
+
+
+def save_and_validate(model, tokenizer, config: dict, step: int, metrics: dict, start: float) -> dict:
+    """Rank 0: `save_pretrained` the final model + tokenizer and score it on the validation pairs."""
+    if not is_rank_zero():
+        return {}
+    final = unwrap(model)
+    final.save_pretrained(config["output_dir"])
+    tokenizer.save_pretrained(config["output_dir"])
+    validation = {name: Task(name, {"validation": [Example(p, r) for p, r in pairs]})
+                  for name, pairs in config["validation"].items()}
+    scores = evaluate_tasks(final, tokenizer, validation, "validation", config["max_new_tokens"])
+    return {"steps": step, "final_loss": metrics.get("loss"), "validation": scores,
+            "train_seconds": round(time.time() - start, 2)}

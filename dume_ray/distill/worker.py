@@ -19,10 +19,9 @@ from dume_ray.config import OptimConfig, from_dict
 from dume_ray.data.encode import collate
 from dume_ray.distill.losses import annealed_alpha
 from dume_ray.model import load_model, load_tokenizer
-from dume_ray.tasks.base import Example, Task
-from dume_ray.training import distill_train_step, evaluate_tasks, make_optimizer
-from dume_ray.worker_utils import (Progress, batch_stream, is_rank_zero, per_worker_batch_size, report_checkpoint,
-                                   restore_checkpoint, setup_worker, unwrap)
+from dume_ray.training import distill_train_step, make_optimizer
+from dume_ray.worker_utils import (Progress, batch_stream, per_worker_batch_size, report_checkpoint, restore_checkpoint,
+                                   save_and_validate, setup_worker)
 
 
 def train_fn_per_worker(config: dict) -> dict:
@@ -50,16 +49,7 @@ def train_fn_per_worker(config: dict) -> dict:
                               config.get("local_checkpoint_dir"))
 
     # ---- save the Hugging Face model and score it on validation (rank 0) ---------------------------------
-    if not is_rank_zero():
-        return {}
-    final = unwrap(model)
-    final.save_pretrained(config["output_dir"])
-    tokenizer.save_pretrained(config["output_dir"])
-    validation = {name: Task(name, {"validation": [Example(p, r) for p, r in pairs]})
-                  for name, pairs in config["validation"].items()}
-    scores = evaluate_tasks(final, tokenizer, validation, "validation", config["max_new_tokens"])
-    return {"steps": step, "final_loss": metrics.get("loss"), "validation": scores,
-            "train_seconds": round(time.time() - start, 2)}
+    return save_and_validate(model, tokenizer, config, step, metrics, start)
 
 
 def soft_target_batch(batch: dict, pad_id: int, top_k: int) -> dict[str, torch.Tensor]:
