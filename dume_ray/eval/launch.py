@@ -8,7 +8,6 @@ parallel; the report goes to `<run>/eval/report.md`, `report.json` and `report.p
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
