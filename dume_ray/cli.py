@@ -28,14 +28,16 @@ def _stages():
     from dume_ray.eval.launch import run_eval
     from dume_ray.experts.launch import run_base, run_experts
     from dume_ray.soft_targets.launch import run_soft_targets
-    return {"base": run_base, "experts": run_experts, "soft-targets": run_soft_targets, "distill": run_distill,
-            "multitask": run_multitask, "eval": run_eval}
+    from dume_ray.upcycle.launch import run_upcycle
+    return {"base": run_base, "experts": run_experts, "upcycle": run_upcycle, "soft-targets": run_soft_targets,
+            "distill": run_distill, "multitask": run_multitask, "eval": run_eval}
 
 
 STAGE_HELP = {
-    "run": "the whole pipeline: base → experts → soft-targets → distill → multitask → eval",
+    "run": "the whole pipeline: base → experts → upcycle → soft-targets → distill → multitask → eval",
     "base": "briefly pretrain the starting model on the task mixture (shared starting point of the experts)",
     "experts": "fine-tune one expert per task group from the base (Ray Train, groups run concurrently)",
+    "upcycle": "DUME: a training-free MoE from the experts (averaged trunk, MoE of their MLPs, ridge router)",
     "soft-targets": "experts score their groups' training examples: top-k soft targets as Parquet (Ray Data)",
     "distill": "train the student on the soft-target stream: KD at temperature T + CE (Ray Train)",
     "multitask": "the baseline: same student, data, optimiser and steps, plain mixed CE (Ray Train)",
@@ -97,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     init_ray(cfg)
     stages = _stages()
     if args.stage == "run":
-        order = ["base", "experts", "soft-targets", "distill"] + (["multitask"] if cfg.multitask.enabled else []) + ["eval"]
+        order = (["base", "experts"] + (["upcycle"] if cfg.upcycle.enabled else []) + ["soft-targets", "distill"]
+                 + (["multitask"] if cfg.multitask.enabled else []) + ["eval"])
     else:
         order = [args.stage]
     start = time.time()

@@ -190,6 +190,29 @@ class MultitaskConfig:
 
 
 @dataclass
+class UpcycleConfig:
+    """DUME (arXiv 2603.29765): a training-free MoE from the experts: averaged trunk, per-layer MoE of the
+    experts' MLPs, router solved in closed form by ridge regression. Needs at least 2 expert groups."""
+
+    enabled: bool = True  # false: `run` skips the stage and the report has no MoE rows
+    ridge_lambda: float = 1e-2  # lambda of W = (A + lambda I)^-1 B; must be >= 0
+    top_k: int = 1  # experts per token
+    normalize_columns: bool = False  # unit-length router columns (bias scaled alike); eval reports both anyway
+    routing: str = "sequence_mean"  # "token" (per-token top-k) | "sequence_mean" (causal running mean of scores)
+    stats_examples_per_task: int = 512  # training examples per task whose tokens feed the router statistics
+    batch_size: int = 64  # examples per forward while gathering statistics
+    random_seed: int = 0  # seed of the random-routing baseline
+
+    def __post_init__(self) -> None:
+        _check(self.ridge_lambda >= 0, f"upcycle.ridge_lambda must be >= 0, got {self.ridge_lambda}")
+        _check(self.top_k >= 1, f"upcycle.top_k must be >= 1, got {self.top_k}")
+        _check(self.routing in ("token", "sequence_mean"),
+               f"upcycle.routing must be 'token' or 'sequence_mean', got {self.routing!r}")
+        _check(self.stats_examples_per_task >= 1, f"upcycle.stats_examples_per_task must be >= 1, got {self.stats_examples_per_task}")
+        _check(self.batch_size >= 1, f"upcycle.batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
 class EvalConfig:
     split: str = "test"  # held-out split the report scores
     batch_size: int = 256  # prompts per greedy-decoding batch
@@ -212,6 +235,7 @@ class PipelineConfig:
     soft_targets: SoftTargetsConfig = field(default_factory=SoftTargetsConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     multitask: MultitaskConfig = field(default_factory=MultitaskConfig)
+    upcycle: UpcycleConfig = field(default_factory=UpcycleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
@@ -228,6 +252,11 @@ class PipelineConfig:
             _check(not twice, f"experts.groups: task(s) {twice} appear in more than one group")
             missing = [t for t in names if t not in seen]
             _check(not missing, f"experts.groups: task(s) {missing} are in no group")
+        if self.upcycle.enabled:
+            _check(len(self.groups) >= 2, f"upcycle needs at least 2 experts, but experts.groups gives 1 group "
+                                          f"({list(self.groups)}); add groups or set upcycle.enabled=false")
+            _check(self.upcycle.top_k <= len(self.groups),
+                   f"upcycle.top_k={self.upcycle.top_k} exceeds the number of experts ({len(self.groups)}, experts.groups)")
         if self.distill.init == "scratch" and self.distill.student_model is not None:
             _check(self.model.name_or_path == "embedded", "distill.student_model is only for the embedded model family")
 
