@@ -2,8 +2,9 @@
 
     .venv/bin/python -m pytest -q -m smoke
 
-Checks the artifacts of every stage, finite losses, the printed report, that a rerun skips every finished
-stage, and that the student loads with plain transformers (no dume_ray import).
+Checks the artifacts of every stage, finite losses, the printed report (with the DUME rows), that a rerun
+skips every finished stage, and that the student and the upcycled MoE load with plain transformers (no
+dume_ray import).
 """
 
 import json
@@ -30,12 +31,14 @@ def test_cli_runs_every_stage_then_skips_them_on_rerun(tmp_path):
     first = _cli("run", "--config", config, f"runs_dir={tmp_path}", cwd=tmp_path)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     run_dir = tmp_path / "smoke"
-    for stage in ("base", "experts/copy", "experts/reverse", "experts/add", "soft_targets", "student", "multitask", "eval"):
+    for stage in ("base", "experts/copy", "experts/reverse", "experts/add", "upcycle", "soft_targets", "student", "multitask", "eval"):
         assert (run_dir / stage / "DONE.json").exists(), stage
     for model in ("base/model", "experts/copy/model", "student/model", "multitask/model"):
         assert (run_dir / model / "config.json").exists(), model
     report = json.loads((run_dir / "eval" / "report.json").read_text())
-    assert set(report["models"]) == {"base", "experts", "student", "multitask"}
+    assert set(report["models"]) == {"base", "experts", "student", "multitask", "dume", "oracle", "weight_average", "random"}
+    assert len(report["upcycle"]["variants"]) == 4 and report["upcycle"]["moe_active_parameters_per_token"] > 0
+    assert "## DUME upcycling" in first.stdout
     assert all(0.0 <= v <= 1.0 for v in report["means"].values())
     assert (run_dir / "eval" / "report.png").stat().st_size > 1000
     assert "| **mean** |" in first.stdout and "student − multitask" in first.stdout
@@ -46,7 +49,7 @@ def test_cli_runs_every_stage_then_skips_them_on_rerun(tmp_path):
 
     second = _cli("run", "--config", config, f"runs_dir={tmp_path}", cwd=tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert second.stdout.count("done already") == 8  # base, 3 experts, soft_targets, student, multitask, eval
+    assert second.stdout.count("done already") == 9  # base, 3 experts, upcycle, soft_targets, student, multitask, eval
 
     load = subprocess.run([sys.executable, "-c", (
         "import sys; from transformers import AutoModelForCausalLM, AutoTokenizer;"
@@ -54,6 +57,11 @@ def test_cli_runs_every_stage_then_skips_them_on_rerun(tmp_path):
         f"t = AutoTokenizer.from_pretrained({str(run_dir / 'student' / 'model')!r});"
         "print('dume_ray' in sys.modules, m.config.vocab_size == len(t))")], capture_output=True, text=True)
     assert load.stdout.strip() == "False True", load.stderr[-2000:]
+    moe = subprocess.run([sys.executable, "-c", (
+        "import sys; from transformers import AutoModelForCausalLM;"
+        f"m = AutoModelForCausalLM.from_pretrained({str(run_dir / 'upcycle' / 'moe')!r}, trust_remote_code=True);"
+        "print('dume_ray' in sys.modules, type(m).__name__, m.config.num_local_experts)")], capture_output=True, text=True)
+    assert moe.stdout.strip() == "False DumeMoEForCausalLM 3", moe.stderr[-2000:]
 
 
 def test_cli_rejects_bad_input_before_training(tmp_path):

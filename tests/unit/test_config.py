@@ -185,3 +185,21 @@ def test_optim_config_round_trips_through_to_dict_and_from_dict():
     assert isinstance(restored, OptimConfig)
     assert restored == original
     assert dataclasses.asdict(restored) == data
+
+
+# ---- upcycle ---------------------------------------------------------------------------------------------
+
+def test_negative_ridge_lambda_fails_at_config_load():
+    assert "upcycle.ridge_lambda must be >= 0, got -0.1" in _error(["upcycle.ridge_lambda=-0.1"])
+
+
+def test_upcycle_with_a_single_group_names_experts_groups():
+    message = _error(["tasks.builtin=[copy,reverse]", "experts.groups=[[copy,reverse]]"])
+    assert "experts.groups" in message and "at least 2 experts" in message and "upcycle.enabled=false" in message
+    cfg = load_config(None, ["tasks.builtin=[copy]", "upcycle.enabled=false"])
+    assert len(cfg.groups) == 1
+
+
+def test_upcycle_routing_and_top_k_are_checked():
+    assert "upcycle.routing" in _error(["upcycle.routing=mean"])
+    assert "upcycle.top_k=9 exceeds" in _error(["upcycle.top_k=9"])
