@@ -202,6 +202,8 @@ class UpcycleConfig:
     stats_examples_per_task: int = 512  # training examples per task whose tokens feed the router statistics
     batch_size: int = 64  # examples per forward while gathering statistics
     random_seed: int = 0  # seed of the random-routing baseline
+    dume_plus_steps: int = 0  # DUME+: router-only fine-tuning steps from the DUME solution (LM loss); 0 = off
+    dume_plus_lr: float = 1e-2  # DUME+ AdamW learning rate (batch size: upcycle.batch_size)
 
     def __post_init__(self) -> None:
         _check(self.ridge_lambda >= 0, f"upcycle.ridge_lambda must be >= 0, got {self.ridge_lambda}")
@@ -210,6 +212,8 @@ class UpcycleConfig:
                f"upcycle.routing must be 'token' or 'sequence_mean', got {self.routing!r}")
         _check(self.stats_examples_per_task >= 1, f"upcycle.stats_examples_per_task must be >= 1, got {self.stats_examples_per_task}")
         _check(self.batch_size >= 1, f"upcycle.batch_size must be >= 1, got {self.batch_size}")
+        _check(self.dume_plus_steps >= 0, f"upcycle.dume_plus_steps must be >= 0, got {self.dume_plus_steps}")
+        _check(self.dume_plus_lr > 0, f"upcycle.dume_plus_lr must be > 0, got {self.dume_plus_lr}")
 
 
 @dataclass

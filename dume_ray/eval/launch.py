@@ -92,6 +92,8 @@ def moe_runs_to_score(cfg: PipelineConfig) -> dict[str, tuple]:
             for g in ("token", "sequence_mean") for n in (False, True)}
     runs["oracle"] = (outputs["moe"], outputs["router"], "forced", None, 0)
     runs["random"] = (outputs["moe"], outputs["router"], "random", None, cfg.upcycle.random_seed)
+    if "moe_plus" in outputs:  # DUME+: the fine-tuned routers, routed as configured
+        runs["dume+"] = (outputs["moe_plus"], outputs["router"], cfg.upcycle.routing, None, 0)
     return runs
 
 

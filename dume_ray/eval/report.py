@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-MODEL_ORDER = ["base", "experts", "student", "multitask", "dume", "oracle", "weight_average", "random"]
+MODEL_ORDER = ["base", "experts", "student", "multitask", "dume", "dume+", "oracle", "weight_average", "random"]
 # What the DUME paper reports (Fanì & Ersoy 2026, arXiv 2603.29765), next to what we measure.
 PAPER_CLAIM = "up to 97.6% of a dense expert in language modelling, 102.1% in reasoning"
 

@@ -8,6 +8,7 @@
 solves the ridge router (`router.py`) and saves everything to `runs/<name>/upcycle/`:
 
     moe/             the MoE: AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)
+    moe_plus/        DUME+ (only with upcycle.dume_plus_steps > 0): the MoE after router-only fine-tuning
     weight_average/  the dense weight average of all experts (plain Llama)
     router.pt        the summed statistics and both router solutions (raw, unit-length columns)
 
@@ -29,7 +30,7 @@ from dume_ray.experts.launch import _require
 from dume_ray.model import check_same_vocab, load_model, load_tokenizer
 from dume_ray.tasks import encode_rows, load_tasks
 from dume_ray.upcycle.moe import DumeMoEForCausalLM, average_weights, build_moe, count_active_parameters
-from dume_ray.upcycle.router import collect_group_stats, merge_stats, solve_router
+from dume_ray.upcycle.router import collect_group_stats, finetune_router, merge_stats, solve_router
 
 
 def run_upcycle(cfg: PipelineConfig) -> dict:
@@ -58,9 +59,14 @@ def run_upcycle(cfg: PipelineConfig) -> dict:
     moe.save_pretrained(outputs["moe"])
     torch.save({"gram": stats.gram, "cross": stats.cross, "tokens": stats.tokens, "routers": routers,
                 "expert_names": list(cfg.groups), "ridge_lambda": cfg.upcycle.ridge_lambda}, outputs["router"])
+    losses = []
+    if cfg.upcycle.dume_plus_steps > 0:  # DUME+: fine-tune the routers only, from the closed-form solution
+        outputs["moe_plus"] = f"{stage_dir}/moe_plus"
+        losses = ray.get(ray.remote(num_cpus=1)(_dume_plus).remote(outputs["moe"], outputs["moe_plus"], cfg))
+        print(f"[upcycle] DUME+: {len(losses)} router steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}", flush=True)
     total, active = count_active_parameters(moe)
     metrics = {"parameters": total, "active_parameters_per_token": active, "router_tokens": dict(zip(cfg.groups, stats.tokens)),
-               "experts_trained_mlp_only": cfg.experts.train_mlp_only}
+               "experts_trained_mlp_only": cfg.experts.train_mlp_only, "dume_plus_losses": losses[:1] + losses[-1:]}
     print(f"[upcycle] MoE of {len(expert_dirs)} experts: {total:,} parameters, {active:,} active per token; "
           f"router from {sum(stats.tokens):,} tokens ({time.time() - start:.0f} s)", flush=True)
     return manifest.mark_done(stage_dir, stage_hash, outputs, metrics=metrics, inputs={"experts": expert_dirs},
@@ -70,7 +76,8 @@ def run_upcycle(cfg: PipelineConfig) -> dict:
 def upcycle_hash(cfg: PipelineConfig, expert_hashes: dict[str, str]) -> str:
     """The MoE depends on the upcycle config (the random-routing seed is eval's business), the experts and data."""
     knobs = (cfg.upcycle.ridge_lambda, cfg.upcycle.top_k, cfg.upcycle.normalize_columns, cfg.upcycle.routing,
-             cfg.upcycle.stats_examples_per_task)
+             cfg.upcycle.stats_examples_per_task, cfg.upcycle.batch_size, cfg.upcycle.dume_plus_steps,
+             cfg.upcycle.dume_plus_lr, cfg.seed)
     return config_hash("upcycle", knobs, cfg.tasks, cfg.model.max_seq_len, expert_hashes)
 
 
@@ -89,6 +96,29 @@ def build_and_save(expert_dirs: dict[str, str], outputs: dict, cfg: PipelineConf
         model.save_pretrained(outputs[key])
         tokenizer.save_pretrained(outputs[key])
     return moe
+
+
+def _dume_plus(moe_dir: str, out_dir: str, cfg: PipelineConfig) -> list[float]:
+    """Ray task: DUME+ router fine-tuning on the mixed training examples; saves the MoE to `out_dir`."""
+    torch.set_num_threads(1)
+    torch.manual_seed(cfg.seed)
+    tokenizer = load_tokenizer(moe_dir)
+    model = DumeMoEForCausalLM.from_pretrained(moe_dir)
+    tasks = load_tasks(cfg.tasks)
+    rows = []
+    for name in cfg.tasks.names:
+        rows += encode_rows({name: tasks[name]}, tokenizer, "train", cfg.model.max_seq_len, {name: "g"})[:cfg.upcycle.stats_examples_per_task]
+    gen = torch.Generator().manual_seed(cfg.seed)
+
+    def batches():
+        while True:
+            for i in torch.randperm(len(rows), generator=gen).split(cfg.upcycle.batch_size):
+                yield collate([rows[j] for j in i.tolist()], tokenizer.pad_token_id)
+
+    losses = finetune_router(model, batches(), cfg.upcycle.dume_plus_steps, cfg.upcycle.dume_plus_lr)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return losses
 
 
 def _group_stats(moe_dir: str, tasks_cfg: TasksConfig, names: list[str], group: int, num_groups: int,

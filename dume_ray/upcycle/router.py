@@ -15,6 +15,7 @@ are in float64. Routing scores are x W_l.
     stats = group_stats(captured_inputs)           # per group, from `collect_group_inputs`
     total = merge_stats([stats_g0, stats_g1, ...])
     weights = solve_router(total, ridge_lambda=1e-2, normalize_columns=False)
+    losses = finetune_router(moe, batches, steps=50, lr=1e-2)   # optional DUME+
 
 Pure: no Ray here. Tested in tests/unit/test_upcycle_router.py.
 """
@@ -24,6 +25,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from dume_ray.distill.losses import cross_entropy
+from dume_ray.training import response_logits
 
 
 @dataclass
@@ -137,3 +141,32 @@ def collect_group_stats(model, batches, group: int, num_groups: int) -> RouterSt
             block.capture = None
         model.set_routing(model.config.routing)
     return merge_stats(parts)
+
+
+def finetune_router(model, batches, steps: int, lr: float) -> list[float]:
+    """DUME+: a few AdamW steps on the routers only (everything else frozen), from the closed-form solution,
+    with cross-entropy on response tokens of mixed-task `batches` (collated rows: input_ids, attention_mask,
+    labels). The gradient reaches the top-k choice through the straight-through gate of `MoEBlock.route`.
+
+    Returns:
+        the loss of every step.
+    """
+    routers = [block.router for block in model.moe_blocks()]
+    for param in model.parameters():
+        param.requires_grad = False
+    for router in routers:
+        router.requires_grad = True
+    optimizer = torch.optim.AdamW(routers, lr=lr, weight_decay=0.0)
+    model.train()
+    losses = []
+    for _, batch in zip(range(steps), batches):
+        logits, targets = response_logits(model, batch)
+        loss = cross_entropy(logits, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    for router in routers:
+        router.requires_grad = False
+    model.eval()
+    return losses
