@@ -202,8 +202,8 @@ class UpcycleConfig:
     stats_examples_per_task: int = 512  # training examples per task whose tokens feed the router statistics
     batch_size: int = 64  # examples per forward while gathering statistics
     random_seed: int = 0  # seed of the random-routing baseline
-    dume_plus_steps: int = 0  # DUME+: router-only fine-tuning steps from the DUME solution (LM loss); 0 = off
-    dume_plus_lr: float = 1e-2  # DUME+ AdamW learning rate (batch size: upcycle.batch_size)
+    dume_plus_steps: int = 0  # DUME+: full-batch steps refining the router from the DUME solution; 0 = off
+    dume_plus_lr: float = 1e-2  # DUME+ AdamW learning rate
 
     def __post_init__(self) -> None:
         _check(self.ridge_lambda >= 0, f"upcycle.ridge_lambda must be >= 0, got {self.ridge_lambda}")

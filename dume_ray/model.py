@@ -47,10 +47,13 @@ def check_model_path(name_or_path: str) -> None:
         raise FileNotFoundError(f"model.name_or_path: no model folder at {name_or_path!r}")
 
 
-def load_tokenizer(name_or_path: str):
-    """Tokenizer of a saved or Hub model; adds a pad token (= eos) when the model has none."""
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    """Tokenizer of a saved or Hub model; adds a pad token (= eos) when the model has none.
+
+    `trust_remote_code=True` only for our own folders that carry a modeling file (the upcycled MoE), where
+    AutoTokenizer would otherwise stop to ask."""
     check_model_path(name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer of {name_or_path!r} has no eos token; responses need one to end")
     if tokenizer.pad_token_id is None:

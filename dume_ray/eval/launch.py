@@ -107,7 +107,7 @@ def _score_moe(moe_dir: str, router_path: str, mode: str, variant, seed: int, ta
     import torch
     from dume_ray.upcycle.moe import DumeMoEForCausalLM
     torch.set_num_threads(1)
-    tasks, tokenizer = load_tasks(tasks_cfg), load_tokenizer(moe_dir)
+    tasks, tokenizer = load_tasks(tasks_cfg), load_tokenizer(moe_dir, trust_remote_code=True)
     model = DumeMoEForCausalLM.from_pretrained(moe_dir)
     if variant is not None:
         model.set_router(torch.load(router_path)["routers"][variant])

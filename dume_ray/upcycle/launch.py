@@ -8,7 +8,8 @@
 solves the ridge router (`router.py`) and saves everything to `runs/<name>/upcycle/`:
 
     moe/             the MoE: AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)
-    moe_plus/        DUME+ (only with upcycle.dume_plus_steps > 0): the MoE after router-only fine-tuning
+    moe_plus/        DUME+ (only with upcycle.dume_plus_steps > 0): the MoE with the router refined for a few
+                     steps of logistic regression on the routing targets, from the closed-form solution
     weight_average/  the dense weight average of all experts (plain Llama)
     router.pt        the summed statistics and both router solutions (raw, unit-length columns)
 
@@ -17,7 +18,6 @@ Skipped on rerun when its manifest matches (upcycle config + the experts' manife
 
 from __future__ import annotations
 
-import os
 import time
 
 import ray
@@ -31,6 +31,8 @@ from dume_ray.model import check_same_vocab, load_model, load_tokenizer
 from dume_ray.tasks import encode_rows, load_tasks
 from dume_ray.upcycle.moe import DumeMoEForCausalLM, average_weights, build_moe, count_active_parameters
 from dume_ray.upcycle.router import collect_group_stats, finetune_router, merge_stats, solve_router
+
+DUME_PLUS_TOKENS_PER_GROUP = 8192  # MLP inputs per group kept as DUME+ training features
 
 
 def run_upcycle(cfg: PipelineConfig) -> dict:
@@ -48,22 +50,29 @@ def run_upcycle(cfg: PipelineConfig) -> dict:
 
     # ---- router statistics: one Ray task per group, summed here ------------------------------------------
     gather = ray.remote(num_cpus=1)(_group_stats)
+    keep = DUME_PLUS_TOKENS_PER_GROUP if cfg.upcycle.dume_plus_steps > 0 else 0  # DUME+ also needs the inputs
     refs = [gather.remote(outputs["moe"], cfg.tasks, names, i, len(cfg.groups), cfg.upcycle.stats_examples_per_task,
-                          cfg.upcycle.batch_size, cfg.model.max_seq_len) for i, names in enumerate(cfg.groups.values())]
-    stats = merge_stats(ray.get(refs))
+                          cfg.upcycle.batch_size, cfg.model.max_seq_len, keep) for i, names in enumerate(cfg.groups.values())]
+    results = ray.get(refs)
+    stats = merge_stats([r[0] if keep else r for r in results])
 
     # ---- closed-form solve (both column modes, for the report), install the configured one, save ---------
     routers = {"raw": solve_router(stats, cfg.upcycle.ridge_lambda, normalize_columns=False),
                "normalized": solve_router(stats, cfg.upcycle.ridge_lambda, normalize_columns=True)}
-    moe.set_router(routers["normalized" if cfg.upcycle.normalize_columns else "raw"])
+    configured = routers["normalized" if cfg.upcycle.normalize_columns else "raw"]
+    moe.set_router(configured)
     moe.save_pretrained(outputs["moe"])
+    losses = []
+    if keep:  # DUME+: a few steps of the routing objective from the closed-form solution
+        routers["plus"], losses = finetune_router(configured, [r[1] for r in results], cfg.upcycle.dume_plus_steps,
+                                                  cfg.upcycle.dume_plus_lr)
+        outputs["moe_plus"] = f"{stage_dir}/moe_plus"
+        moe.set_router(routers["plus"])
+        moe.save_pretrained(outputs["moe_plus"])
+        load_tokenizer(expert_dirs[next(iter(expert_dirs))]).save_pretrained(outputs["moe_plus"])
+        print(f"[upcycle] DUME+: {len(losses)} router steps, routing loss {losses[0]:.3f} -> {losses[-1]:.3f}", flush=True)
     torch.save({"gram": stats.gram, "cross": stats.cross, "tokens": stats.tokens, "routers": routers,
                 "expert_names": list(cfg.groups), "ridge_lambda": cfg.upcycle.ridge_lambda}, outputs["router"])
-    losses = []
-    if cfg.upcycle.dume_plus_steps > 0:  # DUME+: fine-tune the routers only, from the closed-form solution
-        outputs["moe_plus"] = f"{stage_dir}/moe_plus"
-        losses = ray.get(ray.remote(num_cpus=1)(_dume_plus).remote(outputs["moe"], outputs["moe_plus"], cfg))
-        print(f"[upcycle] DUME+: {len(losses)} router steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}", flush=True)
     total, active = count_active_parameters(moe)
     metrics = {"parameters": total, "active_parameters_per_token": active, "router_tokens": dict(zip(cfg.groups, stats.tokens)),
                "experts_trained_mlp_only": cfg.experts.train_mlp_only, "dume_plus_losses": losses[:1] + losses[-1:]}
@@ -98,38 +107,16 @@ def build_and_save(expert_dirs: dict[str, str], outputs: dict, cfg: PipelineConf
     return moe
 
 
-def _dume_plus(moe_dir: str, out_dir: str, cfg: PipelineConfig) -> list[float]:
-    """Ray task: DUME+ router fine-tuning on the mixed training examples; saves the MoE to `out_dir`."""
-    torch.set_num_threads(1)
-    torch.manual_seed(cfg.seed)
-    tokenizer = load_tokenizer(moe_dir)
-    model = DumeMoEForCausalLM.from_pretrained(moe_dir)
-    tasks = load_tasks(cfg.tasks)
-    rows = []
-    for name in cfg.tasks.names:
-        rows += encode_rows({name: tasks[name]}, tokenizer, "train", cfg.model.max_seq_len, {name: "g"})[:cfg.upcycle.stats_examples_per_task]
-    gen = torch.Generator().manual_seed(cfg.seed)
-
-    def batches():
-        while True:
-            for i in torch.randperm(len(rows), generator=gen).split(cfg.upcycle.batch_size):
-                yield collate([rows[j] for j in i.tolist()], tokenizer.pad_token_id)
-
-    losses = finetune_router(model, batches(), cfg.upcycle.dume_plus_steps, cfg.upcycle.dume_plus_lr)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    return losses
-
-
 def _group_stats(moe_dir: str, tasks_cfg: TasksConfig, names: list[str], group: int, num_groups: int,
-                 per_task: int, batch_size: int, max_seq_len: int):
-    """Ray task: router statistics of one group's training examples (its expert forced at every layer)."""
+                 per_task: int, batch_size: int, max_seq_len: int, keep_inputs: int):
+    """Ray task: router statistics of one group's training examples (its expert forced at every layer);
+    with keep_inputs > 0 also up to that many tokens' MLP inputs per layer (for DUME+)."""
     torch.set_num_threads(1)
-    tokenizer = load_tokenizer(moe_dir)
+    tokenizer = load_tokenizer(moe_dir, trust_remote_code=True)
     model = DumeMoEForCausalLM.from_pretrained(moe_dir)
     tasks = load_tasks(tasks_cfg)
     rows = []
     for name in names:
         rows += encode_rows({name: tasks[name]}, tokenizer, "train", max_seq_len, {name: "g"})[:per_task]
     batches = (collate(rows[i:i + batch_size], tokenizer.pad_token_id) for i in range(0, len(rows), batch_size))
-    return collect_group_stats(model, batches, group, num_groups)
+    return collect_group_stats(model, batches, group, num_groups, keep_inputs)

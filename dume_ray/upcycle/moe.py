@@ -79,13 +79,7 @@ class MoEBlock(nn.Module):
         elif self.mode != "token":
             raise ValueError(f"unknown routing mode {self.mode!r}; expected one of {ROUTING_MODES}")
         top = scores.topk(self.top_k, dim=-1)
-        weight = torch.softmax(top.values, dim=-1)
-        if self.training and self.router.requires_grad:
-            # Straight-through gate for router fine-tuning (DUME+): the value stays `weight`, but the loss
-            # reaches the router through the chosen experts' probabilities among all E (top-1 has no other path).
-            chosen = torch.softmax(scores, dim=-1).gather(-1, top.indices)
-            weight = weight * chosen / chosen.detach()
-        return top.indices, weight
+        return top.indices, torch.softmax(top.values, dim=-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.capture is not None:

@@ -15,7 +15,7 @@ are in float64. Routing scores are x W_l.
     stats = group_stats(captured_inputs)           # per group, from `collect_group_inputs`
     total = merge_stats([stats_g0, stats_g1, ...])
     weights = solve_router(total, ridge_lambda=1e-2, normalize_columns=False)
-    losses = finetune_router(moe, batches, steps=50, lr=1e-2)   # optional DUME+
+    weights_plus, losses = finetune_router(weights, per_group_inputs, steps=50, lr=1e-2)   # optional DUME+
 
 Pure: no Ray here. Tested in tests/unit/test_upcycle_router.py.
 """
@@ -25,9 +25,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-from dume_ray.distill.losses import cross_entropy
-from dume_ray.training import response_logits
 
 
 @dataclass
@@ -122,51 +119,65 @@ def solve_router(stats: RouterStats, ridge_lambda: float = 1e-2, normalize_colum
 
 
 @torch.no_grad()
-def collect_group_stats(model, batches, group: int, num_groups: int) -> RouterStats:
-    """Router statistics of one group: run `model` (a `DumeMoEForCausalLM`) with `group`'s expert forced at
-    every layer over `batches` ({"input_ids", "attention_mask"} [b, s]) and sum over the non-padding tokens."""
+def collect_group_inputs(model, batches, group: int):
+    """Yield, per batch, the MLP inputs of every layer ([n, h] each, non-padding tokens: prompt and response)
+    of `model` (a `DumeMoEForCausalLM`) run with `group`'s expert forced at every layer."""
     model.eval()
     model.set_routing("forced", expert=group)
     blocks = model.moe_blocks()
-    parts = []
     try:
         for block in blocks:
             block.capture = []
         for batch in batches:
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            keep = batch["attention_mask"].bool()  # [b, s]; prompt and response tokens, no padding
-            parts.append(group_stats([block.capture.pop()[0][keep] for block in blocks], group, num_groups))
+            keep = batch["attention_mask"].bool()  # [b, s]
+            yield [block.capture.pop()[0][keep] for block in blocks]
     finally:
         for block in blocks:
             block.capture = None
         model.set_routing(model.config.routing)
-    return merge_stats(parts)
 
 
-def finetune_router(model, batches, steps: int, lr: float) -> list[float]:
-    """DUME+: a few AdamW steps on the routers only (everything else frozen), from the closed-form solution,
-    with cross-entropy on response tokens of mixed-task `batches` (collated rows: input_ids, attention_mask,
-    labels). The gradient reaches the top-k choice through the straight-through gate of `MoEBlock.route`.
+def collect_group_stats(model, batches, group: int, num_groups: int, keep_inputs: int = 0):
+    """Router statistics of one group (its expert forced at every layer) over `batches` ({"input_ids",
+    "attention_mask"} [b, s]), summed over non-padding tokens.
 
     Returns:
-        the loss of every step.
+        RouterStats; with keep_inputs > 0, (RouterStats, per-layer inputs [<= keep_inputs, h]) for DUME+.
     """
-    routers = [block.router for block in model.moe_blocks()]
-    for param in model.parameters():
-        param.requires_grad = False
-    for router in routers:
-        router.requires_grad = True
-    optimizer = torch.optim.AdamW(routers, lr=lr, weight_decay=0.0)
-    model.train()
+    parts, kept = [], []
+    for inputs in collect_group_inputs(model, batches, group):
+        parts.append(group_stats(inputs, group, num_groups))
+        if sum(len(k[0]) for k in kept) < keep_inputs:
+            kept.append(inputs)
+    stats = merge_stats(parts)
+    if keep_inputs <= 0:
+        return stats
+    return stats, [torch.cat([k[layer] for k in kept])[:keep_inputs] for layer in range(len(kept[0]))]
+
+
+def finetune_router(weights: torch.Tensor, inputs: list[list[torch.Tensor]], steps: int, lr: float) -> tuple[torch.Tensor, list[float]]:
+    """DUME+: refine the closed-form router for a few steps on the routing objective itself: softmax
+    cross-entropy of x W_l against the token's own group (multinomial logistic regression, full batch,
+    AdamW), starting from the ridge solution. The trunk and experts are frozen, so the inputs gathered
+    with each group's expert forced are the features.
+
+    Args:
+        weights: [L, h+1, E] from `solve_router`.
+        inputs: per group (in expert order), per layer, MLP inputs [n_g, h].
+
+    Returns:
+        the refined weights [L, h+1, E] float32, and the loss of every step (mean over layers).
+    """
+    labels = torch.cat([torch.full((len(group[0]),), g) for g, group in enumerate(inputs)])
+    features = [with_bias(torch.cat([group[layer] for group in inputs]).float()) for layer in range(weights.shape[0])]
+    w = weights.clone().float().requires_grad_(True)
+    optimizer = torch.optim.AdamW([w], lr=lr, weight_decay=0.0)
     losses = []
-    for _, batch in zip(range(steps), batches):
-        logits, targets = response_logits(model, batch)
-        loss = cross_entropy(logits, targets)
+    for _ in range(steps):
+        loss = sum(torch.nn.functional.cross_entropy(x @ w[layer], labels) for layer, x in enumerate(features)) / len(features)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    for router in routers:
-        router.requires_grad = False
-    model.eval()
-    return losses
+    return w.detach(), losses

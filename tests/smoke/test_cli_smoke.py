@@ -36,7 +36,8 @@ def test_cli_runs_every_stage_then_skips_them_on_rerun(tmp_path):
     for model in ("base/model", "experts/copy/model", "student/model", "multitask/model"):
         assert (run_dir / model / "config.json").exists(), model
     report = json.loads((run_dir / "eval" / "report.json").read_text())
-    assert set(report["models"]) == {"base", "experts", "student", "multitask", "dume", "oracle", "weight_average", "random"}
+    assert set(report["models"]) == {"base", "experts", "student", "multitask", "dume", "dume+", "oracle", "weight_average",
+                                 "random"}
     assert len(report["upcycle"]["variants"]) == 4 and report["upcycle"]["moe_active_parameters_per_token"] > 0
     assert "## DUME upcycling" in first.stdout
     assert all(0.0 <= v <= 1.0 for v in report["means"].values())

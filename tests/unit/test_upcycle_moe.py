@@ -117,17 +117,3 @@ def test_bad_experts_are_rejected_naming_the_cause():
     with pytest.raises(ValueError, match="different vocabularies"):
         build_moe({"a": build_embedded_model(SMALL, TOKENIZER, 0), "b": other})
 
-
-def test_dume_plus_fine_tunes_only_the_routers_and_lowers_the_loss():
-    from dume_ray.upcycle.router import finetune_router
-
-    experts = _experts(shared_trunk=False, n=2)
-    moe = build_moe(experts)
-    moe.set_router(0.01 * torch.randn(2, 33, 2, generator=torch.Generator().manual_seed(0)))
-    before = {k: v.clone() for k, v in moe.state_dict().items()}
-    losses = finetune_router(moe, [_batch()] * 30, steps=30, lr=0.05)
-    after = moe.state_dict()
-    assert losses[-1] < losses[0]
-    changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert changed == {"model.layers.0.mlp.router", "model.layers.1.mlp.router"}
-    assert not any(p.requires_grad for p in moe.parameters()) and not moe.training

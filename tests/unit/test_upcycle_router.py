@@ -6,7 +6,7 @@
 import pytest
 import torch
 
-from dume_ray.upcycle.router import add_expert, group_stats, merge_stats, solve_router, with_bias
+from dume_ray.upcycle.router import add_expert, finetune_router, group_stats, merge_stats, solve_router, with_bias
 
 
 def _groups(seed=0, n=200, h=6, num_groups=3, spread=0.3):
@@ -60,3 +60,17 @@ def test_negative_lambda_and_empty_group_are_rejected():
         solve_router(stats, ridge_lambda=-1.0)
     with pytest.raises(ValueError, match=r"no tokens for expert\(s\) \[1\]"):
         solve_router(stats)
+
+
+def test_dume_plus_refines_the_ridge_router_on_the_routing_objective():
+    inputs = _groups(spread=2.5)  # overlapping groups: the ridge router misroutes some tokens
+    weights = solve_router(merge_stats([group_stats([x], g, 3) for g, x in enumerate(inputs)]))
+    refined, losses = finetune_router(weights, [[x] for x in inputs], steps=50, lr=0.05)
+    assert refined.shape == weights.shape and losses[-1] < losses[0]
+    labels = torch.cat([torch.full((len(x),), g) for g, x in enumerate(inputs)])
+    x = with_bias(torch.cat(inputs))
+
+    def accuracy(w):
+        return float(((x @ w[0]).argmax(-1) == labels).float().mean())
+
+    assert accuracy(refined) >= accuracy(weights)
