@@ -198,7 +198,8 @@ class UpcycleConfig:
     ridge_lambda: float = 1e-2  # lambda of W = (A + lambda I)^-1 B; must be >= 0
     top_k: int = 1  # experts per token
     normalize_columns: bool = False  # unit-length router columns (bias scaled alike); eval reports both anyway
-    routing: str = "sequence_mean"  # "token" (per-token top-k) | "sequence_mean" (causal running mean of scores)
+    routing: str = "whole_sequence"  # "token" (per-token top-k) | "sequence_mean" (causal running mean of the
+    #   scores) | "whole_sequence" (mean over the whole input so far, re-read at every generation step)
     stats_examples_per_task: int = 512  # training examples per task whose tokens feed the router statistics
     batch_size: int = 64  # examples per forward while gathering statistics
     random_seed: int = 0  # seed of the random-routing baseline
@@ -208,8 +209,8 @@ class UpcycleConfig:
     def __post_init__(self) -> None:
         _check(self.ridge_lambda >= 0, f"upcycle.ridge_lambda must be >= 0, got {self.ridge_lambda}")
         _check(self.top_k >= 1, f"upcycle.top_k must be >= 1, got {self.top_k}")
-        _check(self.routing in ("token", "sequence_mean"),
-               f"upcycle.routing must be 'token' or 'sequence_mean', got {self.routing!r}")
+        granularities = ("token", "sequence_mean", "whole_sequence")
+        _check(self.routing in granularities, f"upcycle.routing must be one of {granularities}, got {self.routing!r}")
         _check(self.stats_examples_per_task >= 1, f"upcycle.stats_examples_per_task must be >= 1, got {self.stats_examples_per_task}")
         _check(self.batch_size >= 1, f"upcycle.batch_size must be >= 1, got {self.batch_size}")
         _check(self.dume_plus_steps >= 0, f"upcycle.dume_plus_steps must be >= 0, got {self.dume_plus_steps}")

@@ -3,8 +3,9 @@
     python -m dume_ray eval --config configs/demo.yaml eval.split=test
 
 Each model is scored in its own Ray task (greedy decoding, exact match), so models are evaluated in
-parallel; with `upcycle` on, so is each routing of the DUME MoE (per-token and sequence-mean, raw and
-unit-length router columns, oracle: each task with its own expert forced, random) and the weight average.
+parallel; with `upcycle` on, so is each routing of the DUME MoE (per-token, sequence-mean, whole-sequence;
+raw and unit-length router columns; oracle: each task with its own expert forced; random; DUME+) and the
+weight average.
 The report goes to `<run>/eval/report.md`, `report.json` and `report.png`, and the table is printed.
 """
 
@@ -84,12 +85,12 @@ def models_to_score(cfg: PipelineConfig) -> dict[str, tuple[str, list[str], str]
 
 
 def moe_runs_to_score(cfg: PipelineConfig) -> dict[str, tuple]:
-    """The upcycled models: DUME in 2 granularities x 2 column modes, oracle and random routing."""
+    """The upcycled models: DUME in 3 granularities x 2 column modes, oracle and random routing (+ DUME+)."""
     if not cfg.upcycle.enabled:
         return {}
     outputs = _require(f"{cfg.run_dir}/upcycle", "upcycle")["outputs"]
     runs = {_variant_label(g, n): (outputs["moe"], outputs["router"], g, "normalized" if n else "raw", 0)
-            for g in ("token", "sequence_mean") for n in (False, True)}
+            for g in ("token", "sequence_mean", "whole_sequence") for n in (False, True)}
     runs["oracle"] = (outputs["moe"], outputs["router"], "forced", None, 0)
     runs["random"] = (outputs["moe"], outputs["router"], "random", None, cfg.upcycle.random_seed)
     if "moe_plus" in outputs:  # DUME+: the fine-tuned routers, routed as configured

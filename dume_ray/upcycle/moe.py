@@ -8,6 +8,11 @@ Routing modes (`model.set_routing(mode, expert=None)`), all working with `genera
     "token"          per-token top-k of the router scores x W_l
     "sequence_mean"  top-k of the causal running mean of the scores over the sequence so far (padding excluded),
                      so one token's misrouting does not break an answer; generation still works (causal)
+    "whole_sequence" every position routed by the mean score over the whole input (padding excluded). Without a
+                     KV cache each generation step re-reads the prompt and the tokens generated so far, so the
+                     next token still depends on the past only; scoring a full sequence at once would let
+                     routing look ahead (use it for generation). Also routes the first tokens (bos, the start
+                     of the prompt), which carry no task signal, with the whole prompt's evidence
     "forced"         every token to expert `expert` (oracle routing, and the router statistics pass)
     "random"         every token to uniformly random experts (seeded baseline)
 
@@ -27,7 +32,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaMLP
 
-ROUTING_MODES = ("token", "sequence_mean", "forced", "random")
+ROUTING_MODES = ("token", "sequence_mean", "whole_sequence", "forced", "random")
 
 
 @strict
@@ -37,7 +42,7 @@ class DumeMoEConfig(LlamaConfig):
     model_type = "dume_moe"
     num_local_experts: int = 2  # E, one per dense expert
     num_experts_per_tok: int = 1  # top-k
-    routing: str = "token"  # default routing mode after loading: "token" | "sequence_mean"
+    routing: str = "token"  # default routing mode after loading: "token" | "sequence_mean" | "whole_sequence"
     expert_names: list | None = None  # group name of each expert column, in order
 
 
@@ -72,10 +77,13 @@ class MoEBlock(nn.Module):
             idx = noise.to(x.device).topk(self.top_k, dim=-1).indices
             return idx, torch.full(idx.shape, 1.0 / self.top_k, device=x.device)
         scores = self.scores(x)
-        if self.mode == "sequence_mean":
+        if self.mode in ("sequence_mean", "whole_sequence"):
             mask = self.padding_mask if self.padding_mask is not None else torch.ones(b, s, device=x.device)
             mask = mask.to(scores.dtype)[..., None]  # [b, s, 1]
-            scores = (scores * mask).cumsum(1) / mask.cumsum(1).clamp_min(1.0)
+            if self.mode == "sequence_mean":
+                scores = (scores * mask).cumsum(1) / mask.cumsum(1).clamp_min(1.0)
+            else:
+                scores = ((scores * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp_min(1.0)).expand_as(scores)
         elif self.mode != "token":
             raise ValueError(f"unknown routing mode {self.mode!r}; expected one of {ROUTING_MODES}")
         top = scores.topk(self.top_k, dim=-1)

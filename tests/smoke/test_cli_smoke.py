@@ -38,7 +38,7 @@ def test_cli_runs_every_stage_then_skips_them_on_rerun(tmp_path):
     report = json.loads((run_dir / "eval" / "report.json").read_text())
     assert set(report["models"]) == {"base", "experts", "student", "multitask", "dume", "dume+", "oracle", "weight_average",
                                  "random"}
-    assert len(report["upcycle"]["variants"]) == 4 and report["upcycle"]["moe_active_parameters_per_token"] > 0
+    assert len(report["upcycle"]["variants"]) == 6 and report["upcycle"]["moe_active_parameters_per_token"] > 0
     assert "## DUME upcycling" in first.stdout
     assert all(0.0 <= v <= 1.0 for v in report["means"].values())
     assert (run_dir / "eval" / "report.png").stat().st_size > 1000

@@ -117,3 +117,21 @@ def test_bad_experts_are_rejected_naming_the_cause():
     with pytest.raises(ValueError, match="different vocabularies"):
         build_moe({"a": build_embedded_model(SMALL, TOKENIZER, 0), "b": other})
 
+
+
+@torch.no_grad()
+def test_whole_sequence_routing_uses_one_expert_per_row_and_ignores_padding():
+    moe, batch = build_moe(_experts(shared_trunk=False)).eval(), _batch()
+    moe.set_router(torch.randn(2, 33, 3, generator=torch.Generator().manual_seed(0)))
+    moe.set_routing("whole_sequence")
+    block = moe.moe_blocks()[0]
+    block.capture = []
+    moe(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    x, mask = block.capture.pop()
+    block.padding_mask = mask
+    chosen = block.route(x)[0][..., 0]  # [b, s]
+    assert all(len(set(chosen[b].tolist())) == 1 for b in range(chosen.shape[0]))
+    # Row 2 is the shortest: its padding does not change its choice.
+    short = int(mask[2].sum())
+    block.padding_mask = mask[2:, :short]
+    assert block.route(x[2:, :short])[0][0, 0, 0] == chosen[2, 0]
