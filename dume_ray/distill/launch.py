@@ -16,10 +16,11 @@ import time
 import ray.data
 
 from dume_ray import manifest
-from dume_ray.config import PipelineConfig, config_hash, to_dict
+from dume_ray.config import PipelineConfig, to_dict
 from dume_ray.distill.worker import train_fn_per_worker
 from dume_ray.experts.launch import _require, fit_concurrently, local_checkpoint_dir
 from dume_ray.model import build_embedded_model, check_same_vocab, load_tokenizer
+from dume_ray.stage_hashes import student_hash
 from dume_ray.tasks import load_tasks
 
 
@@ -35,10 +36,7 @@ def _run_student(cfg: PipelineConfig, stage: str, alpha: float) -> dict:
     stage_dir = f"{cfg.run_dir}/{stage}"
     soft_targets = _require(f"{cfg.run_dir}/soft_targets", "soft-targets")
     base_dir = _require(f"{cfg.run_dir}/base", "base")["outputs"]["model"]
-    # The baseline's hash leaves out the KD knobs it does not use, so tuning T or alpha never retrains it.
-    kd = (cfg.distill.alpha, cfg.distill.temperature, cfg.distill.divergence, cfg.distill.jsd_beta, cfg.distill.anneal)
-    stage_hash = config_hash(stage, soft_targets["config_hash"], cfg.distill.optim, cfg.distill.init,
-                             cfg.distill.student_model, cfg.seed, kd if alpha > 0 else None)
+    stage_hash = student_hash(cfg, stage, soft_targets["config_hash"])
     if manifest.is_done(stage_dir, stage_hash):
         print(f"[{stage}] done already ({stage_dir}), skipping", flush=True)
         return manifest.read_manifest(stage_dir)

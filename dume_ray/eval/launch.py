@@ -14,10 +14,11 @@ import time
 import ray
 
 from dume_ray import manifest
-from dume_ray.config import PipelineConfig, config_hash
+from dume_ray.config import PipelineConfig
 from dume_ray.eval.report import build_report, plot_report, render_markdown
 from dume_ray.experts.launch import _require
 from dume_ray.model import load_model, load_tokenizer
+from dume_ray.stage_hashes import eval_hash
 from dume_ray.tasks import load_tasks
 from dume_ray.training import evaluate_tasks
 
@@ -25,7 +26,7 @@ from dume_ray.training import evaluate_tasks
 def run_eval(cfg: PipelineConfig) -> dict:
     stage_dir = f"{cfg.run_dir}/eval"
     models = models_to_score(cfg)  # {label: (model_dir, [task names], manifest hash)}
-    stage_hash = config_hash("eval", cfg.eval, cfg.tasks, {k: v[2] for k, v in models.items()})
+    stage_hash = eval_hash(cfg, {label: h for label, (_, _, h) in models.items()})
     if manifest.is_done(stage_dir, stage_hash):
         print(f"[eval] done already ({stage_dir}), skipping", flush=True)
         found = manifest.read_manifest(stage_dir)

@@ -22,15 +22,16 @@ from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from dume_ray import manifest
-from dume_ray.config import PipelineConfig, ResourcesConfig, config_hash, to_dict
+from dume_ray.config import PipelineConfig, ResourcesConfig, to_dict
 from dume_ray.experts.worker import train_fn_per_worker
 from dume_ray.model import create_initial_model, load_tokenizer
+from dume_ray.stage_hashes import base_hash, expert_hash
 from dume_ray.tasks import encode_rows, load_tasks
 
 
 def run_base(cfg: PipelineConfig) -> dict:
     stage_dir = f"{cfg.run_dir}/base"
-    stage_hash = config_hash("base", cfg.seed, cfg.model, cfg.tasks, cfg.base)
+    stage_hash = base_hash(cfg)
     if manifest.is_done(stage_dir, stage_hash):
         print(f"[base] done already ({stage_dir}), skipping", flush=True)
         return manifest.read_manifest(stage_dir)
@@ -75,11 +76,6 @@ def run_experts(cfg: PipelineConfig) -> dict[str, dict]:
                                               metrics=result, inputs={"base": base_dir, "tasks": cfg.groups[group]},
                                               seconds=result["train_seconds"])
     return manifests
-
-
-def expert_hash(base_hash: str, task_names: list[str], cfg: PipelineConfig) -> str:
-    """Content hash of (task group, base model, expert config): equal hashes mean reusable experts."""
-    return config_hash("expert", base_hash, sorted(task_names), cfg.experts.optim, cfg.experts.train_mlp_only, cfg.tasks)
 
 
 class TrainingJob:

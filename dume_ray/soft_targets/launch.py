@@ -20,11 +20,12 @@ import ray
 import ray.data
 
 from dume_ray import manifest
-from dume_ray.config import PipelineConfig, config_hash
+from dume_ray.config import PipelineConfig
 from dume_ray.data.soft_targets import validate_shard
 from dume_ray.experts.launch import _require
 from dume_ray.model import check_same_vocab, load_tokenizer
 from dume_ray.soft_targets.teacher_scoring import TeacherScorer
+from dume_ray.stage_hashes import soft_targets_hash
 from dume_ray.tasks import encode_rows, load_tasks
 
 
@@ -69,10 +70,6 @@ def run_soft_targets(cfg: PipelineConfig) -> dict:
     return manifest.mark_done(stage_dir, stage_hash, {"shards": shards_dir}, seconds=seconds,
                               metrics={"rows": rows_written, "top_k": cfg.soft_targets.top_k,
                                        "bytes": sum(os.path.getsize(p) for p in glob.glob(f"{shards_dir}/*.parquet"))})
-
-
-def soft_targets_hash(cfg: PipelineConfig, expert_hashes: dict[str, str]) -> str:
-    return config_hash("soft_targets", expert_hashes, cfg.soft_targets.top_k, cfg.tasks, cfg.model.max_seq_len)
 
 
 def validate_shards(directory: str, vocab_size: int, top_k: int) -> int:
