@@ -20,6 +20,7 @@ import ray.train
 import ray.train.torch
 import torch
 
+from dume_ray.manifest import atomic_dir
 from dume_ray.tasks.base import Example, Task
 from dume_ray.training import evaluate_tasks, load_training_state, save_training_state
 
@@ -109,8 +110,9 @@ def save_and_validate(model, tokenizer, config: dict, step: int, metrics: dict, 
     if not is_rank_zero():
         return {}
     final = unwrap(model)
-    final.save_pretrained(config["output_dir"])
-    tokenizer.save_pretrained(config["output_dir"])
+    with atomic_dir(config["output_dir"]) as tmp:
+        final.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     validation = {name: Task(name, {"validation": [Example(p, r) for p, r in pairs]})
                   for name, pairs in config["validation"].items()}
     scores = evaluate_tasks(final, tokenizer, validation, "validation", config["max_new_tokens"])

@@ -20,7 +20,8 @@ from dume_ray.config import PipelineConfig, to_dict
 from dume_ray.distill.worker import train_fn_per_worker
 from dume_ray.experts.launch import _require, fit_concurrently, local_checkpoint_dir
 from dume_ray.model import build_embedded_model, check_same_vocab, load_tokenizer
-from dume_ray.stage_hashes import student_hash
+from dume_ray.soft_targets.launch import checked_soft_targets
+from dume_ray.stage_hashes import pipeline_hashes, student_hash
 from dume_ray.tasks import load_tasks
 
 
@@ -34,8 +35,9 @@ def run_multitask(cfg: PipelineConfig) -> dict:
 
 def _run_student(cfg: PipelineConfig, stage: str, alpha: float) -> dict:
     stage_dir = f"{cfg.run_dir}/{stage}"
-    soft_targets = _require(f"{cfg.run_dir}/soft_targets", "soft-targets")
-    base_dir = _require(f"{cfg.run_dir}/base", "base")["outputs"]["model"]
+    hashes = pipeline_hashes(cfg)
+    base_dir = _require(f"{cfg.run_dir}/base", "base", hashes["base"])["outputs"]["model"]
+    soft_targets = checked_soft_targets(cfg)
     stage_hash = student_hash(cfg, stage, soft_targets["config_hash"])
     if manifest.is_done(stage_dir, stage_hash):
         print(f"[{stage}] done already ({stage_dir}), skipping", flush=True)
@@ -70,6 +72,7 @@ def student_init(cfg: PipelineConfig, base_dir: str, out_dir: str) -> str:
         return base_dir
     tokenizer = load_tokenizer(base_dir)
     model = build_embedded_model(cfg.distill.student_model or cfg.model, tokenizer, cfg.seed)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    with manifest.atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return out_dir

@@ -18,7 +18,7 @@ from dume_ray.config import PipelineConfig
 from dume_ray.eval.report import build_report, plot_report, render_markdown
 from dume_ray.experts.launch import _require
 from dume_ray.model import load_model, load_tokenizer
-from dume_ray.stage_hashes import eval_hash
+from dume_ray.stage_hashes import eval_hash, pipeline_hashes
 from dume_ray.tasks import load_tasks
 from dume_ray.training import evaluate_tasks
 
@@ -45,8 +45,7 @@ def run_eval(cfg: PipelineConfig) -> dict:
     os.makedirs(stage_dir, exist_ok=True)
     outputs = {"json": f"{stage_dir}/report.json", "markdown": f"{stage_dir}/report.md", "chart": f"{stage_dir}/report.png"}
     manifest.write_json_atomic(outputs["json"], report)
-    with open(outputs["markdown"], "w") as f:
-        f.write(render_markdown(report))
+    manifest.write_text_atomic(outputs["markdown"], render_markdown(report))
     plot_report(report, outputs["chart"])
     print(render_markdown(report), flush=True)
     return manifest.mark_done(stage_dir, stage_hash, outputs, metrics={"means": report["means"]}, seconds=time.time() - start)
@@ -54,15 +53,16 @@ def run_eval(cfg: PipelineConfig) -> dict:
 
 def models_to_score(cfg: PipelineConfig) -> dict[str, tuple[str, list[str], str]]:
     """Every finished model of the run: base and student/multitask on all tasks, each expert on its group."""
-    base = _require(f"{cfg.run_dir}/base", "base")
+    hashes = pipeline_hashes(cfg)
+    base = _require(f"{cfg.run_dir}/base", "base", hashes["base"])
     models = {"base": (base["outputs"]["model"], cfg.tasks.names, base["config_hash"])}
     for group, names in cfg.groups.items():
-        found = _require(f"{cfg.run_dir}/experts/{group}", "experts")
+        found = _require(f"{cfg.run_dir}/experts/{group}", "experts", hashes[f"experts/{group}"])
         models[f"expert:{group}"] = (found["outputs"]["model"], names, found["config_hash"])
     for stage, command in (("student", "distill"), ("multitask", "multitask")):
         if stage == "multitask" and not cfg.multitask.enabled:
             continue
-        found = _require(f"{cfg.run_dir}/{stage}", command)
+        found = _require(f"{cfg.run_dir}/{stage}", command, hashes[stage])
         models[stage] = (found["outputs"]["model"], cfg.tasks.names, found["config_hash"])
     return models
 

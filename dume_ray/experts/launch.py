@@ -53,7 +53,7 @@ def run_base(cfg: PipelineConfig) -> dict:
 
 
 def run_experts(cfg: PipelineConfig) -> dict[str, dict]:
-    base = _require(f"{cfg.run_dir}/base", "base")
+    base = _require(f"{cfg.run_dir}/base", "base", base_hash(cfg))
     base_dir = base["outputs"]["model"]
     tasks = load_tasks(cfg.tasks)
     tokenizer = load_tokenizer(base_dir)
@@ -155,11 +155,8 @@ def local_checkpoint_dir(job_dir: str, config_hash: str, resources: ResourcesCon
     return os.path.join(job_dir, keep)
 
 
-def _require(stage_dir: str, stage: str) -> dict:
-    found = manifest.read_manifest(stage_dir)
-    if found is None:
-        raise FileNotFoundError(f"stage '{stage}' has not finished in {stage_dir}: run `python -m dume_ray {stage}` first")
-    return found
+def _require(stage_dir: str, stage: str, expected_hash: str | None = None) -> dict:
+    return manifest.require(stage_dir, stage, expected_hash)
 
 
 def _mean(scores: dict) -> float:
