@@ -62,7 +62,7 @@ def preflight(cfg: PipelineConfig) -> None:
     from dume_ray.tasks import SPLITS, encode_rows, load_tasks
 
     tokenizer = build_char_tokenizer() if cfg.model.name_or_path == EMBEDDED else load_tokenizer(cfg.model.name_or_path)
-    tasks = load_tasks(cfg.tasks)
+    tasks = load_tasks(cfg.tasks, tokenizer, cfg.model.max_seq_len)
     group_of = {t: g for g, names in cfg.groups.items() for t in names}
     for split in SPLITS:
         encode_rows(tasks, tokenizer, split, cfg.model.max_seq_len, group_of)

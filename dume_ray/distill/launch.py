@@ -18,7 +18,7 @@ import ray.data
 from dume_ray import manifest
 from dume_ray.config import PipelineConfig, to_dict
 from dume_ray.distill.worker import train_fn_per_worker
-from dume_ray.experts.launch import _require, fit_concurrently, local_checkpoint_dir
+from dume_ray.experts.launch import _require, fit_concurrently, history_path, local_checkpoint_dir
 from dume_ray.model import build_embedded_model, check_same_vocab, load_tokenizer
 from dume_ray.soft_targets.launch import checked_soft_targets
 from dume_ray.stage_hashes import pipeline_hashes, student_hash
@@ -45,7 +45,7 @@ def _run_student(cfg: PipelineConfig, stage: str, alpha: float) -> dict:
     start = time.time()
     init_dir = student_init(cfg, base_dir, f"{stage_dir}/init")
     check_same_vocab(base_dir, init_dir)
-    tasks = load_tasks(cfg.tasks)
+    tasks = load_tasks(cfg.tasks, load_tokenizer(base_dir), cfg.model.max_seq_len)
     loop_config = {
         "label": stage, "init_dir": init_dir, "output_dir": f"{stage_dir}/model", "optim": to_dict(cfg.distill.optim),
         "alpha": alpha, "temperature": cfg.distill.temperature, "divergence": cfg.distill.divergence,
@@ -56,6 +56,7 @@ def _run_student(cfg: PipelineConfig, stage: str, alpha: float) -> dict:
         "max_new_tokens": cfg.eval.max_new_tokens,
         "validation": {n: [(e.prompt, e.response) for e in t.examples("validation")] for n, t in tasks.items()},
         "local_checkpoint_dir": local_checkpoint_dir(stage_dir, stage_hash, cfg.distill.resources),
+        "history_path": history_path(stage_dir, stage_hash),
         "run_name": f"{stage}-{stage_hash}",  # Ray Train resumes a run of this name: never one of another config
     }
     stream = ray.data.read_parquet(soft_targets["outputs"]["shards"])

@@ -34,7 +34,8 @@ def run_eval(cfg: PipelineConfig) -> dict:
         return found
     start = time.time()
     score = ray.remote(num_cpus=1)(_score_model)
-    refs = {label: score.remote(model_dir, cfg.tasks, names, cfg.eval.split, cfg.eval.max_new_tokens, cfg.eval.batch_size)
+    refs = {label: score.remote(model_dir, cfg.tasks, names, cfg.eval.split, cfg.eval.max_new_tokens, cfg.eval.batch_size,
+                                cfg.model.max_seq_len)
             for label, (model_dir, names, _) in models.items()}
     per_model = {label: ray.get(ref) for label, ref in refs.items()}
 
@@ -42,6 +43,8 @@ def run_eval(cfg: PipelineConfig) -> dict:
     scores["experts"] = {t: s for label in list(per_model) if label.startswith("expert:") for t, s in per_model.pop(label).items()}
     scores.update(per_model)
     report = build_report(scores, cfg.tasks.names, cfg.eval.split, settings=_settings(cfg), timings=_timings(cfg))
+    report["scored_models"] = {label: {"model": model_dir, "config_hash": h} for label, (model_dir, _, h) in models.items()}
+    report["faults"] = _faults(cfg)
     os.makedirs(stage_dir, exist_ok=True)
     outputs = {"json": f"{stage_dir}/report.json", "markdown": f"{stage_dir}/report.md", "chart": f"{stage_dir}/report.png"}
     manifest.write_json_atomic(outputs["json"], report)
@@ -67,12 +70,13 @@ def models_to_score(cfg: PipelineConfig) -> dict[str, tuple[str, list[str], str]
     return models
 
 
-def _score_model(model_dir: str, tasks_cfg, names: list[str], split: str, max_new_tokens: int, batch_size: int) -> dict:
+def _score_model(model_dir: str, tasks_cfg, names: list[str], split: str, max_new_tokens: int, batch_size: int,
+                 max_seq_len: int) -> dict:
     import torch
     torch.set_num_threads(1)
-    tasks = load_tasks(tasks_cfg)
-    return evaluate_tasks(load_model(model_dir), load_tokenizer(model_dir), {n: tasks[n] for n in names},
-                          split, max_new_tokens, batch_size)
+    tokenizer = load_tokenizer(model_dir)
+    tasks = load_tasks(tasks_cfg, tokenizer, max_seq_len)
+    return evaluate_tasks(load_model(model_dir), tokenizer, {n: tasks[n] for n in names}, split, max_new_tokens, batch_size)
 
 
 def _settings(cfg: PipelineConfig) -> dict:
@@ -81,6 +85,20 @@ def _settings(cfg: PipelineConfig) -> dict:
             "teacher annealing": d.anneal, "top_k": cfg.soft_targets.top_k,
             "steps (base / each expert / student = multitask)": f"{cfg.base.optim.steps} / {cfg.experts.optim.steps} / {d.optim.steps}",
             "batch size (student = multitask)": d.optim.batch_size, "experts trained MLP-only": cfg.experts.train_mlp_only}
+
+
+def _faults(cfg: PipelineConfig) -> dict:
+    """What the run survived: training restarts (steps redone) per job, and bad rows skipped per task."""
+    faults = {}
+    for stage in ["base", *(f"experts/{g}" for g in cfg.groups), "student", "multitask"]:
+        metrics = (manifest.read_manifest(f"{cfg.run_dir}/{stage}") or {}).get("metrics", {})
+        if metrics.get("restarts"):
+            faults[stage] = f"{metrics['restarts']} restart(s) from checkpoint, {metrics.get('steps_redone', 0)} steps redone"
+    tokenizer = load_tokenizer(manifest.read_manifest(f"{cfg.run_dir}/base")["outputs"]["model"])
+    for name, task in load_tasks(cfg.tasks, tokenizer, cfg.model.max_seq_len).items():
+        if any(task.skipped_rows.values()):
+            faults[f"task {name}"] = f"bad rows skipped (tasks.skip_bad_rows): {task.skipped_rows}"
+    return faults
 
 
 def _timings(cfg: PipelineConfig) -> dict:

@@ -58,6 +58,8 @@ def render_markdown(report: dict) -> str:
         lines.append(f"- The student reaches {report['student_pct_of_experts']:.1f}% of its experts' mean.")
     if report["settings"]:
         lines += ["", "## Settings", ""] + [f"- {k}: {v}" for k, v in report["settings"].items()]
+    if report.get("faults"):
+        lines += ["", "## Faults survived", ""] + [f"- {k}: {v}" for k, v in report["faults"].items()]
     if report["timings"]:
         lines += ["", "## Stage wall times (s)", ""] + [f"- {k}: {v:.1f}" for k, v in report["timings"].items()]
     return "\n".join(lines) + "\n"

@@ -42,8 +42,8 @@ def run_base(cfg: PipelineConfig) -> dict:
         shutil.copytree(init_dir, model_dir, dirs_exist_ok=True)
         return manifest.mark_done(stage_dir, stage_hash, {"model": model_dir}, seconds=time.time() - start)
 
-    tasks = load_tasks(cfg.tasks)
     tokenizer = load_tokenizer(init_dir)
+    tasks = load_tasks(cfg.tasks, tokenizer, cfg.model.max_seq_len)
     rows = encode_rows(tasks, tokenizer, "train", cfg.model.max_seq_len, {t: "base" for t in tasks})
     job = TrainingJob("base", init_dir, model_dir, rows, {t: tasks[t] for t in tasks}, stage_hash)
     result = run_training_jobs(cfg, [job], cfg.base.optim, cfg.base.resources, stage_dir)["base"]
@@ -55,8 +55,8 @@ def run_base(cfg: PipelineConfig) -> dict:
 def run_experts(cfg: PipelineConfig) -> dict[str, dict]:
     base = _require(f"{cfg.run_dir}/base", "base", base_hash(cfg))
     base_dir = base["outputs"]["model"]
-    tasks = load_tasks(cfg.tasks)
     tokenizer = load_tokenizer(base_dir)
+    tasks = load_tasks(cfg.tasks, tokenizer, cfg.model.max_seq_len)
     manifests, jobs, hashes = {}, [], {}
     for group, names in cfg.groups.items():
         group_dir = f"{cfg.run_dir}/experts/{group}"
@@ -100,6 +100,7 @@ def run_training_jobs(cfg: PipelineConfig, jobs: list[TrainingJob], optim, resou
                        "train_mlp_only": train_mlp_only, "validation": job.validation,
                        "max_new_tokens": cfg.eval.max_new_tokens,
                        "local_checkpoint_dir": local_checkpoint_dir(os.path.dirname(job.output_dir), job.config_hash, resources),
+                       "history_path": history_path(os.path.dirname(job.output_dir), job.config_hash),
                        "run_name": f"{job.label}-{job.config_hash}"}
         pending[job.label] = (loop_config, ray.data.from_items(job.rows))
     return fit_concurrently(train_fn_per_worker, pending, resources, os.path.abspath(f"{stage_dir}/ray_train"),
@@ -113,7 +114,8 @@ def fit_concurrently(train_fn: Callable, pending: dict[str, tuple[dict, object]]
     limit = resources.max_concurrent_jobs or len(pending) or 1
     # In local mode the training runs inside the task, so the task holds the CPUs; otherwise it only drives.
     task_cpus = resources.cpus_per_worker if resources.num_workers == 0 else 0
-    fit = ray.remote(num_cpus=task_cpus, max_retries=0)(_fit)
+    # A died task (its node lost, its process killed) is retried; the rerun resumes from the checkpoint.
+    fit = ray.remote(num_cpus=task_cpus, max_retries=resources.max_failures)(_fit)
     queue, running, results, start = list(pending.items()), {}, {}, time.time()
     total = len(queue)
     while queue or running:
@@ -152,6 +154,16 @@ def local_checkpoint_dir(job_dir: str, config_hash: str, resources: ResourcesCon
         for name in os.listdir(job_dir):
             if name.startswith("checkpoint-") and name != keep:
                 shutil.rmtree(os.path.join(job_dir, name), ignore_errors=True)
+    return os.path.join(job_dir, keep)
+
+
+def history_path(job_dir: str, config_hash: str) -> str:
+    """The job's step log (see worker_utils.StepHistory), keyed by config hash like its checkpoints."""
+    keep = f"history-{config_hash}.jsonl"
+    if os.path.isdir(job_dir):
+        for name in os.listdir(job_dir):
+            if name.startswith("history-") and name != keep:
+                os.remove(os.path.join(job_dir, name))
     return os.path.join(job_dir, keep)
 
 

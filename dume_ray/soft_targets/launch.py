@@ -39,7 +39,7 @@ def run_soft_targets(cfg: PipelineConfig) -> dict:
     start = time.time()
     base_dir = _require(f"{cfg.run_dir}/base", "base", hashes["base"])["outputs"]["model"]
     tokenizer = load_tokenizer(base_dir)
-    tasks = load_tasks(cfg.tasks)
+    tasks = load_tasks(cfg.tasks, tokenizer, cfg.model.max_seq_len)
     group_of = {t: g for g, names in cfg.groups.items() for t in names}
 
     # ---- one scoring pipeline per group, each on its own expert's actor pool --------------------------------
