@@ -18,6 +18,7 @@ import sys
 import time
 
 from dume_ray.config import ConfigError, PipelineConfig, load_config, to_yaml
+from dume_ray.manifest import StageInputError, write_text_atomic
 
 QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false",
              "RAY_DEDUP_LOGS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
@@ -63,7 +64,7 @@ def preflight(cfg: PipelineConfig) -> None:
     from dume_ray.tasks import SPLITS, encode_rows, load_tasks
 
     tokenizer = build_char_tokenizer() if cfg.model.name_or_path == EMBEDDED else load_tokenizer(cfg.model.name_or_path)
-    tasks = load_tasks(cfg.tasks)
+    tasks = load_tasks(cfg.tasks, tokenizer, cfg.model.max_seq_len)
     group_of = {t: g for g, names in cfg.groups.items() for t in names}
     for split in SPLITS:
         encode_rows(tasks, tokenizer, split, cfg.model.max_seq_len, group_of)
@@ -89,9 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         print(to_yaml(cfg), flush=True)
-        os.makedirs(cfg.run_dir, exist_ok=True)
-        with open(f"{cfg.run_dir}/config.yaml", "w") as f:
-            f.write(to_yaml(cfg))
+        write_text_atomic(f"{cfg.run_dir}/config.yaml", to_yaml(cfg))
         preflight(cfg)
     except (ConfigError, ValueError, KeyError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -99,13 +98,17 @@ def main(argv: list[str] | None = None) -> int:
     init_ray(cfg)
     stages = _stages()
     if args.stage == "run":
-        order = (["base", "experts"] + (["upcycle"] if cfg.upcycle.enabled else []) + ["soft-targets", "distill"]
+        order = (["base", "experts"] + (["upcycle"] if cfg.upcycle_active else []) + ["soft-targets", "distill"]
                  + (["multitask"] if cfg.multitask.enabled else []) + ["eval"])
     else:
         order = [args.stage]
     start = time.time()
     for i, name in enumerate(order, 1):
         print(f"\n=== [{i}/{len(order)}] {name} ({time.time() - start:.0f} s elapsed) ===", flush=True)
-        stages[name](cfg)
+        try:
+            stages[name](cfg)
+        except StageInputError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     print(f"\n=== done in {time.time() - start:.0f} s: {cfg.run_dir} ===", flush=True)
     return 0

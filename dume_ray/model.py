@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from dume_ray.config import ModelConfig
 from dume_ray.data.tokenizer import build_char_tokenizer
+from dume_ray.manifest import atomic_dir
 
 EMBEDDED = "embedded"
 
@@ -78,8 +79,9 @@ def create_initial_model(cfg: ModelConfig, seed: int, out_dir: str) -> str:
     else:
         tokenizer = load_tokenizer(cfg.name_or_path)
         model = load_model(cfg.name_or_path)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return out_dir
 
 

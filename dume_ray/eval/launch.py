@@ -17,10 +17,11 @@ import time
 import ray
 
 from dume_ray import manifest
-from dume_ray.config import PipelineConfig, config_hash
+from dume_ray.config import PipelineConfig
 from dume_ray.eval.report import build_report, plot_report, render_markdown
 from dume_ray.experts.launch import _require
 from dume_ray.model import load_model, load_tokenizer
+from dume_ray.stage_hashes import eval_hash, pipeline_hashes
 from dume_ray.tasks import load_tasks
 from dume_ray.training import evaluate_tasks
 
@@ -30,8 +31,7 @@ def run_eval(cfg: PipelineConfig) -> dict:
     models = models_to_score(cfg)  # {label: (model_dir, [task names], manifest hash)}
     moe_runs = moe_runs_to_score(cfg)  # {label: (moe_dir, router.pt, routing mode, router variant, seed)}
     upcycle = manifest.read_manifest(f"{cfg.run_dir}/upcycle") if moe_runs else None
-    stage_hash = config_hash("eval", cfg.eval, cfg.tasks, {k: v[2] for k, v in models.items()},
-                             upcycle and upcycle["config_hash"], moe_runs, cfg.upcycle.random_seed)
+    stage_hash = eval_hash(cfg, {label: h for label, (_, _, h) in models.items()})
     if manifest.is_done(stage_dir, stage_hash):
         print(f"[eval] done already ({stage_dir}), skipping", flush=True)
         found = manifest.read_manifest(stage_dir)
@@ -39,11 +39,13 @@ def run_eval(cfg: PipelineConfig) -> dict:
         return found
     start = time.time()
     score = ray.remote(num_cpus=1)(_score_model)
-    refs = {label: score.remote(model_dir, cfg.tasks, names, cfg.eval.split, cfg.eval.max_new_tokens, cfg.eval.batch_size)
+    refs = {label: score.remote(model_dir, cfg.tasks, names, cfg.eval.split, cfg.eval.max_new_tokens, cfg.eval.batch_size,
+                                cfg.model.max_seq_len)
             for label, (model_dir, names, _) in models.items()}
     score_moe = ray.remote(num_cpus=1)(_score_moe)
     expert_of = {t: i for i, names in enumerate(cfg.groups.values()) for t in names}  # task -> its expert column
-    refs.update({label: score_moe.remote(*spec, cfg.tasks, expert_of, cfg.eval.split, cfg.eval.max_new_tokens, cfg.eval.batch_size)
+    refs.update({label: score_moe.remote(*spec, cfg.tasks, expert_of, cfg.eval.split, cfg.eval.max_new_tokens, cfg.eval.batch_size,
+                                         cfg.model.max_seq_len)
                  for label, spec in moe_runs.items()})
     per_model = {label: ray.get(ref) for label, ref in refs.items()}
     variants = {label: per_model.pop(label) for label in list(per_model) if label.startswith("dume[")}
@@ -55,11 +57,12 @@ def run_eval(cfg: PipelineConfig) -> dict:
     scores.update(per_model)
     report = build_report(scores, cfg.tasks.names, cfg.eval.split, settings=_settings(cfg), timings=_timings(cfg),
                           upcycle=_upcycle_section(cfg, upcycle, variants) if upcycle else None)
+    report["scored_models"] = {label: {"model": model_dir, "config_hash": h} for label, (model_dir, _, h) in models.items()}
+    report["faults"] = _faults(cfg)
     os.makedirs(stage_dir, exist_ok=True)
     outputs = {"json": f"{stage_dir}/report.json", "markdown": f"{stage_dir}/report.md", "chart": f"{stage_dir}/report.png"}
     manifest.write_json_atomic(outputs["json"], report)
-    with open(outputs["markdown"], "w") as f:
-        f.write(render_markdown(report))
+    manifest.write_text_atomic(outputs["markdown"], render_markdown(report))
     plot_report(report, outputs["chart"])
     print(render_markdown(report), flush=True)
     return manifest.mark_done(stage_dir, stage_hash, outputs, metrics={"means": report["means"]}, seconds=time.time() - start)
@@ -68,27 +71,28 @@ def run_eval(cfg: PipelineConfig) -> dict:
 def models_to_score(cfg: PipelineConfig) -> dict[str, tuple[str, list[str], str]]:
     """Every finished model of the run: base, student/multitask and the experts' weight average on all tasks,
     each expert on its group."""
-    base = _require(f"{cfg.run_dir}/base", "base")
+    hashes = pipeline_hashes(cfg)
+    base = _require(f"{cfg.run_dir}/base", "base", hashes["base"])
     models = {"base": (base["outputs"]["model"], cfg.tasks.names, base["config_hash"])}
     for group, names in cfg.groups.items():
-        found = _require(f"{cfg.run_dir}/experts/{group}", "experts")
+        found = _require(f"{cfg.run_dir}/experts/{group}", "experts", hashes[f"experts/{group}"])
         models[f"expert:{group}"] = (found["outputs"]["model"], names, found["config_hash"])
     for stage, command in (("student", "distill"), ("multitask", "multitask")):
         if stage == "multitask" and not cfg.multitask.enabled:
             continue
-        found = _require(f"{cfg.run_dir}/{stage}", command)
+        found = _require(f"{cfg.run_dir}/{stage}", command, hashes[stage])
         models[stage] = (found["outputs"]["model"], cfg.tasks.names, found["config_hash"])
-    if cfg.upcycle.enabled:
-        found = _require(f"{cfg.run_dir}/upcycle", "upcycle")
+    if cfg.upcycle_active:
+        found = _require(f"{cfg.run_dir}/upcycle", "upcycle", hashes["upcycle"])
         models["weight_average"] = (found["outputs"]["weight_average"], cfg.tasks.names, found["config_hash"])
     return models
 
 
 def moe_runs_to_score(cfg: PipelineConfig) -> dict[str, tuple]:
     """The upcycled models: DUME in 3 granularities x 2 column modes, oracle and random routing (+ DUME+)."""
-    if not cfg.upcycle.enabled:
+    if not cfg.upcycle_active:
         return {}
-    outputs = _require(f"{cfg.run_dir}/upcycle", "upcycle")["outputs"]
+    outputs = _require(f"{cfg.run_dir}/upcycle", "upcycle", pipeline_hashes(cfg)["upcycle"])["outputs"]
     runs = {_variant_label(g, n): (outputs["moe"], outputs["router"], g, "normalized" if n else "raw", 0)
             for g in ("token", "sequence_mean", "whole_sequence") for n in (False, True)}
     runs["oracle"] = (outputs["moe"], outputs["router"], "forced", None, 0)
@@ -103,12 +107,13 @@ def _variant_label(granularity: str, normalized: bool) -> str:
 
 
 def _score_moe(moe_dir: str, router_path: str, mode: str, variant, seed: int, tasks_cfg, expert_of: dict,
-               split: str, max_new_tokens: int, batch_size: int) -> dict:
+               split: str, max_new_tokens: int, batch_size: int, max_seq_len: int) -> dict:
     """One routing of the MoE on every task; "forced" is the oracle: each task with its own group's expert."""
     import torch
     from dume_ray.upcycle.moe import DumeMoEForCausalLM
     torch.set_num_threads(1)
-    tasks, tokenizer = load_tasks(tasks_cfg), load_tokenizer(moe_dir, trust_remote_code=True)
+    tokenizer = load_tokenizer(moe_dir, trust_remote_code=True)
+    tasks = load_tasks(tasks_cfg, tokenizer, max_seq_len)
     model = DumeMoEForCausalLM.from_pretrained(moe_dir)
     if variant is not None:
         model.set_router(torch.load(router_path)["routers"][variant])
@@ -133,12 +138,13 @@ def _upcycle_section(cfg: PipelineConfig, upcycle: dict, variants: dict) -> dict
             "student_parameters": student_params}
 
 
-def _score_model(model_dir: str, tasks_cfg, names: list[str], split: str, max_new_tokens: int, batch_size: int) -> dict:
+def _score_model(model_dir: str, tasks_cfg, names: list[str], split: str, max_new_tokens: int, batch_size: int,
+                 max_seq_len: int) -> dict:
     import torch
     torch.set_num_threads(1)
-    tasks = load_tasks(tasks_cfg)
-    return evaluate_tasks(load_model(model_dir), load_tokenizer(model_dir), {n: tasks[n] for n in names},
-                          split, max_new_tokens, batch_size)
+    tokenizer = load_tokenizer(model_dir)
+    tasks = load_tasks(tasks_cfg, tokenizer, max_seq_len)
+    return evaluate_tasks(load_model(model_dir), tokenizer, {n: tasks[n] for n in names}, split, max_new_tokens, batch_size)
 
 
 def _settings(cfg: PipelineConfig) -> dict:
@@ -147,6 +153,20 @@ def _settings(cfg: PipelineConfig) -> dict:
             "teacher annealing": d.anneal, "top_k": cfg.soft_targets.top_k,
             "steps (base / each expert / student = multitask)": f"{cfg.base.optim.steps} / {cfg.experts.optim.steps} / {d.optim.steps}",
             "batch size (student = multitask)": d.optim.batch_size, "experts trained MLP-only": cfg.experts.train_mlp_only}
+
+
+def _faults(cfg: PipelineConfig) -> dict:
+    """What the run survived: training restarts (steps redone) per job, and bad rows skipped per task."""
+    faults = {}
+    for stage in ["base", *(f"experts/{g}" for g in cfg.groups), "student", "multitask"]:
+        metrics = (manifest.read_manifest(f"{cfg.run_dir}/{stage}") or {}).get("metrics", {})
+        if metrics.get("restarts"):
+            faults[stage] = f"{metrics['restarts']} restart(s) from checkpoint, {metrics.get('steps_redone', 0)} steps redone"
+    tokenizer = load_tokenizer(manifest.read_manifest(f"{cfg.run_dir}/base")["outputs"]["model"])
+    for name, task in load_tasks(cfg.tasks, tokenizer, cfg.model.max_seq_len).items():
+        if any(task.skipped_rows.values()):
+            faults[f"task {name}"] = f"bad rows skipped (tasks.skip_bad_rows): {task.skipped_rows}"
+    return faults
 
 
 def _timings(cfg: PipelineConfig) -> dict:

@@ -9,6 +9,8 @@ Pure: no Ray here. Tested in tests/unit/test_report.py.
 
 from __future__ import annotations
 
+import os
+
 import math
 from typing import Optional
 
@@ -72,6 +74,8 @@ def render_markdown(report: dict) -> str:
         lines += _upcycle_markdown(report)
     if report["settings"]:
         lines += ["", "## Settings", ""] + [f"- {k}: {v}" for k, v in report["settings"].items()]
+    if report.get("faults"):
+        lines += ["", "## Faults survived", ""] + [f"- {k}: {v}" for k, v in report["faults"].items()]
     if report["timings"]:
         lines += ["", "## Stage wall times (s)", ""] + [f"- {k}: {v:.1f}" for k, v in report["timings"].items()]
     return "\n".join(lines) + "\n"
@@ -129,6 +133,8 @@ def plot_report(report: dict, path: str) -> str:
     ax.set_ylabel(f"exact match ({report['split']})")
     ax.legend(ncol=len(models), fontsize=8, loc="upper center", bbox_to_anchor=(0.5, 1.15))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
+    os.replace(tmp, path)
     return path

@@ -18,8 +18,8 @@ from dume_ray.config import OptimConfig, from_dict
 from dume_ray.data.encode import collate
 from dume_ray.model import freeze_non_mlp, load_model, load_tokenizer
 from dume_ray.training import ce_train_step, make_optimizer
-from dume_ray.worker_utils import (Progress, batch_stream, per_worker_batch_size, report_checkpoint, restore_checkpoint,
-                                   save_and_validate, setup_worker)
+from dume_ray.worker_utils import (Progress, StepHistory, batch_stream, per_worker_batch_size, report_checkpoint,
+                                   restore_checkpoint, save_and_validate, setup_worker)
 
 
 def train_fn_per_worker(config: dict) -> dict:
@@ -32,6 +32,7 @@ def train_fn_per_worker(config: dict) -> dict:
     model = ray.train.torch.prepare_model(model) if config["num_workers"] > 0 else model.to(device)
     optimizer, scheduler = make_optimizer(model, optim)
     step = restore_checkpoint(model, optimizer, scheduler, config.get("local_checkpoint_dir"))
+    history = StepHistory(config["history_path"], step)
     progress = Progress(config["label"], optim.steps, every=max(1, optim.steps // 10))
     batches = batch_stream("train", per_worker_batch_size(optim.batch_size), seed=config["seed"] + step)
     start, metrics = time.time(), {}
@@ -41,13 +42,14 @@ def train_fn_per_worker(config: dict) -> dict:
         batch = {k: v.to(device) for k, v in collate(_rows(next(batches)), tokenizer.pad_token_id).items()}
         metrics = ce_train_step(model, batch, optimizer, scheduler, optim.grad_clip, config["dtype"])
         step += 1
+        history.append(step, metrics)
         progress(step, metrics)
         if step % optim.checkpoint_every == 0 or step == optim.steps:
             report_checkpoint({**metrics, "step": step}, model, optimizer, scheduler, step,
                               config.get("local_checkpoint_dir"))
 
     # ---- save the Hugging Face model and score it on validation (rank 0) ---------------------------------
-    return save_and_validate(model, tokenizer, config, step, metrics, start)
+    return save_and_validate(model, tokenizer, config, step, metrics, start, history)
 
 
 def _rows(batch: dict) -> list[dict]:

@@ -24,9 +24,10 @@ import ray
 import torch
 
 from dume_ray import manifest
-from dume_ray.config import PipelineConfig, TasksConfig, config_hash
+from dume_ray.config import PipelineConfig, TasksConfig
 from dume_ray.data.encode import collate
 from dume_ray.experts.launch import _require
+from dume_ray.stage_hashes import pipeline_hashes, upcycle_hash
 from dume_ray.model import check_same_vocab, load_model, load_tokenizer
 from dume_ray.tasks import encode_rows, load_tasks
 from dume_ray.upcycle.moe import DumeMoEForCausalLM, average_weights, build_moe, count_active_parameters
@@ -37,7 +38,11 @@ DUME_PLUS_TOKENS_PER_GROUP = 8192  # MLP inputs per group kept as DUME+ training
 
 def run_upcycle(cfg: PipelineConfig) -> dict:
     stage_dir = f"{cfg.run_dir}/upcycle"
-    experts = {g: _require(f"{cfg.run_dir}/experts/{g}", "experts") for g in cfg.groups}
+    if len(cfg.groups) < 2:
+        raise manifest.StageInputError(f"upcycle needs at least 2 experts, but experts.groups gives 1 group "
+                                       f"({list(cfg.groups)}): add groups, or set upcycle.enabled=false")
+    hashes = pipeline_hashes(cfg)
+    experts = {g: _require(f"{cfg.run_dir}/experts/{g}", "experts", hashes[f"experts/{g}"]) for g in cfg.groups}
     stage_hash = upcycle_hash(cfg, {g: m["config_hash"] for g, m in experts.items()})
     if manifest.is_done(stage_dir, stage_hash):
         print(f"[upcycle] done already ({stage_dir}), skipping", flush=True)
@@ -80,14 +85,6 @@ def run_upcycle(cfg: PipelineConfig) -> dict:
           f"router from {sum(stats.tokens):,} tokens ({time.time() - start:.0f} s)", flush=True)
     return manifest.mark_done(stage_dir, stage_hash, outputs, metrics=metrics, inputs={"experts": expert_dirs},
                               seconds=time.time() - start)
-
-
-def upcycle_hash(cfg: PipelineConfig, expert_hashes: dict[str, str]) -> str:
-    """The MoE depends on the upcycle config (the random-routing seed is eval's business), the experts and data."""
-    knobs = (cfg.upcycle.ridge_lambda, cfg.upcycle.top_k, cfg.upcycle.normalize_columns, cfg.upcycle.routing,
-             cfg.upcycle.stats_examples_per_task, cfg.upcycle.batch_size, cfg.upcycle.dume_plus_steps,
-             cfg.upcycle.dume_plus_lr, cfg.seed)
-    return config_hash("upcycle", knobs, cfg.tasks, cfg.model.max_seq_len, expert_hashes)
 
 
 def build_and_save(expert_dirs: dict[str, str], outputs: dict, cfg: PipelineConfig) -> DumeMoEForCausalLM:

@@ -193,11 +193,16 @@ def test_negative_ridge_lambda_fails_at_config_load():
     assert "upcycle.ridge_lambda must be >= 0, got -0.1" in _error(["upcycle.ridge_lambda=-0.1"])
 
 
-def test_upcycle_with_a_single_group_names_experts_groups():
-    message = _error(["tasks.builtin=[copy,reverse]", "experts.groups=[[copy,reverse]]"])
-    assert "experts.groups" in message and "at least 2 experts" in message and "upcycle.enabled=false" in message
-    cfg = load_config(None, ["tasks.builtin=[copy]", "upcycle.enabled=false"])
-    assert len(cfg.groups) == 1
+def test_a_single_group_skips_upcycling_in_run_and_the_upcycle_command_names_the_cause():
+    import pytest
+    from dume_ray.manifest import StageInputError
+    from dume_ray.stage_hashes import pipeline_hashes
+    from dume_ray.upcycle.launch import run_upcycle
+
+    cfg = load_config(None, ["tasks.builtin=[copy,reverse]", "experts.groups=[[copy,reverse]]"])
+    assert cfg.upcycle.enabled and not cfg.upcycle_active and "upcycle" not in pipeline_hashes(cfg)
+    with pytest.raises(StageInputError, match="at least 2 experts.*experts.groups.*upcycle.enabled=false"):
+        run_upcycle(cfg)
 
 
 def test_upcycle_routing_and_top_k_are_checked():
