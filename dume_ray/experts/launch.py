@@ -68,13 +68,14 @@ def run_experts(cfg: PipelineConfig) -> dict[str, dict]:
         rows = encode_rows({t: tasks[t] for t in names}, tokenizer, "train", cfg.model.max_seq_len, {t: group for t in names})
         jobs.append(TrainingJob(group, base_dir, f"{group_dir}/model", rows, {t: tasks[t] for t in names}, hashes[group]))
 
-    results = run_training_jobs(cfg, jobs, cfg.experts.optim, cfg.experts.resources, f"{cfg.run_dir}/experts",
-                                train_mlp_only=cfg.experts.train_mlp_only)
-    for group, result in results.items():
+    def mark_expert_done(group: str, result: dict) -> None:  # at once, so a driver crash keeps finished experts
         group_dir = f"{cfg.run_dir}/experts/{group}"
         manifests[group] = manifest.mark_done(group_dir, hashes[group], {"model": f"{group_dir}/model"},
                                               metrics=result, inputs={"base": base_dir, "tasks": cfg.groups[group]},
                                               seconds=result["train_seconds"])
+
+    run_training_jobs(cfg, jobs, cfg.experts.optim, cfg.experts.resources, f"{cfg.run_dir}/experts",
+                      train_mlp_only=cfg.experts.train_mlp_only, on_finish=mark_expert_done)
     return manifests
 
 
@@ -90,8 +91,10 @@ class TrainingJob:
 
 
 def run_training_jobs(cfg: PipelineConfig, jobs: list[TrainingJob], optim, resources: ResourcesConfig,
-                      stage_dir: str, train_mlp_only: bool = False) -> dict[str, dict]:
-    """Fit one TorchTrainer per job, concurrently, printing a line as each finishes; {label: return value}."""
+                      stage_dir: str, train_mlp_only: bool = False,
+                      on_finish: Callable[[str, dict], None] | None = None) -> dict[str, dict]:
+    """Fit one TorchTrainer per job, concurrently, printing a line and calling `on_finish(label, result)` as
+    each finishes; {label: return value}."""
     pending = {}
     for job in jobs:
         loop_config = {"label": job.label, "init_dir": job.init_dir, "output_dir": job.output_dir,
@@ -104,11 +107,11 @@ def run_training_jobs(cfg: PipelineConfig, jobs: list[TrainingJob], optim, resou
                        "run_name": f"{job.label}-{job.config_hash}"}
         pending[job.label] = (loop_config, ray.data.from_items(job.rows))
     return fit_concurrently(train_fn_per_worker, pending, resources, os.path.abspath(f"{stage_dir}/ray_train"),
-                            stage=os.path.basename(stage_dir))
+                            stage=os.path.basename(stage_dir), on_finish=on_finish)
 
 
 def fit_concurrently(train_fn: Callable, pending: dict[str, tuple[dict, object]], resources: ResourcesConfig,
-                     storage_path: str, stage: str) -> dict[str, dict]:
+                     storage_path: str, stage: str, on_finish: Callable[[str, dict], None] | None = None) -> dict[str, dict]:
     """Run `trainer.fit()` for each (loop_config, dataset) in its own Ray task; at most
     `resources.max_concurrent_jobs` at once (0 = let the cluster's free resources decide)."""
     limit = resources.max_concurrent_jobs or len(pending) or 1
@@ -129,6 +132,8 @@ def fit_concurrently(train_fn: Callable, pending: dict[str, tuple[dict, object]]
         scores = results[label].get("validation", {})
         print(f"[{stage}] {len(results)}/{total} finished: {label} validation exact-match "
               f"{_mean(scores):.3f} ({time.time() - start:.0f} s since stage start)", flush=True)
+        if on_finish:
+            on_finish(label, results[label])
     return results
 
 
