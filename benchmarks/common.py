@@ -1,0 +1,114 @@
+"""Shared helpers of the benchmark scripts: markdown tables, result JSON with machine info, run metadata.
+
+Every script in benchmarks/ prints a markdown table and writes `benchmarks/results/<name>.json` through
+`write_result` (or the path given with `--out`; `--tiny` runs default to a temp folder so they never
+overwrite the committed results). Benchmarks are not part of the package and are not run by CI; one smoke
+test (tests/smoke/test_benchmarks.py) runs each with `--tiny`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Iterable, Optional, Sequence
+
+# Quiet Hugging Face progress bars in the benchmarks' own processes and their subprocesses (as the CLI does).
+os.environ.update({"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false",
+                   "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")})
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS_DIR = os.path.join(REPO, "benchmarks", "results")
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence]) -> str:
+    """Rows of cells (strings or numbers; floats get 3 decimals) -> a markdown table."""
+    def cell(v) -> str:
+        if isinstance(v, float):
+            return f"{v:.3f}"
+        return "–" if v is None else str(v)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    values = [float(v) for v in values]
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def fmt_pm(values: Sequence[float], scale: float = 1.0, digits: int = 3) -> str:
+    """'0.232 ± 0.012 (n=3)' for a list of per-seed values."""
+    if not values:
+        return "–"
+    m, s = mean_std(values)
+    return f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}" + (f" (n={len(values)})" if len(values) != 3 else "")
+
+
+def machine_info() -> dict:
+    """Where and on what the numbers were measured, including the load at the time."""
+    info = {"platform": platform.platform(), "python": sys.version.split()[0], "cpu_count": os.cpu_count(),
+            "hostname": platform.node()}
+    try:
+        info["loadavg_1_5_15"] = list(os.getloadavg())
+    except OSError:
+        pass
+    try:
+        import torch
+        info["torch"] = torch.__version__
+        info["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+        info["torch_threads"] = torch.get_num_threads()
+    except ImportError:
+        pass
+    try:
+        import ray
+        info["ray"] = ray.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def git_commit() -> Optional[str]:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def result_path(name: str, out: Optional[str], tiny: bool) -> str:
+    """--out if given; tiny runs go to a temp folder (never over benchmarks/results/); else results/<name>.json."""
+    if out:
+        return out
+    if tiny:
+        return os.path.join(tempfile.mkdtemp(prefix=f"bench-{name}-"), f"{name}.json")
+    return os.path.join(RESULTS_DIR, f"{name}.json")
+
+
+def write_result(path: str, name: str, command: Sequence[str], started: float, payload: dict, table: str) -> str:
+    """Write {benchmark, command, started/finished UTC, wall seconds, git commit, machine, table, results}."""
+    record = {"benchmark": name, "command": " ".join(command),
+              "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+              "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "wall_seconds": round(time.time() - started, 1), "git_commit": git_commit(),
+              "machine": machine_info(), "table": table, **payload}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=2, default=str)
+    os.replace(tmp, path)
+    print(f"\n[{name}] wrote {path}", flush=True)
+    return path
+
+
+def command_line() -> list[str]:
+    return ["python", os.path.relpath(sys.argv[0], REPO) if os.path.isabs(sys.argv[0]) else sys.argv[0], *sys.argv[1:]]

@@ -1,0 +1,228 @@
+"""End to end: wall time of each stage of the demo pipeline on Ray, and the same work in one plain process.
+
+    python benchmarks/end_to_end.py                          # configs/demo.yaml (upcycle off, see below)
+    python benchmarks/end_to_end.py --config configs/demo.yaml --threads 2
+    python benchmarks/end_to_end.py --tiny                   # smoke setting, writes to a temp folder
+
+1. Ray: a fresh `python -m dume_ray run --config C name=bench-e2e runs_dir=R` in a subprocess; per-stage
+   seconds from the stages' `DONE.json` manifests, total = the subprocess's wall time (Ray start included).
+2. Plain: `reference_pipeline` below, the stages' pure functions called in order in this process, no Ray:
+   the same models, steps, batch sizes, schedules, checkpoint interval, validation scoring after each
+   training job, soft targets (`TeacherScorer` + `write_shard`) and test-split scoring of every model.
+   Experts train one after another here (the Ray run trains them concurrently, one CPU each).
+The ratio Ray / plain is the cost of the orchestration (target <= 1.5 on a 2-core machine). The upcycle stage
+is left out of both (`upcycle.enabled=false`) by default: its work is the same pure functions in both and
+its report rows would need the whole MoE evaluation duplicated here; `--with-upcycle` is not offered.
+The reference loop exists only here, to measure against; the package never uses it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import REPO, command_line, markdown_table, result_path, write_result  # noqa: E402
+
+sys.path.insert(0, REPO)
+TINY_OVERRIDES = ["tasks.builtin=[copy,reverse]", "tasks.num_train=32", "tasks.num_test=8", "tasks.num_validation=4",
+                  "base.optim.steps=2", "experts.optim.steps=2", "distill.optim.steps=2", "eval.max_new_tokens=4"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The plain-process reference: the stages' pure functions, in order, no Ray.
+# ---------------------------------------------------------------------------------------------------------
+
+def _batches(rows: list, batch_size: int, seed: int):
+    """Endless batches of rows, reshuffled every epoch (as the workers' local shuffle does)."""
+    epoch = 0
+    while True:
+        order = list(range(len(rows)))
+        random.Random(seed + epoch).shuffle(order)
+        for start in range(0, len(order), batch_size):
+            yield [rows[i] for i in order[start:start + batch_size]]
+        epoch += 1
+
+
+def _train(init_dir: str, out_dir: str, rows: list, optim, step_fn, validation: dict, max_new_tokens: int,
+           seed: int, mlp_only: bool = False) -> None:
+    """One training job as the workers run it: pure steps, a checkpoint every `checkpoint_every`, then
+    save_pretrained and validation exact-match."""
+    import torch
+    from dume_ray.model import freeze_non_mlp, load_model, load_tokenizer
+    from dume_ray.training import evaluate_tasks, make_optimizer, save_training_state
+    torch.manual_seed(seed)
+    tokenizer, model = load_tokenizer(init_dir), load_model(init_dir)
+    if mlp_only:
+        freeze_non_mlp(model)
+    optimizer, scheduler = make_optimizer(model, optim)
+    batches = _batches(rows, optim.batch_size, seed)
+    for step in range(1, optim.steps + 1):
+        step_fn(model, next(batches), optimizer, scheduler, tokenizer.pad_token_id)
+        if step % optim.checkpoint_every == 0 or step == optim.steps:
+            save_training_state(f"{out_dir}-checkpoint", model, optimizer, scheduler, step)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    evaluate_tasks(model, tokenizer, validation, "validation", max_new_tokens)
+
+
+def reference_pipeline(cfg, out: str) -> dict[str, float]:
+    """base -> experts -> soft targets -> student -> multitask -> eval in this process; seconds per stage."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from dume_ray.data.encode import collate
+    from dume_ray.data.soft_targets import write_shard
+    from dume_ray.model import create_initial_model, load_model, load_tokenizer
+    from dume_ray.soft_targets.teacher_scoring import TeacherScorer
+    from dume_ray.tasks import encode_rows, load_tasks
+    from dume_ray.training import ce_train_step, distill_train_step, evaluate_tasks
+
+    def ce_step(model, rows, optimizer, scheduler, pad_id):
+        return ce_train_step(model, collate(rows, pad_id), optimizer, scheduler, cfg.base.optim.grad_clip, cfg.model.dtype)
+
+    seconds, t = {}, time.time()
+    init = create_initial_model(cfg.model, cfg.seed, f"{out}/base/init")
+    tokenizer = load_tokenizer(init)
+    tasks = load_tasks(cfg.tasks, tokenizer, cfg.model.max_seq_len)
+    mx = cfg.eval.max_new_tokens
+    _train(init, f"{out}/base/model", encode_rows(tasks, tokenizer, "train", cfg.model.max_seq_len, {n: "base" for n in tasks}),
+           cfg.base.optim, ce_step, tasks, mx, cfg.seed)
+    seconds["base"], t = time.time() - t, time.time()
+
+    group_of = {n: g for g, names in cfg.groups.items() for n in names}
+    for group, names in cfg.groups.items():  # one after another
+        rows = encode_rows({n: tasks[n] for n in names}, tokenizer, "train", cfg.model.max_seq_len, group_of)
+        _train(f"{out}/base/model", f"{out}/experts/{group}", rows, cfg.experts.optim, ce_step, {n: tasks[n] for n in names},
+               mx, cfg.seed, mlp_only=cfg.experts.train_mlp_only)
+    seconds["experts"], t = time.time() - t, time.time()
+
+    for group, names in cfg.groups.items():  # each expert scores its own group's rows
+        scorer = TeacherScorer(f"{out}/experts/{group}", cfg.soft_targets.top_k)
+        rows = encode_rows({n: tasks[n] for n in names}, tokenizer, "train", cfg.model.max_seq_len, group_of)
+        tables = []
+        for start in range(0, len(rows), cfg.soft_targets.batch_size):
+            part = rows[start:start + cfg.soft_targets.batch_size]
+            tables.append(scorer({k: [r[k] for r in part] for k in part[0]}))
+        write_shard(pa.concat_tables(tables), f"{out}/soft_targets/{group}.parquet")
+    seconds["soft_targets"], t = time.time() - t, time.time()
+
+    table = pa.concat_tables([pq.read_table(f"{out}/soft_targets/{g}.parquet") for g in cfg.groups])
+    stream = [dict(zip(table.column_names, values)) for values in zip(*(table.column(c).to_pylist() for c in table.column_names))]
+    k = min(cfg.soft_targets.top_k, len(tokenizer))
+    d = cfg.distill
+    for stage, alpha in (("student", d.alpha), ("multitask", 0.0)):
+        def kd_step(model, rows, optimizer, scheduler, pad_id, alpha=alpha):
+            batch = collate([{"input_ids": r["input_ids"], "response_start": r["response_start"]} for r in rows], pad_id)
+            batch["topk_ids"] = torch_from(np.concatenate([r["topk_ids"] for r in rows]), "int64").view(-1, k)
+            batch["topk_logprobs"] = torch_from(np.concatenate([r["topk_logprobs"] for r in rows]), "float32").view(-1, k)
+            batch["tail_logmass"] = torch_from(np.concatenate([r["tail_logmass"] for r in rows]), "float32")
+            return distill_train_step(model, batch, optimizer, scheduler, d.optim.grad_clip, alpha, d.temperature,
+                                      d.divergence, d.jsd_beta, cfg.model.dtype)
+        _train(f"{out}/base/model", f"{out}/{stage}", stream, d.optim, kd_step, tasks, mx, cfg.seed)
+        seconds[stage], t = time.time() - t, time.time()
+
+    models = {"base": (f"{out}/base/model", list(tasks)), "student": (f"{out}/student", list(tasks)),
+              "multitask": (f"{out}/multitask", list(tasks)), **{f"expert:{g}": (f"{out}/experts/{g}", n) for g, n in cfg.groups.items()}}
+    for label, (model_dir, names) in models.items():
+        evaluate_tasks(load_model(model_dir), tokenizer, {n: tasks[n] for n in names}, cfg.eval.split, mx, cfg.eval.batch_size)
+    seconds["eval"] = time.time() - t
+    return seconds
+
+
+def torch_from(array, dtype: str):
+    import torch
+    return torch.from_numpy(array.astype(dtype))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The Ray run, and the comparison.
+# ---------------------------------------------------------------------------------------------------------
+
+def ray_pipeline(config: str, overrides: list[str], runs_dir: str, name: str) -> tuple[float, dict[str, float], float | None]:
+    """A fresh `python -m dume_ray run`; (total wall seconds, {stage: manifest seconds}, experts stage wall)."""
+    shutil.rmtree(os.path.join(runs_dir, name), ignore_errors=True)
+    os.makedirs(runs_dir, exist_ok=True)
+    cmd = [sys.executable, "-m", "dume_ray", "run", "--config", config, f"name={name}", f"runs_dir={runs_dir}", *overrides]
+    log = os.path.join(runs_dir, f"{name}.log")
+    print(f"[end_to_end] $ {' '.join(cmd[1:])} (log {log})", flush=True)
+    start = time.time()
+    with open(log, "w") as f:
+        rc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT).returncode
+    total = time.time() - start
+    if rc != 0:
+        raise RuntimeError(f"the Ray pipeline failed (rc={rc}); see {log}")
+    stages = {}
+    for stage in ("base", "experts", "upcycle", "soft_targets", "student", "multitask", "eval"):
+        stage_dir = os.path.join(runs_dir, name, stage)
+        if stage == "experts":
+            found = [json.load(open(os.path.join(stage_dir, g, "DONE.json"))) for g in sorted(os.listdir(stage_dir))
+                     if os.path.exists(os.path.join(stage_dir, g, "DONE.json"))]
+            stages["experts (sum of jobs)"] = sum(m["seconds"] for m in found)
+        elif os.path.exists(os.path.join(stage_dir, "DONE.json")):
+            stages[stage] = json.load(open(os.path.join(stage_dir, "DONE.json")))["seconds"]
+    return total, stages, _experts_wall(log)
+
+
+def _experts_wall(log: str):
+    """Wall time of the experts stage from the CLI's stage banners ('=== [i/n] name (N s elapsed) ===')."""
+    import re
+    marks = [(m.group(1), int(m.group(2))) for m in re.finditer(r"=== \[\d+/\d+\] (\S+) \((\d+) s elapsed\)", open(log).read())]
+    for (name, t0), (_, t1) in zip(marks, marks[1:]):
+        if name == "experts":
+            return float(t1 - t0)
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="configs/demo.yaml")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads of the plain process (0 = torch default)")
+    parser.add_argument("--runs-dir", default="runs/bench")
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides for both runs")
+    args = parser.parse_args(argv)
+    started = time.time()
+    import torch
+    from dume_ray.config import load_config
+    overrides = [*(TINY_OVERRIDES if args.tiny else []), "upcycle.enabled=false", *args.overrides]
+    if args.tiny:
+        args.config = "configs/smoke/tiny.yaml"
+        args.runs_dir = os.path.join(os.path.dirname(result_path("end_to_end", args.out, True)), "runs")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = load_config(os.path.join(REPO, args.config), overrides)
+
+    ray_total, ray_stages, experts_wall = ray_pipeline(args.config, overrides, os.path.abspath(args.runs_dir), "bench-e2e")
+    work = tempfile.mkdtemp(prefix="bench-e2e-plain-")
+    t = time.time()
+    plain_stages = reference_pipeline(cfg, work)
+    plain_total = time.time() - t
+    shutil.rmtree(work, ignore_errors=True)
+
+    rows = [[s, f"{v:.1f}", f"{plain_stages.get(s.split(' ')[0], float('nan')):.1f}"] for s, v in ray_stages.items()]
+    if experts_wall is not None:
+        rows.insert(2, ["experts (stage wall, jobs concurrent)", f"{experts_wall:.1f}", f"{plain_stages['experts']:.1f}"])
+    ratio = ray_total / plain_total
+    rows.append(["**total wall** (Ray: process start to end, incl. Ray start)", f"{ray_total:.1f}", f"{plain_total:.1f}"])
+    table = markdown_table(["stage", "Ray pipeline, s", "plain process, s"], rows)
+    verdict = f"Ray / plain = {ratio:.2f} (target <= 1.5: {'met' if ratio <= 1.5 else 'NOT met'})"
+    print(f"\n{table}\n\n{verdict}", flush=True)
+    write_result(result_path("end_to_end", args.out, args.tiny), "end_to_end", command_line(), started,
+                 {"config": args.config, "overrides": overrides, "plain_torch_threads": torch.get_num_threads(),
+                  "ray": {"total_seconds": ray_total, "stages": ray_stages, "experts_stage_wall": experts_wall},
+                  "plain": {"total_seconds": plain_total, "stages": plain_stages}, "ray_over_plain": ratio,
+                  "target_met": ratio <= 1.5}, f"{table}\n\n{verdict}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

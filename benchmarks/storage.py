@@ -1,0 +1,161 @@
+"""Soft-target storage: bytes per response token on disk for top-k, and what top-k loses against full logits.
+
+    python benchmarks/storage.py                     # demo vocab (real shards) + a 150k-vocab synthetic teacher
+    python benchmarks/storage.py --run-dir runs/bench/bench-quality-s0   # demo teachers = that run's experts
+    python benchmarks/storage.py --tiny              # smoke setting, writes to a temp folder
+
+For k = 8, 32, 128 we write real Parquet shards with `rows_to_table` + `write_shard` (the soft-targets
+stage's format: top-k ids int32, log-probs float16, tail log-mass float32, plus the token ids of the example)
+and divide the file size by the number of response tokens; the soft-target columns alone are read from the
+Parquet metadata. Full-vocabulary float32 logits would take 4·V bytes per token (computed, never written).
+Loss: KL(full ‖ reconstruction) per response token, where the reconstruction keeps the stored (float16)
+top-k probabilities and spreads the stored tail mass uniformly over the other V − k tokens; the KD loss
+itself sees the top k plus one tail bucket, so this KL is what it can no longer distinguish.
+- demo vocab: the character tokenizer; teachers are the experts of `--run-dir` if given (trained), else
+  fresh models (random weights: nearly flat distributions, the worst case). k is clamped to V.
+- 150k vocab: a synthetic teacher whose log-probs follow a Zipf law over a random token order (exponent s,
+  peaked s = 2 and flat s = 1.1); what an LLM's distribution looks like sits somewhere in that range.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import REPO, command_line, markdown_table, result_path, write_result  # noqa: E402
+
+sys.path.insert(0, REPO)
+KS = (8, 32, 128)
+SOFT_COLUMNS = ("topk_ids", "topk_logprobs", "tail_logmass")
+
+
+def kl_full_vs_topk(logprobs, k: int):
+    """Mean KL(p ‖ q) in nats, q = stored float16 top-k probs + tail mass spread over the other V − k tokens."""
+    import torch
+    from dume_ray.data.soft_targets import encode_top_k
+
+    ids, topk_lp, tail = encode_top_k(logprobs, k)
+    n, vocab = logprobs.shape
+    if k >= vocab:
+        q = torch.full_like(logprobs, float("-inf"))
+    else:
+        q = (torch.from_numpy(tail).unsqueeze(1) - torch.log(torch.tensor(float(vocab - k)))).expand(n, vocab).clone()
+    q.scatter_(1, torch.from_numpy(ids).long(), torch.from_numpy(topk_lp.astype("float32")))
+    p = logprobs.float()
+    kl = (p.exp() * (p - q)).nan_to_num(0.0).sum(-1)  # [n]; 0·log 0 terms -> 0
+    return float(kl.mean()), (ids, topk_lp, tail)
+
+
+def shard_bytes(path: str, n_tokens: int) -> tuple[float, float]:
+    """(whole file, soft-target columns only) bytes per response token."""
+    import pyarrow.parquet as pq
+    meta = pq.ParquetFile(path).metadata
+    soft = sum(meta.row_group(g).column(c).total_compressed_size for g in range(meta.num_row_groups)
+               for c in range(meta.num_columns) if meta.row_group(g).column(c).path_in_schema.split(".")[0] in SOFT_COLUMNS)
+    return os.path.getsize(path) / n_tokens, soft / n_tokens
+
+
+def demo_teacher_logprobs(args, cfg, work: str):
+    """[n, V] response-token log-probs of the demo teachers on their tasks' training rows, and the rows."""
+    import torch
+    from dume_ray.data.encode import collate, response_positions
+    from dume_ray.model import create_initial_model, load_model, load_tokenizer
+    from dume_ray.tasks import encode_rows, load_tasks
+
+    fresh = create_initial_model(cfg.model, 0, os.path.join(work, "fresh"))
+    tokenizer = load_tokenizer(fresh)
+    tasks = load_tasks(cfg.tasks, tokenizer, cfg.model.max_seq_len)
+    all_lp, all_rows = [], []
+    for name in tasks:
+        expert = os.path.join(args.run_dir, "experts", name, "model") if args.run_dir else None
+        model = load_model(expert if expert and os.path.isdir(expert) else fresh).eval()
+        rows = encode_rows({name: tasks[name]}, tokenizer, "train", cfg.model.max_seq_len, {name: name})[:args.rows_per_task]
+        batch = collate(rows, tokenizer.pad_token_id)
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        b_idx, t_idx = response_positions(batch["labels"])
+        all_lp.append(torch.log_softmax(logits[b_idx, t_idx].float(), dim=-1))
+        all_rows += rows
+    return torch.cat(all_lp), all_rows, bool(args.run_dir)
+
+
+def synthetic_rows(n_rows: int, resp_len: int, vocab: int):
+    import numpy as np
+    rng = np.random.default_rng(0)
+    return [{"example_id": f"synthetic/{i}", "task": "synthetic", "group": "synthetic",
+             "input_ids": rng.integers(0, vocab, 24).astype(np.int32), "response_start": 24 - resp_len} for i in range(n_rows)]
+
+
+def zipf_logprobs(n: int, vocab: int, s: float):
+    """[n, vocab] log-probs: Zipf(s) over a random permutation of the vocabulary per token."""
+    import torch
+    g = torch.Generator().manual_seed(0)
+    base = -s * torch.log(torch.arange(1, vocab + 1, dtype=torch.float32))
+    base = base - torch.logsumexp(base, 0)
+    return torch.stack([base[torch.randperm(vocab, generator=g)] for _ in range(n)])
+
+
+def measure(name: str, logprobs, rows, vocab: int, work: str) -> list[dict]:
+    """Write one shard per k from these log-probs; bytes/token and KL per k."""
+    from dume_ray.data.soft_targets import rows_to_table, write_shard
+    out = []
+    for k in KS:
+        kl, (ids, lp, tail) = kl_full_vs_topk(logprobs, k)
+        k_eff = ids.shape[1]
+        shard_rows, offset = [], 0
+        for r in rows:
+            n_resp = len(r["input_ids"]) - r["response_start"]
+            shard_rows.append({**r, "topk_ids": ids[offset:offset + n_resp], "topk_logprobs": lp[offset:offset + n_resp],
+                               "tail_logmass": tail[offset:offset + n_resp]})
+            offset += n_resp
+        assert offset == logprobs.shape[0]
+        path = os.path.join(work, f"{name}-k{k}.parquet")
+        write_shard(rows_to_table(shard_rows, k_eff), path)
+        whole, soft = shard_bytes(path, offset)
+        out.append({"teacher": name, "vocab": vocab, "k": k, "k_stored": k_eff, "tokens": offset, "bytes_per_token_file": whole,
+                    "bytes_per_token_soft_columns": soft, "full_fp32_bytes_per_token": 4 * vocab,
+                    "compression_vs_full": 4 * vocab / soft, "kl_full_vs_topk_nats": kl})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="configs/demo.yaml")
+    parser.add_argument("--run-dir", default=None, help="use this run's trained experts as the demo teachers")
+    parser.add_argument("--rows-per-task", type=int, default=500)
+    parser.add_argument("--big-vocab", type=int, default=150_000)
+    parser.add_argument("--big-rows", type=int, default=64, help="synthetic examples (4 response tokens each)")
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    started = time.time()
+    from dume_ray.config import load_config
+    if args.tiny:
+        args.rows_per_task, args.big_vocab, args.big_rows = 8, 5000, 4
+    cfg = load_config(os.path.join(REPO, args.config), ["tasks.num_train=64"] if args.tiny else [])
+    work = tempfile.mkdtemp(prefix="bench-storage-")
+
+    demo_lp, demo_rows, trained = demo_teacher_logprobs(args, cfg, work)
+    results = measure("demo (trained experts)" if trained else "demo (fresh weights)", demo_lp, demo_rows, demo_lp.shape[1], work)
+    big_rows = synthetic_rows(args.big_rows, 4, args.big_vocab)
+    for s in (2.0, 1.1):
+        results += measure(f"synthetic Zipf s={s}", zipf_logprobs(4 * args.big_rows, args.big_vocab, s), big_rows, args.big_vocab, work)
+
+    rows = [[r["teacher"], f"{r['vocab']:,}", r["k"] if r["k"] == r["k_stored"] else f"{r['k']} (stored {r['k_stored']} = V)",
+             f"{r['bytes_per_token_soft_columns']:.1f}", f"{r['bytes_per_token_file']:.1f}", f"{r['full_fp32_bytes_per_token']:,}",
+             f"{r['compression_vs_full']:,.0f}×", f"{r['kl_full_vs_topk_nats']:.2e}"] for r in results]
+    table = markdown_table(["teacher", "vocab V", "k", "bytes/token, soft-target columns", "bytes/token, whole shard",
+                            "full fp32 logits, bytes/token (4·V)", "saving", "KL(full ‖ top-k + tail), nats/token"], rows)
+    print("\n" + table, flush=True)
+    write_result(result_path("storage", args.out, args.tiny), "storage", command_line(), started,
+                 {"results": results, "shards": sorted(glob.glob(os.path.join(work, "*.parquet")))}, table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""Every benchmark script runs end to end with `--tiny` and writes its JSON (never into benchmarks/results/).
+
+Run: .venv/bin/python -m pytest tests/smoke/test_benchmarks.py -q -m smoke
+
+The benchmarks themselves are not run by CI (minutes to tens of minutes); this keeps them working.
+`quality` and `end_to_end` start the real pipeline (Ray) on a 2-task, 2-step setting.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+RESULTS = os.path.join(REPO, "benchmarks", "results")
+
+
+def _results_snapshot() -> dict:
+    if not os.path.isdir(RESULTS):
+        return {}
+    return {f: os.path.getmtime(os.path.join(RESULTS, f)) for f in os.listdir(RESULTS)}
+
+
+@pytest.mark.smoke
+@pytest.mark.parametrize("script", ["storage", "stream_cost", "scaling", "quality", "end_to_end"])
+def test_benchmark_runs_tiny_and_writes_json(script, tmp_path):
+    before = _results_snapshot()
+    out = tmp_path / f"{script}.json"
+    args = [sys.executable, os.path.join(REPO, "benchmarks", f"{script}.py"), "--tiny", "--out", str(out)]
+    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    record = json.loads(out.read_text())
+    assert record["benchmark"] == script and record["table"] and record["machine"]["cpu_count"]
+    assert "|" in proc.stdout or "skipped" in proc.stdout  # the table (or the skip line) is printed
+    assert _results_snapshot() == before  # tiny runs never touch the committed results
+
+
+def test_tiny_runs_without_out_go_to_a_temp_folder():
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    from common import result_path
+    assert not result_path("quality", None, tiny=True).startswith(RESULTS)
+    assert result_path("quality", None, tiny=False) == os.path.join(RESULTS, "quality.json")
