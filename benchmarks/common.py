@@ -23,6 +23,7 @@ os.environ.update({"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_B
                    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")})
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_DIR = os.path.join(REPO, "benchmarks", "results")
+LOAD_AT_START = list(os.getloadavg()) if hasattr(os, "getloadavg") else None  # when the script started
 
 
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence]) -> str:
@@ -57,6 +58,7 @@ def machine_info() -> dict:
     info = {"platform": platform.platform(), "python": sys.version.split()[0], "cpu_count": os.cpu_count(),
             "hostname": platform.node()}
     try:
+        info["loadavg_1_5_15_at_start"] = LOAD_AT_START
         info["loadavg_1_5_15"] = list(os.getloadavg())
     except OSError:
         pass

@@ -165,7 +165,7 @@ def ray_pipeline(config: str, overrides: list[str], runs_dir: str, name: str) ->
         if stage == "experts":
             found = [json.load(open(os.path.join(stage_dir, g, "DONE.json"))) for g in sorted(os.listdir(stage_dir))
                      if os.path.exists(os.path.join(stage_dir, g, "DONE.json"))]
-            stages["experts (sum of jobs)"] = sum(m["seconds"] for m in found)
+            stages["experts (training loops, summed over jobs)"] = sum(m["seconds"] for m in found)
         elif os.path.exists(os.path.join(stage_dir, "DONE.json")):
             stages[stage] = json.load(open(os.path.join(stage_dir, "DONE.json")))["seconds"]
     return total, stages, _experts_wall(log)
