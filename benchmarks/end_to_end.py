@@ -201,11 +201,15 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     cfg = load_config(os.path.join(REPO, args.config), overrides)
 
+    load = {"before_ray": list(os.getloadavg())}
     ray_total, ray_stages, experts_wall = ray_pipeline(args.config, overrides, os.path.abspath(args.runs_dir), "bench-e2e")
+    load["after_ray"] = list(os.getloadavg())
     work = tempfile.mkdtemp(prefix="bench-e2e-plain-")
     t = time.time()
     plain_stages = reference_pipeline(cfg, work)
     plain_total = time.time() - t
+    load["after_plain"] = list(os.getloadavg())
+    print(f"[end_to_end] load average (1, 5, 15 min): {load}", flush=True)
     shutil.rmtree(work, ignore_errors=True)
 
     rows = [[s, f"{v:.1f}", f"{plain_stages.get(s.split(' ')[0], float('nan')):.1f}"] for s, v in ray_stages.items()]
@@ -220,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                  {"config": args.config, "overrides": overrides, "plain_torch_threads": torch.get_num_threads(),
                   "ray": {"total_seconds": ray_total, "stages": ray_stages, "experts_stage_wall": experts_wall},
                   "plain": {"total_seconds": plain_total, "stages": plain_stages}, "ray_over_plain": ratio,
-                  "target_met": ratio <= 1.5}, f"{table}\n\n{verdict}")
+                  "target_met": ratio <= 1.5, "loadavg": load}, f"{table}\n\n{verdict}")
     return 0
 
 

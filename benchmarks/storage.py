@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     from dume_ray.config import load_config
     if args.tiny:
         args.rows_per_task, args.big_vocab, args.big_rows = 8, 5000, 4
-    cfg = load_config(os.path.join(REPO, args.config), ["tasks.num_train=64"] if args.tiny else [])
+    cfg = load_config(os.path.join(REPO, args.config), ["tasks.builtin=[copy,reverse]", "tasks.num_train=32"] if args.tiny else [])
     work = tempfile.mkdtemp(prefix="bench-storage-")
 
     demo_lp, demo_rows, trained = demo_teacher_logprobs(args, cfg, work)

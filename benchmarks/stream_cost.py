@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     from dume_ray.model import load_model
     from dume_ray.training import ce_train_step, distill_train_step, make_optimizer
 
-    overrides = ["tasks.num_train=64", "model.hidden_size=32", "model.intermediate_size=64"] if args.tiny else []
+    overrides = ["tasks.builtin=[copy,reverse]", "tasks.num_train=32", "model.hidden_size=32", "model.intermediate_size=64"] if args.tiny else []
     if args.tiny:
         args.steps, args.repeats, args.warmup = 2, 2, 1
     cfg = load_config(os.path.join(REPO, args.config), overrides)
