@@ -46,11 +46,11 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def fmt_pm(values: Sequence[float], scale: float = 1.0, digits: int = 3) -> str:
-    """'0.232 ± 0.012 (n=3)' for a list of per-seed values."""
+    """'0.232 ± 0.012' (mean ± sample std) for a list of per-seed values; tables give n in their own column."""
     if not values:
         return "–"
     m, s = mean_std(values)
-    return f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}" + (f" (n={len(values)})" if len(values) != 3 else "")
+    return f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}"
 
 
 def machine_info() -> dict:

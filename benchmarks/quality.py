@@ -94,6 +94,16 @@ def run_matched(config: str, seed: int, source: str, runs_dir: str, extra: list[
             "expert_steps_total": cfg.experts.optim.steps * len(cfg.groups), "scores": scores}
 
 
+def _matched_done(config: str, seed: int, runs_dir: str, extra: list[str]) -> bool:
+    sys.path.insert(0, REPO)
+    from dume_ray.config import load_config
+    cfg = load_config(os.path.join(REPO, config), [f"seed={seed}", *extra])
+    steps = cfg.distill.optim.steps + cfg.experts.optim.steps * len(cfg.groups)
+    name = f"bench-quality-s{seed}-matched"
+    return _done(os.path.join(runs_dir, name, "multitask"), config,
+                 [f"seed={seed}", f"name={name}", f"runs_dir={runs_dir}", *extra, f"distill.optim.steps={steps}"], "multitask")
+
+
 def score_in_process(model_dir: str, cfg) -> dict[str, float]:
     """Exact match on cfg.eval.split with the same pure function the eval stage uses."""
     import torch
@@ -156,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--matched-seeds", type=int, nargs="*", default=None, help="default: --seeds")
     parser.add_argument("--searched-groups", default=None, help="e.g. '[[copy,sort],[reverse],[shift],[add,sub]]'")
     parser.add_argument("--runs-dir", default="runs/bench")
+    parser.add_argument("--only-finished", action="store_true",
+                        help="tabulate the seeds (and matched runs) already finished; start no training")
     parser.add_argument("--tiny", action="store_true", help="smoke setting: tiny.yaml, 2 tasks, 2 steps, one seed")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -170,6 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     runs_dir = os.path.abspath(args.runs_dir)
     label = os.path.basename(args.config)
 
+    if args.only_finished:
+        args.seeds = [s for s in args.seeds if _done(f"{runs_dir}/bench-quality-s{s}/eval", args.config, [f"seed={s}", f"name=bench-quality-s{s}", f"runs_dir={runs_dir}", *extra], "eval")]
+        matched_seeds = [s for s in matched_seeds if s in args.seeds and _matched_done(args.config, s, runs_dir, extra)]
+        dume_seeds = [s for s in dume_seeds if _done(f"{runs_dir}/bench-quality-dume-s{s}/eval", args.dume_config, [f"seed={s}", f"name=bench-quality-dume-s{s}", f"runs_dir={runs_dir}", *dume_extra], "eval")] if args.dume_config else []
+        print(f"[quality] finished: seeds {args.seeds}, matched {matched_seeds}, dume {dume_seeds}", flush=True)
     runs = {label: {s: run_seed(args.config, s, f"bench-quality-s{s}", runs_dir, extra) for s in args.seeds}}
     matched = {s: run_matched(args.config, s, f"bench-quality-s{s}", runs_dir, extra) for s in matched_seeds if s in args.seeds}
     if args.searched_groups:
