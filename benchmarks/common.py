@@ -113,4 +113,7 @@ def write_result(path: str, name: str, command: Sequence[str], started: float, p
 
 
 def command_line() -> list[str]:
-    return ["python", os.path.relpath(sys.argv[0], REPO) if os.path.isabs(sys.argv[0]) else sys.argv[0], *sys.argv[1:]]
+    """The command as one would retype it (shell-quoted, so an empty argument shows as '')."""
+    import shlex
+    script = os.path.relpath(sys.argv[0], REPO) if os.path.isabs(sys.argv[0]) else sys.argv[0]
+    return [shlex.quote(a) for a in ["python", script, *sys.argv[1:]]]
