@@ -18,6 +18,7 @@ import sys
 import time
 
 from dume_ray.config import ConfigError, PipelineConfig, load_config, to_yaml
+from dume_ray.resources import ResourceShortage
 
 QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false",
              "RAY_DEDUP_LOGS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
@@ -71,15 +72,51 @@ def preflight(cfg: PipelineConfig) -> None:
     print(f"[preflight] {len(tasks)} tasks, {len(cfg.groups)} expert groups: {' | '.join(cfg.groups)}", flush=True)
 
 
-def init_ray(cfg: PipelineConfig) -> None:
+def init_ray(cfg: PipelineConfig) -> bool:
+    """Start a local Ray, or join RAY_ADDRESS / `ray_address`; True when joined to an existing cluster."""
     import ray
     import ray.data
     os.environ.update(QUIET_ENV)
     address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
+    env_vars = dict(QUIET_ENV)
+    tracking_uri = cfg.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if tracking_uri:  # Ray Train workers log to MLflow through `setup_mlflow`, which reads this variable
+        env_vars["MLFLOW_TRACKING_URI"] = tracking_uri
     if not ray.is_initialized():
-        ray.init(address=address, runtime_env={"env_vars": QUIET_ENV}, log_to_driver=True)
+        ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=True)
     ray.data.DataContext.get_current().enable_progress_bars = False
     print(f"[ray] {'joined ' + address if address else 'started a local Ray'}: {ray.cluster_resources()}", flush=True)
+    return bool(address)
+
+
+def wait_for_resources(cfg: PipelineConfig, stages: list[str], joined: bool) -> None:
+    """Fail with a readable error when a stage's job can never be scheduled, instead of Ray waiting forever.
+
+    On a joined cluster an autoscaler may add nodes: ask it for the largest job (`request_resources`) and give
+    it `resource_wait_s` seconds. A local Ray started here never grows, so there the check is immediate.
+    """
+    import ray
+    from ray.autoscaler.sdk import request_resources
+
+    from dume_ray.resources import explain, resource_problems, stage_jobs
+
+    shapes = stage_jobs(cfg, stages)
+    timeout = cfg.resource_wait_s if joined else 0.0
+    start, requested = time.time(), False
+    while True:
+        nodes = [{k: float(v) for k, v in n["Resources"].items()} for n in ray.nodes() if n.get("Alive")]
+        problems = resource_problems(shapes, nodes)
+        if not problems or time.time() - start >= timeout:
+            break
+        if not requested:
+            request_resources(bundles=max(shapes.values(), key=lambda b: sum(sum(x.values()) for x in b)))
+            requested = True
+            print(f"[ray] waiting up to {timeout:.0f} s for the cluster to provide: {'; '.join(problems)}", flush=True)
+        time.sleep(min(2.0, timeout))
+    if requested:
+        request_resources(bundles=[])  # the stages' own demand keeps the nodes from here on
+    if problems:
+        raise ResourceShortage(explain(problems, time.time() - start))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,12 +131,17 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, KeyError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    init_ray(cfg)
-    stages = _stages()
     if args.stage == "run":
         order = ["base", "experts", "soft-targets", "distill"] + (["multitask"] if cfg.multitask.enabled else []) + ["eval"]
     else:
         order = [args.stage]
+    joined = init_ray(cfg)
+    try:
+        wait_for_resources(cfg, order, joined)
+    except ResourceShortage as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    stages = _stages()
     start = time.time()
     for i, name in enumerate(order, 1):
         print(f"\n=== [{i}/{len(order)}] {name} ({time.time() - start:.0f} s elapsed) ===", flush=True)

@@ -194,9 +194,11 @@ class EvalConfig:
     split: str = "test"  # held-out split the report scores
     batch_size: int = 256  # prompts per greedy-decoding batch
     max_new_tokens: int = 12
+    gpus_per_task: float = 0.0  # GPU share of each model's scoring task (fractions let models share a card)
 
     def __post_init__(self) -> None:
         _check(self.split in ("validation", "test"), f"eval.split must be 'validation' or 'test', got {self.split!r}")
+        _check(self.gpus_per_task >= 0, f"eval.gpus_per_task must be >= 0, got {self.gpus_per_task}")
 
 
 @dataclass
@@ -205,6 +207,8 @@ class PipelineConfig:
     runs_dir: str = "runs"
     seed: int = 0  # model init and data order
     ray_address: Optional[str] = None  # None: RAY_ADDRESS if set (ray job submit), else a local Ray
+    resource_wait_s: float = 120.0  # on a joined (autoscaling) cluster: wait this long for a stage's resources, then fail
+    mlflow_tracking_uri: Optional[str] = None  # also log training metrics to MLflow (default: $MLFLOW_TRACKING_URI)
     tasks: TasksConfig = field(default_factory=TasksConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     base: BaseConfig = field(default_factory=BaseConfig)
@@ -216,6 +220,7 @@ class PipelineConfig:
 
     def __post_init__(self) -> None:
         _check(bool(self.name) and "/" not in self.name, f"name must be a non-empty folder name, got {self.name!r}")
+        _check(self.resource_wait_s >= 0, f"resource_wait_s must be >= 0, got {self.resource_wait_s}")
         names = self.tasks.names
         seen: list[str] = []
         for i, group in enumerate(self.experts.groups):

@@ -40,9 +40,13 @@ def make_optimizer(model: torch.nn.Module, optim: OptimConfig):
 
 
 def autocast(device: torch.device, dtype: str):
-    """bf16 autocast on GPU when asked; a no-op on CPU (CPU bf16 is slower than fp32 for tiny models)."""
-    if device.type == "cuda" and dtype == "bfloat16":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    """Mixed precision when `model.dtype: bfloat16`: forward passes in bf16, weights and optimizer in fp32.
+
+    Works on CUDA (the point: ~2x throughput and half the activation memory) and on CPU (slower than fp32
+    for tiny models, which is why the CPU configs keep float32). float32 is a no-op.
+    """
+    if dtype == "bfloat16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 

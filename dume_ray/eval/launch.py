@@ -32,8 +32,9 @@ def run_eval(cfg: PipelineConfig) -> dict:
         print(open(found["outputs"]["markdown"]).read(), flush=True)
         return found
     start = time.time()
-    score = ray.remote(num_cpus=1)(_score_model)
-    refs = {label: score.remote(model_dir, cfg.tasks, names, cfg.eval.split, cfg.eval.max_new_tokens, cfg.eval.batch_size)
+    score = ray.remote(num_cpus=1, num_gpus=cfg.eval.gpus_per_task)(_score_model)
+    refs = {label: score.remote(model_dir, cfg.tasks, names, cfg.eval.split, cfg.eval.max_new_tokens, cfg.eval.batch_size,
+                                "cuda" if cfg.eval.gpus_per_task > 0 else "cpu")
             for label, (model_dir, names, _) in models.items()}
     per_model = {label: ray.get(ref) for label, ref in refs.items()}
 
@@ -66,11 +67,12 @@ def models_to_score(cfg: PipelineConfig) -> dict[str, tuple[str, list[str], str]
     return models
 
 
-def _score_model(model_dir: str, tasks_cfg, names: list[str], split: str, max_new_tokens: int, batch_size: int) -> dict:
+def _score_model(model_dir: str, tasks_cfg, names: list[str], split: str, max_new_tokens: int, batch_size: int,
+                 device: str = "cpu") -> dict:
     import torch
     torch.set_num_threads(1)
     tasks = load_tasks(tasks_cfg)
-    return evaluate_tasks(load_model(model_dir), load_tokenizer(model_dir), {n: tasks[n] for n in names},
+    return evaluate_tasks(load_model(model_dir).to(device), load_tokenizer(model_dir), {n: tasks[n] for n in names},
                           split, max_new_tokens, batch_size)
 
 

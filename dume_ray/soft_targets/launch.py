@@ -49,7 +49,8 @@ def run_soft_targets(cfg: PipelineConfig) -> dict:
         rows = encode_rows({t: tasks[t] for t in names}, tokenizer, "train", cfg.model.max_seq_len, group_of)
         scored.append(ray.data.from_items(rows).map_batches(
             TeacherScorer, fn_constructor_kwargs={"model_dir": expert_dir, "top_k": cfg.soft_targets.top_k,
-                                                  "dtype": cfg.model.dtype, "torch_threads": 1},
+                                                  "dtype": cfg.model.dtype, "torch_threads": 1,
+                                                  "device": "cuda" if cfg.soft_targets.gpus_per_actor > 0 else "cpu"},
             compute=ray.data.ActorPoolStrategy(size=cfg.soft_targets.num_actors), batch_size=cfg.soft_targets.batch_size,
             batch_format="numpy", num_cpus=cfg.soft_targets.cpus_per_actor, num_gpus=cfg.soft_targets.gpus_per_actor))
     dataset = scored[0].union(*scored[1:]) if len(scored) > 1 else scored[0]
