@@ -77,7 +77,7 @@ def init_ray(cfg: PipelineConfig) -> bool:
     import ray
     import ray.data
     os.environ.update(QUIET_ENV)
-    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
+    address = cfg.ray_address or os.environ.get("RAY_ADDRESS") or None
     env_vars = dict(QUIET_ENV)
     tracking_uri = cfg.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if tracking_uri:  # Ray Train workers log to MLflow through `setup_mlflow`, which reads this variable

@@ -43,6 +43,7 @@ class TaskSource:
     source: str = MISSING  # "jsonl" | "json" | "parquet" | "csv" (local files) or a Hub dataset name/path
     data_files: dict[str, str] = field(default_factory=dict)  # split (train/validation/test) -> local file
     hub_splits: dict[str, str] = field(default_factory=dict)  # our split -> Hub split name, e.g. validation: dev
+    hub_config: Optional[str] = None  # Hub dataset configuration (subset) name, e.g. "main"
     prompt_column: str = "prompt"
     response_column: str = "response"
 

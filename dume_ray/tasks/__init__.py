@@ -25,7 +25,7 @@ def load_tasks(cfg: TasksConfig) -> dict[str, Task]:
     for src in cfg.sources:
         tasks[src.name] = load_task_from_source(
             src.name, src.source, dict(src.data_files) or None, src.prompt_column, src.response_column,
-            dict(src.hub_splits) or None, skip_bad_rows=cfg.skip_bad_rows)
+            dict(src.hub_splits) or None, skip_bad_rows=cfg.skip_bad_rows, config=src.hub_config)
     return tasks
 
 
