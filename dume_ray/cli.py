@@ -76,12 +76,11 @@ def init_ray(cfg: PipelineConfig) -> bool:
     """Start a local Ray, or join RAY_ADDRESS / `ray_address`; True when joined to an existing cluster."""
     import ray
     import ray.data
-    os.environ.update(QUIET_ENV)
     address = cfg.ray_address or os.environ.get("RAY_ADDRESS") or None
-    env_vars = dict(QUIET_ENV)
-    tracking_uri = cfg.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if tracking_uri:  # Ray Train workers log to MLflow through `setup_mlflow`, which reads this variable
-        env_vars["MLFLOW_TRACKING_URI"] = tracking_uri
+    # Variables already in this process's environment reach the workers anyway (a `ray job submit`'s own
+    # env_vars, or the shell's for a local Ray), and Ray refuses a job whose driver repeats one of its keys.
+    env_vars = {k: v for k, v in QUIET_ENV.items() if k not in os.environ}
+    os.environ.update(QUIET_ENV)
     if not ray.is_initialized():
         ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=True)
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -27,6 +27,11 @@ from tensorboardX import SummaryWriter
 TRAIN_KEYS = ("loss", "ce_loss", "kd_loss", "grad_norm", "lr", "alpha")
 
 
+def mlflow_tracking_uri(configured: Optional[str]) -> Optional[str]:
+    """Where training metrics also go: the config's `mlflow_tracking_uri`, else $MLFLOW_TRACKING_URI, else nowhere."""
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or None
+
+
 def tensorboard_dir(run_dir: str, stage: str, label: str) -> str:
     """`<run>/tensorboard/base`, `<run>/tensorboard/experts/<group>`, `<run>/tensorboard/student`, ..."""
     parts = [stage] if stage == label else [stage, label]

@@ -121,12 +121,19 @@ def save_and_validate(model, tokenizer, config: dict, step: int, metrics: dict, 
 
 def open_dashboards(config: dict, step: int) -> Optional[ScalarLog]:
     """Rank 0: a ScalarLog into `config["tensorboard_dir"]`, also logging to MLflow (Ray's `setup_mlflow`) when
-    MLFLOW_TRACKING_URI is set; None on other ranks. A job starting at step 0 replaces its old curves."""
+    `config["mlflow_tracking_uri"]` is set; None on other ranks. A job starting at step 0 replaces its old curves."""
     if not is_rank_zero() or not config.get("tensorboard_dir"):
         return None
     mlflow = None
-    if os.environ.get("MLFLOW_TRACKING_URI"):
+    if config.get("mlflow_tracking_uri"):
         from ray.air.integrations.mlflow import setup_mlflow
-        mlflow = setup_mlflow({"label": config["label"], **config["optim"]}, experiment_name=config["experiment"],
-                              run_name=config["run_name"], tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
+        for attempt in (1, 2):  # experts starting together race to create the experiment; the loser finds it
+            try:
+                mlflow = setup_mlflow({"label": config["label"], **config["optim"]}, tracking_uri=config["mlflow_tracking_uri"],
+                                      experiment_name=config["experiment"], run_name=config["run_name"],
+                                      create_experiment_if_not_exists=True)
+                break
+            except Exception:
+                if attempt == 2:
+                    raise
     return ScalarLog(config["tensorboard_dir"], fresh=step == 0, mlflow=mlflow)

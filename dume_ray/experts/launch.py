@@ -23,7 +23,7 @@ from ray.train.torch import TorchTrainer
 
 from dume_ray import manifest
 from dume_ray.config import PipelineConfig, ResourcesConfig, config_hash, to_dict
-from dume_ray.dashboards import tensorboard_dir
+from dume_ray.dashboards import mlflow_tracking_uri, tensorboard_dir
 from dume_ray.experts.worker import train_fn_per_worker
 from dume_ray.model import create_initial_model, load_tokenizer
 from dume_ray.tasks import encode_rows, load_tasks
@@ -106,6 +106,7 @@ def run_training_jobs(cfg: PipelineConfig, jobs: list[TrainingJob], optim, resou
                        "max_new_tokens": cfg.eval.max_new_tokens,
                        "local_checkpoint_dir": local_checkpoint_dir(os.path.dirname(job.output_dir), job.config_hash, resources),
                        "run_name": f"{job.label}-{job.config_hash}", "experiment": cfg.name,
+                       "mlflow_tracking_uri": mlflow_tracking_uri(cfg.mlflow_tracking_uri),
                        "tensorboard_dir": tensorboard_dir(cfg.run_dir, os.path.basename(stage_dir), job.label)}
         pending[job.label] = (loop_config, ray.data.from_items(job.rows))
     return fit_concurrently(train_fn_per_worker, pending, resources, os.path.abspath(f"{stage_dir}/ray_train"),
