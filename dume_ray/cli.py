@@ -19,6 +19,7 @@ import time
 
 from dume_ray.config import ConfigError, PipelineConfig, load_config, to_yaml
 from dume_ray.resources import ResourceShortage
+from dume_ray.manifest import StageInputError, write_text_atomic
 
 QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false",
              "RAY_DEDUP_LOGS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
@@ -29,14 +30,16 @@ def _stages():
     from dume_ray.eval.launch import run_eval
     from dume_ray.experts.launch import run_base, run_experts
     from dume_ray.soft_targets.launch import run_soft_targets
-    return {"base": run_base, "experts": run_experts, "soft-targets": run_soft_targets, "distill": run_distill,
-            "multitask": run_multitask, "eval": run_eval}
+    from dume_ray.upcycle.launch import run_upcycle
+    return {"base": run_base, "experts": run_experts, "upcycle": run_upcycle, "soft-targets": run_soft_targets,
+            "distill": run_distill, "multitask": run_multitask, "eval": run_eval}
 
 
 STAGE_HELP = {
-    "run": "the whole pipeline: base → experts → soft-targets → distill → multitask → eval",
+    "run": "the whole pipeline: base → experts → upcycle → soft-targets → distill → multitask → eval",
     "base": "briefly pretrain the starting model on the task mixture (shared starting point of the experts)",
     "experts": "fine-tune one expert per task group from the base (Ray Train, groups run concurrently)",
+    "upcycle": "DUME: a training-free MoE from the experts (averaged trunk, MoE of their MLPs, ridge router)",
     "soft-targets": "experts score their groups' training examples: top-k soft targets as Parquet (Ray Data)",
     "distill": "train the student on the soft-target stream: KD at temperature T + CE (Ray Train)",
     "multitask": "the baseline: same student, data, optimiser and steps, plain mixed CE (Ray Train)",
@@ -62,7 +65,7 @@ def preflight(cfg: PipelineConfig) -> None:
     from dume_ray.tasks import SPLITS, encode_rows, load_tasks
 
     tokenizer = build_char_tokenizer() if cfg.model.name_or_path == EMBEDDED else load_tokenizer(cfg.model.name_or_path)
-    tasks = load_tasks(cfg.tasks)
+    tasks = load_tasks(cfg.tasks, tokenizer, cfg.model.max_seq_len)
     group_of = {t: g for g, names in cfg.groups.items() for t in names}
     for split in SPLITS:
         encode_rows(tasks, tokenizer, split, cfg.model.max_seq_len, group_of)
@@ -123,15 +126,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         print(to_yaml(cfg), flush=True)
-        os.makedirs(cfg.run_dir, exist_ok=True)
-        with open(f"{cfg.run_dir}/config.yaml", "w") as f:
-            f.write(to_yaml(cfg))
+        write_text_atomic(f"{cfg.run_dir}/config.yaml", to_yaml(cfg))
         preflight(cfg)
     except (ConfigError, ValueError, KeyError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.stage == "run":
-        order = ["base", "experts", "soft-targets", "distill"] + (["multitask"] if cfg.multitask.enabled else []) + ["eval"]
+        order = (["base", "experts"] + (["upcycle"] if cfg.upcycle_active else []) + ["soft-targets", "distill"]
+                 + (["multitask"] if cfg.multitask.enabled else []) + ["eval"])
     else:
         order = [args.stage]
     joined = init_ray(cfg)
@@ -144,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     for i, name in enumerate(order, 1):
         print(f"\n=== [{i}/{len(order)}] {name} ({time.time() - start:.0f} s elapsed) ===", flush=True)
-        stages[name](cfg)
+        try:
+            stages[name](cfg)
+        except StageInputError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     print(f"\n=== done in {time.time() - start:.0f} s: {cfg.run_dir} ===", flush=True)
     return 0

@@ -16,10 +16,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 BUILTIN_TASK_NAMES = ["copy", "reverse", "sort", "shift", "add", "sub"]
@@ -91,7 +92,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _check(self.dtype in ("float32", "bfloat16"), f"model.dtype must be float32 or bfloat16, got {self.dtype!r}")
-        _check(self.max_seq_len > 0, f"model.max_seq_len must be > 0, got {self.max_seq_len}")
+        for key in ("max_seq_len", "hidden_size", "num_layers", "num_heads", "intermediate_size"):
+            _check(getattr(self, key) > 0, f"model.{key} must be > 0, got {getattr(self, key)}")
         _check(self.hidden_size % self.num_heads == 0, f"model.hidden_size={self.hidden_size} must be divisible by model.num_heads={self.num_heads}")
 
 
@@ -106,7 +108,10 @@ class OptimConfig:
     checkpoint_every: int = 100  # steps between Ray Train checkpoints
 
     def __post_init__(self) -> None:
-        _check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        _check(math.isfinite(self.lr) and self.lr > 0, f"optim.lr must be a finite number > 0, got {self.lr}")
+        _check(math.isfinite(self.weight_decay) and self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        _check(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _check(math.isfinite(self.grad_clip) and self.grad_clip > 0, f"optim.grad_clip must be a finite number > 0, got {self.grad_clip}")
         _check(self.steps > 0, f"optim.steps must be > 0, got {self.steps}")
         _check(self.batch_size > 0, f"optim.batch_size must be > 0, got {self.batch_size}")
         _check(self.checkpoint_every > 0, f"optim.checkpoint_every must be > 0, got {self.checkpoint_every}")
@@ -125,8 +130,10 @@ class ResourcesConfig:
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 0, f"resources.num_workers must be >= 0, got {self.num_workers}")
-        _check(not (self.use_gpu and self.num_workers == 0), "resources.use_gpu=true needs resources.num_workers >= 1")
-        _check(self.cpus_per_worker > 0, f"resources.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        _check(not (self.use_gpu and self.num_workers == 0), "resources.use_gpu=true needs num_workers >= 1 (GPU jobs run on Ray Train workers)")
+        _check(math.isfinite(self.cpus_per_worker) and self.cpus_per_worker > 0, f"resources.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        for key in ("max_concurrent_jobs", "torch_threads", "max_failures"):
+            _check(getattr(self, key) >= 0, f"resources.{key} must be >= 0, got {getattr(self, key)}")
 
 
 @dataclass
@@ -157,7 +164,9 @@ class SoftTargetsConfig:
     def __post_init__(self) -> None:
         _check(self.top_k >= 1, f"soft_targets.top_k must be >= 1, got {self.top_k}")
         _check(self.num_actors >= 1, f"soft_targets.num_actors must be >= 1, got {self.num_actors}")
-        _check(self.gpus_per_actor >= 0, f"soft_targets.gpus_per_actor must be >= 0, got {self.gpus_per_actor}")
+        _check(self.batch_size >= 1, f"soft_targets.batch_size must be >= 1, got {self.batch_size}")
+        _check(math.isfinite(self.cpus_per_actor) and self.cpus_per_actor >= 0, f"soft_targets.cpus_per_actor must be >= 0, got {self.cpus_per_actor}")
+        _check(math.isfinite(self.gpus_per_actor) and self.gpus_per_actor >= 0, f"soft_targets.gpus_per_actor must be >= 0, got {self.gpus_per_actor}")
 
 
 @dataclass
@@ -176,7 +185,7 @@ class DistillConfig:
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.alpha <= 1.0, f"distill.alpha must be in [0, 1], got {self.alpha}")
-        _check(self.temperature > 0, f"distill.temperature must be > 0, got {self.temperature}")
+        _check(math.isfinite(self.temperature) and self.temperature > 0, f"distill.temperature must be a finite number > 0, got {self.temperature}")
         divergences = ("forward_kl", "reverse_kl", "generalized_jsd")
         _check(self.divergence in divergences, f"distill.divergence must be one of {divergences}, got {self.divergence!r}")
         _check(0.0 <= self.jsd_beta <= 1.0, f"distill.jsd_beta must be in [0, 1], got {self.jsd_beta}")
@@ -191,6 +200,34 @@ class MultitaskConfig:
 
 
 @dataclass
+class UpcycleConfig:
+    """DUME (arXiv 2603.29765): a training-free MoE from the experts: averaged trunk, per-layer MoE of the
+    experts' MLPs, router solved in closed form by ridge regression. Needs at least 2 expert groups."""
+
+    enabled: bool = True  # false: `run` skips the stage and the report has no MoE rows
+    ridge_lambda: float = 1e-2  # lambda of W = (A + lambda I)^-1 B; must be >= 0
+    top_k: int = 1  # experts per token
+    normalize_columns: bool = False  # unit-length router columns (bias scaled alike); eval reports both anyway
+    routing: str = "whole_sequence"  # "token" (per-token top-k) | "sequence_mean" (causal running mean of the
+    #   scores) | "whole_sequence" (mean over the whole input so far, re-read at every generation step)
+    stats_examples_per_task: int = 512  # training examples per task whose tokens feed the router statistics
+    batch_size: int = 64  # examples per forward while gathering statistics
+    random_seed: int = 0  # seed of the random-routing baseline
+    dume_plus_steps: int = 0  # DUME+: full-batch steps refining the router from the DUME solution; 0 = off
+    dume_plus_lr: float = 1e-2  # DUME+ AdamW learning rate
+
+    def __post_init__(self) -> None:
+        _check(self.ridge_lambda >= 0, f"upcycle.ridge_lambda must be >= 0, got {self.ridge_lambda}")
+        _check(self.top_k >= 1, f"upcycle.top_k must be >= 1, got {self.top_k}")
+        granularities = ("token", "sequence_mean", "whole_sequence")
+        _check(self.routing in granularities, f"upcycle.routing must be one of {granularities}, got {self.routing!r}")
+        _check(self.stats_examples_per_task >= 1, f"upcycle.stats_examples_per_task must be >= 1, got {self.stats_examples_per_task}")
+        _check(self.batch_size >= 1, f"upcycle.batch_size must be >= 1, got {self.batch_size}")
+        _check(self.dume_plus_steps >= 0, f"upcycle.dume_plus_steps must be >= 0, got {self.dume_plus_steps}")
+        _check(self.dume_plus_lr > 0, f"upcycle.dume_plus_lr must be > 0, got {self.dume_plus_lr}")
+
+
+@dataclass
 class EvalConfig:
     split: str = "test"  # held-out split the report scores
     batch_size: int = 256  # prompts per greedy-decoding batch
@@ -200,6 +237,8 @@ class EvalConfig:
     def __post_init__(self) -> None:
         _check(self.split in ("validation", "test"), f"eval.split must be 'validation' or 'test', got {self.split!r}")
         _check(self.gpus_per_task >= 0, f"eval.gpus_per_task must be >= 0, got {self.gpus_per_task}")
+        _check(self.batch_size >= 1, f"eval.batch_size must be >= 1, got {self.batch_size}")
+        _check(self.max_new_tokens >= 1, f"eval.max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
 
 @dataclass
@@ -217,6 +256,7 @@ class PipelineConfig:
     soft_targets: SoftTargetsConfig = field(default_factory=SoftTargetsConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     multitask: MultitaskConfig = field(default_factory=MultitaskConfig)
+    upcycle: UpcycleConfig = field(default_factory=UpcycleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
@@ -234,12 +274,20 @@ class PipelineConfig:
             _check(not twice, f"experts.groups: task(s) {twice} appear in more than one group")
             missing = [t for t in names if t not in seen]
             _check(not missing, f"experts.groups: task(s) {missing} are in no group")
+        if self.upcycle_active:
+            _check(self.upcycle.top_k <= len(self.groups),
+                   f"upcycle.top_k={self.upcycle.top_k} exceeds the number of experts ({len(self.groups)}, experts.groups)")
         if self.distill.init == "scratch" and self.distill.student_model is not None:
             _check(self.model.name_or_path == "embedded", "distill.student_model is only for the embedded model family")
 
     @property
     def run_dir(self) -> str:
         return f"{self.runs_dir}/{self.name}"
+
+    @property
+    def upcycle_active(self) -> bool:
+        """The DUME MoE is built when enabled and there are at least 2 experts to mix (`run` skips it otherwise)."""
+        return self.upcycle.enabled and len(self.groups) >= 2
 
     @property
     def groups(self) -> dict[str, list[str]]:
@@ -259,19 +307,54 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
         merged = OmegaConf.structured(PipelineConfig)
         if path is not None:
             merged = OmegaConf.merge(merged, OmegaConf.load(path))
-        if overrides:
-            bad = [o for o in overrides if "=" not in o]
-            _check(not bad, f"overrides must look like key=value, got {bad}")
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        for override in overrides or []:  # one at a time, so an error can always name its key
+            _check("=" in override, f"overrides must look like key=value, got {override!r}")
+            try:
+                merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([override]))
+            except OmegaConfBaseException as exc:
+                key = override.split("=", 1)[0]
+                raise ConfigError(f"override {override!r}: {_short(exc)}" if key not in _short(exc)
+                                  else _short(exc)) from exc
         cfg = OmegaConf.to_object(merged)
     except FileNotFoundError as exc:
         raise ConfigError(f"config file not found: {path}") from exc
     except OmegaConfBaseException as exc:
         raise ConfigError(f"{where}: {_short(exc)}") from exc
     except ConfigError as exc:
-        raise ConfigError(f"{where}: {exc}") from exc
+        raise ConfigError(f"{where}: {_qualify(_failing_section(merged), str(exc))}") from exc
     assert isinstance(cfg, PipelineConfig)
     return cfg
+
+
+def _failing_section(node: Any, path: str = "") -> str:
+    """Full key path of the deepest config section whose own checks fail, e.g. 'distill.optim' (the
+    sections' checks only know their own field names, and optim/resources sections appear several times)."""
+    items = enumerate(node) if isinstance(node, ListConfig) else ((k, node[k]) for k in node) \
+        if isinstance(node, DictConfig) else ()
+    for key, child in items:
+        if isinstance(child, (DictConfig, ListConfig)):
+            child_path = f"{path}[{key}]" if isinstance(node, ListConfig) else f"{path}.{key}".lstrip(".")
+            found = _failing_section(child, child_path)
+            if found is not None:
+                return found
+    if isinstance(node, DictConfig) and OmegaConf.get_type(node) not in (dict, None):
+        try:
+            OmegaConf.to_object(node)
+        except ConfigError:
+            return path
+        except Exception:  # noqa: BLE001 - only ConfigError locates a section
+            return None
+    return None
+
+
+def _qualify(path: Optional[str], message: str) -> str:
+    """'optim.lr must be > 0' raised by the section at 'distill.optim' -> 'distill.optim.lr must be > 0'."""
+    if not path or message.startswith(path):
+        return message
+    section = path.rsplit(".", 1)[-1]
+    if message.startswith(section + "."):
+        return path + message[len(section):]
+    return f"{path}: {message}"
 
 
 def _short(exc: Exception) -> str:

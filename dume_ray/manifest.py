@@ -1,18 +1,25 @@
-"""Stage manifests: `<stage dir>/DONE.json` records what a finished stage was built from and what it made.
+"""Stage manifests, and atomic writes of everything a stage outputs.
 
-A stage is skipped on rerun only when its manifest exists and its config hash (which folds in the hashes
-of the stages it reads) matches; any change upstream changes the hash, so stale outputs are never reused.
-Manifests are written to a temp name and renamed, so a crash never leaves one that looks finished.
+`<stage dir>/DONE.json` records what a finished stage was built from and what it made. A stage is skipped
+on rerun only when its manifest exists and its config hash (see `stage_hashes.py`) matches; any change
+upstream changes the hash, so stale outputs are never reused.
+
+Every output is written to a temp name and renamed into place (`write_json_atomic`, `write_text_atomic`,
+`atomic_dir`), and the manifest is written last, so a crash never leaves a half-written file or folder that
+looks finished: at worst the stage has no manifest and reruns (training resumes from its checkpoint).
 
 Pure: no Ray here. Tested in tests/unit/test_manifest.py.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import tempfile
 import time
-from typing import Optional
+from typing import Iterator, Optional
 
 MANIFEST = "DONE.json"
 
@@ -25,6 +32,37 @@ def write_json_atomic(path: str, payload: dict) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str) -> Iterator[str]:
+    """Yield a temp folder beside `path`; when the block finishes, it replaces `path` in one rename
+    (an older `path` is moved aside first and then deleted). If the block raises, `path` is untouched."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.tmp-")
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if os.path.exists(path):
+        old = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.old-")
+        os.replace(path, os.path.join(old, "x"))
+    os.replace(tmp, path)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def read_manifest(stage_dir: str) -> Optional[dict]:
@@ -50,6 +88,23 @@ def mark_done(stage_dir: str, config_hash: str, outputs: dict, metrics: Optional
                 "metrics": metrics or {}, "seconds": seconds, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     write_json_atomic(os.path.join(stage_dir, MANIFEST), manifest)
     return manifest
+
+
+class StageInputError(RuntimeError):
+    """A stage's input is missing or was made from another config; the message says what to run."""
+
+
+def require(stage_dir: str, command: str, expected_hash: Optional[str] = None) -> dict:
+    """The manifest of an upstream stage this stage reads; raises StageInputError when that stage has not
+    finished, or finished for another config (its outputs would be stale for this one)."""
+    found = read_manifest(stage_dir)
+    if found is None:
+        raise StageInputError(f"stage '{command}' has not finished in {stage_dir}: run `python -m dume_ray {command}` "
+                              f"(or `run`) with this config first")
+    if expected_hash is not None and found.get("config_hash") != expected_hash:
+        raise StageInputError(f"{stage_dir} was made with another config (hash {found.get('config_hash')}, this config "
+                              f"needs {expected_hash}): rerun `python -m dume_ray {command}` (or `run`) with this config")
+    return found
 
 
 def clear(stage_dir: str) -> None:

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from dume_ray.config import ModelConfig
 from dume_ray.data.tokenizer import build_char_tokenizer
+from dume_ray.manifest import atomic_dir
 
 EMBEDDED = "embedded"
 
@@ -47,10 +48,13 @@ def check_model_path(name_or_path: str) -> None:
         raise FileNotFoundError(f"model.name_or_path: no model folder at {name_or_path!r}")
 
 
-def load_tokenizer(name_or_path: str):
-    """Tokenizer of a saved or Hub model; adds a pad token (= eos) when the model has none."""
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    """Tokenizer of a saved or Hub model; adds a pad token (= eos) when the model has none.
+
+    `trust_remote_code=True` only for our own folders that carry a modeling file (the upcycled MoE), where
+    AutoTokenizer would otherwise stop to ask."""
     check_model_path(name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer of {name_or_path!r} has no eos token; responses need one to end")
     if tokenizer.pad_token_id is None:
@@ -75,8 +79,9 @@ def create_initial_model(cfg: ModelConfig, seed: int, out_dir: str) -> str:
     else:
         tokenizer = load_tokenizer(cfg.name_or_path)
         model = load_model(cfg.name_or_path)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return out_dir
 
 

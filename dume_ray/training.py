@@ -14,8 +14,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import shutil
-import tempfile
 from typing import Optional
 
 import torch
@@ -154,16 +152,16 @@ def evaluate_tasks(model, tokenizer, tasks: dict, split: str, max_new_tokens: in
 # ---------------------------------------------------------------------------------------------------------
 
 def save_training_state(directory: str, model, optimizer, scheduler, step: int, extra: Optional[dict] = None) -> str:
-    """Write model/optimizer/scheduler state + step into `directory` atomically (temp folder, then rename)."""
-    parent = os.path.dirname(os.path.abspath(directory))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "step": step, "extra": extra or {}},
-               os.path.join(tmp, "state.pt"))
-    if os.path.exists(directory):
-        shutil.rmtree(directory)
-    os.replace(tmp, directory)
+    """Write model/optimizer/scheduler state + step to `directory/state.pt` atomically (temp file, then
+    rename): a crash mid-save leaves the previous checkpoint intact, never a truncated one."""
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".state.pt.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "step": step, "extra": extra or {}}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(directory, "state.pt"))
     return directory
 
 

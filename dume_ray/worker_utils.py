@@ -9,6 +9,7 @@ also keep the latest one in the stage folder.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import tempfile
@@ -21,6 +22,7 @@ import ray.train.torch
 import torch
 
 from dume_ray.dashboards import ScalarLog
+from dume_ray.manifest import atomic_dir
 from dume_ray.tasks.base import Example, Task
 from dume_ray.training import evaluate_tasks, load_training_state, save_training_state
 
@@ -92,6 +94,51 @@ def report_checkpoint(metrics: dict, model, optimizer, scheduler, step: int, loc
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(state_dir))
 
 
+class StepHistory:
+    """Rank 0's append-only log of every optimiser step, one JSON line each (`history-<config hash>.jsonl`
+    in the job folder).
+
+    Every attempt starts with a `{"start": step, "pid": ...}` line: step 0 for the first, the checkpoint's
+    step after a crash. So the log shows exactly which steps were redone (those between the checkpoint and
+    the crash) and that none were skipped. `summary()` goes into the stage's manifest.
+    """
+
+    def __init__(self, path: str, start_step: int):
+        self.path, self.file = path, None
+        if is_rank_zero():
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            self.file = open(path, "a", buffering=1)
+            self.file.write(json.dumps({"start": start_step, "pid": os.getpid(), "time": time.time()}) + "\n")
+
+    def append(self, step: int, metrics: dict) -> None:
+        if self.file:
+            self.file.write(json.dumps({"step": step, "loss": metrics.get("loss")}) + "\n")
+
+    def summary(self) -> dict:
+        if not self.file:
+            return {}
+        self.file.close()
+        starts, steps = read_history(self.path)
+        return {"restarts": len(starts) - 1, "resumed_from": starts[1:], "steps_redone": len(steps) - len(set(steps))}
+
+
+def read_history(path: str) -> tuple[list[int], list[int]]:
+    """(the step each attempt started from, every step in the order it ran); a line cut short by a crash
+    is ignored."""
+    starts, steps = [], []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if "start" in record:
+                starts.append(record["start"])
+            elif "step" in record:
+                steps.append(record["step"])
+    return starts, steps
+
+
 class Progress:
     """One line every `every` steps on rank 0: `[expert copy] step 100/300 loss 0.512 (12.3 s)`."""
 
@@ -105,18 +152,20 @@ class Progress:
             print(f"[{self.label}] step {step}/{self.total} {shown} ({time.time() - self.start:.1f} s)", flush=True)
 
 
-def save_and_validate(model, tokenizer, config: dict, step: int, metrics: dict, start: float) -> dict:
+def save_and_validate(model, tokenizer, config: dict, step: int, metrics: dict, start: float,
+                      history: StepHistory) -> dict:
     """Rank 0: `save_pretrained` the final model + tokenizer and score it on the validation pairs."""
     if not is_rank_zero():
         return {}
     final = unwrap(model)
-    final.save_pretrained(config["output_dir"])
-    tokenizer.save_pretrained(config["output_dir"])
+    with atomic_dir(config["output_dir"]) as tmp:
+        final.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     validation = {name: Task(name, {"validation": [Example(p, r) for p, r in pairs]})
                   for name, pairs in config["validation"].items()}
     scores = evaluate_tasks(final, tokenizer, validation, "validation", config["max_new_tokens"])
     return {"steps": step, "final_loss": metrics.get("loss"), "validation": scores,
-            "train_seconds": round(time.time() - start, 2)}
+            "train_seconds": round(time.time() - start, 2), **history.summary()}
 
 
 def open_dashboards(config: dict, step: int) -> Optional[ScalarLog]:

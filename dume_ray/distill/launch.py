@@ -16,11 +16,13 @@ import time
 import ray.data
 
 from dume_ray import manifest
-from dume_ray.config import PipelineConfig, config_hash, to_dict
+from dume_ray.config import PipelineConfig, to_dict
 from dume_ray.dashboards import mlflow_tracking_uri, tensorboard_dir
 from dume_ray.distill.worker import train_fn_per_worker
-from dume_ray.experts.launch import _require, fit_concurrently, local_checkpoint_dir
+from dume_ray.experts.launch import _require, fit_concurrently, history_path, local_checkpoint_dir
 from dume_ray.model import build_embedded_model, check_same_vocab, load_tokenizer
+from dume_ray.soft_targets.launch import checked_soft_targets
+from dume_ray.stage_hashes import pipeline_hashes, student_hash
 from dume_ray.tasks import load_tasks
 
 
@@ -34,19 +36,17 @@ def run_multitask(cfg: PipelineConfig) -> dict:
 
 def _run_student(cfg: PipelineConfig, stage: str, alpha: float) -> dict:
     stage_dir = f"{cfg.run_dir}/{stage}"
-    soft_targets = _require(f"{cfg.run_dir}/soft_targets", "soft-targets")
-    base_dir = _require(f"{cfg.run_dir}/base", "base")["outputs"]["model"]
-    # The baseline's hash leaves out the KD knobs it does not use, so tuning T or alpha never retrains it.
-    kd = (cfg.distill.alpha, cfg.distill.temperature, cfg.distill.divergence, cfg.distill.jsd_beta, cfg.distill.anneal)
-    stage_hash = config_hash(stage, soft_targets["config_hash"], cfg.distill.optim, cfg.distill.init,
-                             cfg.distill.student_model, cfg.seed, kd if alpha > 0 else None)
+    hashes = pipeline_hashes(cfg)
+    base_dir = _require(f"{cfg.run_dir}/base", "base", hashes["base"])["outputs"]["model"]
+    soft_targets = checked_soft_targets(cfg)
+    stage_hash = student_hash(cfg, stage, soft_targets["config_hash"])
     if manifest.is_done(stage_dir, stage_hash):
         print(f"[{stage}] done already ({stage_dir}), skipping", flush=True)
         return manifest.read_manifest(stage_dir)
     start = time.time()
     init_dir = student_init(cfg, base_dir, f"{stage_dir}/init")
     check_same_vocab(base_dir, init_dir)
-    tasks = load_tasks(cfg.tasks)
+    tasks = load_tasks(cfg.tasks, load_tokenizer(base_dir), cfg.model.max_seq_len)
     loop_config = {
         "label": stage, "init_dir": init_dir, "output_dir": f"{stage_dir}/model", "optim": to_dict(cfg.distill.optim),
         "alpha": alpha, "temperature": cfg.distill.temperature, "divergence": cfg.distill.divergence,
@@ -57,6 +57,7 @@ def _run_student(cfg: PipelineConfig, stage: str, alpha: float) -> dict:
         "max_new_tokens": cfg.eval.max_new_tokens,
         "validation": {n: [(e.prompt, e.response) for e in t.examples("validation")] for n, t in tasks.items()},
         "local_checkpoint_dir": local_checkpoint_dir(stage_dir, stage_hash, cfg.distill.resources),
+        "history_path": history_path(stage_dir, stage_hash),
         "run_name": f"{stage}-{stage_hash}",  # Ray Train resumes a run of this name: never one of another config
         "experiment": cfg.name, "tensorboard_dir": tensorboard_dir(cfg.run_dir, stage, stage),
         "mlflow_tracking_uri": mlflow_tracking_uri(cfg.mlflow_tracking_uri),
@@ -75,6 +76,7 @@ def student_init(cfg: PipelineConfig, base_dir: str, out_dir: str) -> str:
         return base_dir
     tokenizer = load_tokenizer(base_dir)
     model = build_embedded_model(cfg.distill.student_model or cfg.model, tokenizer, cfg.seed)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    with manifest.atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return out_dir

@@ -20,7 +20,7 @@ from dume_ray.data.encode import collate
 from dume_ray.distill.losses import annealed_alpha
 from dume_ray.model import load_model, load_tokenizer
 from dume_ray.training import distill_train_step, make_optimizer, validation_loss
-from dume_ray.worker_utils import (Progress, batch_stream, open_dashboards, per_worker_batch_size, report_checkpoint,
+from dume_ray.worker_utils import (Progress, StepHistory, batch_stream, open_dashboards, per_worker_batch_size, report_checkpoint,
                                    restore_checkpoint, save_and_validate, setup_worker, unwrap)
 
 
@@ -32,6 +32,7 @@ def train_fn_per_worker(config: dict) -> dict:
     model = ray.train.torch.prepare_model(model) if config["num_workers"] > 0 else model.to(device)
     optimizer, scheduler = make_optimizer(model, optim)
     step = restore_checkpoint(model, optimizer, scheduler, config.get("local_checkpoint_dir"))
+    history = StepHistory(config["history_path"], step)
     progress = Progress(config["label"], optim.steps, every=max(1, optim.steps // 10))
     batches = batch_stream("train", per_worker_batch_size(optim.batch_size), seed=config["seed"] + step)
     dashboards = open_dashboards(config, step)  # rank 0: TensorBoard (+ MLflow when configured)
@@ -44,6 +45,7 @@ def train_fn_per_worker(config: dict) -> dict:
         metrics = distill_train_step(model, batch, optimizer, scheduler, optim.grad_clip, alpha, config["temperature"],
                                      config["divergence"], config["jsd_beta"], config["dtype"])
         step += 1
+        history.append(step, metrics)
         progress(step, metrics)
         if dashboards:
             dashboards.log(step, {**metrics, "alpha": alpha, "lr": scheduler.get_last_lr()[0]}, "train")
@@ -54,7 +56,7 @@ def train_fn_per_worker(config: dict) -> dict:
                               config.get("local_checkpoint_dir"))
 
     # ---- save the Hugging Face model and score it on validation (rank 0) ---------------------------------
-    result = save_and_validate(model, tokenizer, config, step, metrics, start)
+    result = save_and_validate(model, tokenizer, config, step, metrics, start, history)
     if dashboards:
         dashboards.log(step, result["validation"], "validation")
         dashboards.close()

@@ -3,7 +3,10 @@
     python -m dume_ray eval --config configs/demo.yaml eval.split=test
 
 Each model is scored in its own Ray task (greedy decoding, exact match), so models are evaluated in
-parallel; the report goes to `<run>/eval/report.md`, `report.json` and `report.png`, and the table is printed.
+parallel; with `upcycle` on, so is each routing of the DUME MoE (per-token, sequence-mean, whole-sequence;
+raw and unit-length router columns; oracle: each task with its own expert forced; random; DUME+) and the
+weight average.
+The report goes to `<run>/eval/report.md`, `report.json` and `report.png`, and the table is printed.
 """
 
 from __future__ import annotations
@@ -14,10 +17,11 @@ import time
 import ray
 
 from dume_ray import manifest
-from dume_ray.config import PipelineConfig, config_hash
+from dume_ray.config import PipelineConfig
 from dume_ray.eval.report import build_report, plot_report, render_markdown
 from dume_ray.experts.launch import _require
 from dume_ray.model import load_model, load_tokenizer
+from dume_ray.stage_hashes import eval_hash, pipeline_hashes
 from dume_ray.tasks import load_tasks
 from dume_ray.training import evaluate_tasks
 
@@ -25,7 +29,9 @@ from dume_ray.training import evaluate_tasks
 def run_eval(cfg: PipelineConfig) -> dict:
     stage_dir = f"{cfg.run_dir}/eval"
     models = models_to_score(cfg)  # {label: (model_dir, [task names], manifest hash)}
-    stage_hash = config_hash("eval", cfg.eval, cfg.tasks, {k: v[2] for k, v in models.items()})
+    moe_runs = moe_runs_to_score(cfg)  # {label: (moe_dir, router.pt, routing mode, router variant, seed)}
+    upcycle = manifest.read_manifest(f"{cfg.run_dir}/upcycle") if moe_runs else None
+    stage_hash = eval_hash(cfg, {label: h for label, (_, _, h) in models.items()})
     if manifest.is_done(stage_dir, stage_hash):
         print(f"[eval] done already ({stage_dir}), skipping", flush=True)
         found = manifest.read_manifest(stage_dir)
@@ -34,46 +40,112 @@ def run_eval(cfg: PipelineConfig) -> dict:
     start = time.time()
     score = ray.remote(num_cpus=1, num_gpus=cfg.eval.gpus_per_task)(_score_model)
     refs = {label: score.remote(model_dir, cfg.tasks, names, cfg.eval.split, cfg.eval.max_new_tokens, cfg.eval.batch_size,
-                                "cuda" if cfg.eval.gpus_per_task > 0 else "cpu")
+                                cfg.model.max_seq_len, "cuda" if cfg.eval.gpus_per_task > 0 else "cpu")
             for label, (model_dir, names, _) in models.items()}
+    score_moe = ray.remote(num_cpus=1)(_score_moe)
+    expert_of = {t: i for i, names in enumerate(cfg.groups.values()) for t in names}  # task -> its expert column
+    refs.update({label: score_moe.remote(*spec, cfg.tasks, expert_of, cfg.eval.split, cfg.eval.max_new_tokens, cfg.eval.batch_size,
+                                         cfg.model.max_seq_len)
+                 for label, spec in moe_runs.items()})
     per_model = {label: ray.get(ref) for label, ref in refs.items()}
+    variants = {label: per_model.pop(label) for label in list(per_model) if label.startswith("dume[")}
+    if variants:  # the configured DUME router is one of the four variants: its row in the main table
+        per_model["dume"] = variants[_variant_label(cfg.upcycle.routing, cfg.upcycle.normalize_columns)]
 
     scores = {"base": per_model.pop("base")}
     scores["experts"] = {t: s for label in list(per_model) if label.startswith("expert:") for t, s in per_model.pop(label).items()}
     scores.update(per_model)
-    report = build_report(scores, cfg.tasks.names, cfg.eval.split, settings=_settings(cfg), timings=_timings(cfg))
+    report = build_report(scores, cfg.tasks.names, cfg.eval.split, settings=_settings(cfg), timings=_timings(cfg),
+                          upcycle=_upcycle_section(cfg, upcycle, variants) if upcycle else None)
+    report["scored_models"] = {label: {"model": model_dir, "config_hash": h} for label, (model_dir, _, h) in models.items()}
+    report["faults"] = _faults(cfg)
     os.makedirs(stage_dir, exist_ok=True)
     outputs = {"json": f"{stage_dir}/report.json", "markdown": f"{stage_dir}/report.md", "chart": f"{stage_dir}/report.png"}
     manifest.write_json_atomic(outputs["json"], report)
-    with open(outputs["markdown"], "w") as f:
-        f.write(render_markdown(report))
+    manifest.write_text_atomic(outputs["markdown"], render_markdown(report))
     plot_report(report, outputs["chart"])
     print(render_markdown(report), flush=True)
     return manifest.mark_done(stage_dir, stage_hash, outputs, metrics={"means": report["means"]}, seconds=time.time() - start)
 
 
 def models_to_score(cfg: PipelineConfig) -> dict[str, tuple[str, list[str], str]]:
-    """Every finished model of the run: base and student/multitask on all tasks, each expert on its group."""
-    base = _require(f"{cfg.run_dir}/base", "base")
+    """Every finished model of the run: base, student/multitask and the experts' weight average on all tasks,
+    each expert on its group."""
+    hashes = pipeline_hashes(cfg)
+    base = _require(f"{cfg.run_dir}/base", "base", hashes["base"])
     models = {"base": (base["outputs"]["model"], cfg.tasks.names, base["config_hash"])}
     for group, names in cfg.groups.items():
-        found = _require(f"{cfg.run_dir}/experts/{group}", "experts")
+        found = _require(f"{cfg.run_dir}/experts/{group}", "experts", hashes[f"experts/{group}"])
         models[f"expert:{group}"] = (found["outputs"]["model"], names, found["config_hash"])
     for stage, command in (("student", "distill"), ("multitask", "multitask")):
         if stage == "multitask" and not cfg.multitask.enabled:
             continue
-        found = _require(f"{cfg.run_dir}/{stage}", command)
+        found = _require(f"{cfg.run_dir}/{stage}", command, hashes[stage])
         models[stage] = (found["outputs"]["model"], cfg.tasks.names, found["config_hash"])
+    if cfg.upcycle_active:
+        found = _require(f"{cfg.run_dir}/upcycle", "upcycle", hashes["upcycle"])
+        models["weight_average"] = (found["outputs"]["weight_average"], cfg.tasks.names, found["config_hash"])
     return models
 
 
+def moe_runs_to_score(cfg: PipelineConfig) -> dict[str, tuple]:
+    """The upcycled models: DUME in 3 granularities x 2 column modes, oracle and random routing (+ DUME+)."""
+    if not cfg.upcycle_active:
+        return {}
+    outputs = _require(f"{cfg.run_dir}/upcycle", "upcycle", pipeline_hashes(cfg)["upcycle"])["outputs"]
+    runs = {_variant_label(g, n): (outputs["moe"], outputs["router"], g, "normalized" if n else "raw", 0)
+            for g in ("token", "sequence_mean", "whole_sequence") for n in (False, True)}
+    runs["oracle"] = (outputs["moe"], outputs["router"], "forced", None, 0)
+    runs["random"] = (outputs["moe"], outputs["router"], "random", None, cfg.upcycle.random_seed)
+    if "moe_plus" in outputs:  # DUME+: the fine-tuned routers, routed as configured
+        runs["dume+"] = (outputs["moe_plus"], outputs["router"], cfg.upcycle.routing, None, 0)
+    return runs
+
+
+def _variant_label(granularity: str, normalized: bool) -> str:
+    return f"dume[{granularity}{',normalized' if normalized else ''}]"
+
+
+def _score_moe(moe_dir: str, router_path: str, mode: str, variant, seed: int, tasks_cfg, expert_of: dict,
+               split: str, max_new_tokens: int, batch_size: int, max_seq_len: int) -> dict:
+    """One routing of the MoE on every task; "forced" is the oracle: each task with its own group's expert."""
+    import torch
+    from dume_ray.upcycle.moe import DumeMoEForCausalLM
+    torch.set_num_threads(1)
+    tokenizer = load_tokenizer(moe_dir, trust_remote_code=True)
+    tasks = load_tasks(tasks_cfg, tokenizer, max_seq_len)
+    model = DumeMoEForCausalLM.from_pretrained(moe_dir)
+    if variant is not None:
+        model.set_router(torch.load(router_path)["routers"][variant])
+    scores = {}
+    for name in expert_of:
+        model.set_routing(mode, expert=expert_of[name] if mode == "forced" else None, seed=seed)
+        scores.update(evaluate_tasks(model, tokenizer, {name: tasks[name]}, split, max_new_tokens, batch_size))
+    return scores
+
+
+def _upcycle_section(cfg: PipelineConfig, upcycle: dict, variants: dict) -> dict:
+    student = manifest.read_manifest(f"{cfg.run_dir}/student")
+    student_params = None
+    if student:
+        from dume_ray.model import count_parameters
+        student_params = count_parameters(load_model(student["outputs"]["model"]))
+    return {"variants": variants, "routing": cfg.upcycle.routing, "normalize_columns": cfg.upcycle.normalize_columns,
+            "ridge_lambda": cfg.upcycle.ridge_lambda, "top_k": cfg.upcycle.top_k,
+            "experts_trained_mlp_only": upcycle["metrics"].get("experts_trained_mlp_only"),
+            "moe_parameters": upcycle["metrics"].get("parameters"),
+            "moe_active_parameters_per_token": upcycle["metrics"].get("active_parameters_per_token"),
+            "student_parameters": student_params}
+
+
 def _score_model(model_dir: str, tasks_cfg, names: list[str], split: str, max_new_tokens: int, batch_size: int,
-                 device: str = "cpu") -> dict:
+                 max_seq_len: int, device: str = "cpu") -> dict:
     import torch
     torch.set_num_threads(1)
-    tasks = load_tasks(tasks_cfg)
-    return evaluate_tasks(load_model(model_dir).to(device), load_tokenizer(model_dir), {n: tasks[n] for n in names},
-                          split, max_new_tokens, batch_size)
+    tokenizer = load_tokenizer(model_dir)
+    tasks = load_tasks(tasks_cfg, tokenizer, max_seq_len)
+    return evaluate_tasks(load_model(model_dir).to(device), tokenizer, {n: tasks[n] for n in names}, split,
+                          max_new_tokens, batch_size)
 
 
 def _settings(cfg: PipelineConfig) -> dict:
@@ -84,9 +156,23 @@ def _settings(cfg: PipelineConfig) -> dict:
             "batch size (student = multitask)": d.optim.batch_size, "experts trained MLP-only": cfg.experts.train_mlp_only}
 
 
+def _faults(cfg: PipelineConfig) -> dict:
+    """What the run survived: training restarts (steps redone) per job, and bad rows skipped per task."""
+    faults = {}
+    for stage in ["base", *(f"experts/{g}" for g in cfg.groups), "student", "multitask"]:
+        metrics = (manifest.read_manifest(f"{cfg.run_dir}/{stage}") or {}).get("metrics", {})
+        if metrics.get("restarts"):
+            faults[stage] = f"{metrics['restarts']} restart(s) from checkpoint, {metrics.get('steps_redone', 0)} steps redone"
+    tokenizer = load_tokenizer(manifest.read_manifest(f"{cfg.run_dir}/base")["outputs"]["model"])
+    for name, task in load_tasks(cfg.tasks, tokenizer, cfg.model.max_seq_len).items():
+        if any(task.skipped_rows.values()):
+            faults[f"task {name}"] = f"bad rows skipped (tasks.skip_bad_rows): {task.skipped_rows}"
+    return faults
+
+
 def _timings(cfg: PipelineConfig) -> dict:
     out = {}
-    for stage in ("base", "soft_targets", "student", "multitask"):
+    for stage in ("base", "upcycle", "soft_targets", "student", "multitask"):
         found = manifest.read_manifest(f"{cfg.run_dir}/{stage}")
         if found and found.get("seconds") is not None:
             out[stage] = found["seconds"]

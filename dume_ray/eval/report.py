@@ -9,10 +9,14 @@ Pure: no Ray here. Tested in tests/unit/test_report.py.
 
 from __future__ import annotations
 
+import os
+
 import math
 from typing import Optional
 
-MODEL_ORDER = ["base", "experts", "student", "multitask"]
+MODEL_ORDER = ["base", "experts", "student", "multitask", "dume", "dume+", "oracle", "weight_average", "random"]
+# What the DUME paper reports (Fanì & Ersoy 2026, arXiv 2603.29765), next to what we measure.
+PAPER_CLAIM = "up to 97.6% of a dense expert in language modelling, 102.1% in reasoning"
 
 
 def _mean(values) -> float:
@@ -21,10 +25,11 @@ def _mean(values) -> float:
 
 
 def build_report(scores: dict[str, dict[str, float]], task_names: list[str], split: str,
-                 settings: Optional[dict] = None, timings: Optional[dict] = None) -> dict:
+                 settings: Optional[dict] = None, timings: Optional[dict] = None, upcycle: Optional[dict] = None) -> dict:
     """Args:
-        scores: {"base"|"experts"|"student"|"multitask"|...: {task: exact-match}}; "experts" holds, per task,
-            the score of that task's own group expert.
+        scores: {"base"|"experts"|"student"|"multitask"|"dume"|"oracle"|...: {task: exact-match}}; "experts"
+            holds, per task, the score of that task's own group expert.
+        upcycle: the DUME section: {"variants": {label: {task: score}}, parameter counts, router settings}.
     """
     models = [m for m in MODEL_ORDER if m in scores] + sorted(m for m in scores if m not in MODEL_ORDER)
     means = {m: _mean(scores[m].get(t) for t in task_names) for m in models}
@@ -34,6 +39,17 @@ def build_report(scores: dict[str, dict[str, float]], task_names: list[str], spl
         report["student_minus_multitask"] = means["student"] - means["multitask"]
     if "student" in means and "experts" in means and means["experts"] > 0:
         report["student_pct_of_experts"] = 100.0 * means["student"] / means["experts"]
+    if upcycle is not None:
+        section = dict(upcycle)
+        section["variant_means"] = {k: _mean(v.get(t) for t in task_names) for k, v in upcycle.get("variants", {}).items()}
+        for ref in ("oracle", "experts"):
+            if "dume" in means and means.get(ref, 0) > 0:
+                section[f"dume_pct_of_{ref}"] = 100.0 * means["dume"] / means[ref]
+        for rival in ("weight_average", "random"):
+            if "dume" in means and rival in means:
+                section[f"dume_beats_{rival}"] = means["dume"] > means[rival]
+        section["paper_claim"] = PAPER_CLAIM
+        report["upcycle"] = section
     return report
 
 
@@ -54,11 +70,43 @@ def render_markdown(report: dict) -> str:
                      f"{100 * report['student_minus_multitask']:+.1f} points of mean exact match.")
     if "student_pct_of_experts" in report:
         lines.append(f"- The student reaches {report['student_pct_of_experts']:.1f}% of its experts' mean.")
+    if "upcycle" in report:
+        lines += _upcycle_markdown(report)
     if report["settings"]:
         lines += ["", "## Settings", ""] + [f"- {k}: {v}" for k, v in report["settings"].items()]
+    if report.get("faults"):
+        lines += ["", "## Faults survived", ""] + [f"- {k}: {v}" for k, v in report["faults"].items()]
     if report["timings"]:
         lines += ["", "## Stage wall times (s)", ""] + [f"- {k}: {v:.1f}" for k, v in report["timings"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _upcycle_markdown(report: dict) -> list[str]:
+    """DUME: how much of oracle routing it keeps (vs the paper's claim), its rivals, variants and sizes."""
+    up = report["upcycle"]
+    lines = ["", "## DUME upcycling (training-free MoE of the experts)", ""]
+    if "dume_pct_of_oracle" in up:
+        lines.append(f"- DUME ({up['routing']} routing, {'unit-length' if up['normalize_columns'] else 'raw'} router "
+                     f"columns, top-{up['top_k']}, λ={up['ridge_lambda']}) keeps **{up['dume_pct_of_oracle']:.1f}%** of "
+                     f"oracle routing's mean" + (f" and {up['dume_pct_of_experts']:.1f}% of the dense experts'"
+                                                 if "dume_pct_of_experts" in up else "")
+                     + f". The paper claims {up['paper_claim']}.")
+    for rival, name in (("weight_average", "weight averaging"), ("random", "random routing")):
+        if f"dume_beats_{rival}" in up:
+            lines.append(f"- DUME {'beats' if up[f'dume_beats_{rival}'] else '**does not beat**'} {name}.")
+    lines.append(f"- Experts trained {'MLP-only (trunk frozen)' if up.get('experts_trained_mlp_only') else 'with all weights'}"
+                 " (experts.train_mlp_only); averaging the trunk is exact only for MLP-only experts.")
+    if up.get("moe_parameters"):
+        lines.append(f"- Parameters: MoE {up['moe_parameters']:,} in all, {up['moe_active_parameters_per_token']:,} active "
+                     f"per token; student {_count(up.get('student_parameters'))}.")
+    if up.get("variant_means"):
+        lines += ["", "| DUME router | mean |", "|---|---|"]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in up["variant_means"].items()]
+    return lines
+
+
+def _count(n) -> str:
+    return f"{n:,}" if n else "–"
 
 
 def _fmt(value, signed: bool = False) -> str:
@@ -85,6 +133,8 @@ def plot_report(report: dict, path: str) -> str:
     ax.set_ylabel(f"exact match ({report['split']})")
     ax.legend(ncol=len(models), fontsize=8, loc="upper center", bbox_to_anchor=(0.5, 1.15))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
+    os.replace(tmp, path)
     return path

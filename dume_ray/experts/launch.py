@@ -22,16 +22,17 @@ from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from dume_ray import manifest
-from dume_ray.config import PipelineConfig, ResourcesConfig, config_hash, to_dict
+from dume_ray.config import PipelineConfig, ResourcesConfig, to_dict
 from dume_ray.dashboards import mlflow_tracking_uri, tensorboard_dir
 from dume_ray.experts.worker import train_fn_per_worker
 from dume_ray.model import create_initial_model, load_tokenizer
+from dume_ray.stage_hashes import base_hash, expert_hash
 from dume_ray.tasks import encode_rows, load_tasks
 
 
 def run_base(cfg: PipelineConfig) -> dict:
     stage_dir = f"{cfg.run_dir}/base"
-    stage_hash = config_hash("base", cfg.seed, cfg.model, cfg.tasks, cfg.base)
+    stage_hash = base_hash(cfg)
     if manifest.is_done(stage_dir, stage_hash):
         print(f"[base] done already ({stage_dir}), skipping", flush=True)
         return manifest.read_manifest(stage_dir)
@@ -42,8 +43,8 @@ def run_base(cfg: PipelineConfig) -> dict:
         shutil.copytree(init_dir, model_dir, dirs_exist_ok=True)
         return manifest.mark_done(stage_dir, stage_hash, {"model": model_dir}, seconds=time.time() - start)
 
-    tasks = load_tasks(cfg.tasks)
     tokenizer = load_tokenizer(init_dir)
+    tasks = load_tasks(cfg.tasks, tokenizer, cfg.model.max_seq_len)
     rows = encode_rows(tasks, tokenizer, "train", cfg.model.max_seq_len, {t: "base" for t in tasks})
     job = TrainingJob("base", init_dir, model_dir, rows, {t: tasks[t] for t in tasks}, stage_hash)
     result = run_training_jobs(cfg, [job], cfg.base.optim, cfg.base.resources, stage_dir)["base"]
@@ -53,10 +54,10 @@ def run_base(cfg: PipelineConfig) -> dict:
 
 
 def run_experts(cfg: PipelineConfig) -> dict[str, dict]:
-    base = _require(f"{cfg.run_dir}/base", "base")
+    base = _require(f"{cfg.run_dir}/base", "base", base_hash(cfg))
     base_dir = base["outputs"]["model"]
-    tasks = load_tasks(cfg.tasks)
     tokenizer = load_tokenizer(base_dir)
+    tasks = load_tasks(cfg.tasks, tokenizer, cfg.model.max_seq_len)
     manifests, jobs, hashes = {}, [], {}
     for group, names in cfg.groups.items():
         group_dir = f"{cfg.run_dir}/experts/{group}"
@@ -68,19 +69,15 @@ def run_experts(cfg: PipelineConfig) -> dict[str, dict]:
         rows = encode_rows({t: tasks[t] for t in names}, tokenizer, "train", cfg.model.max_seq_len, {t: group for t in names})
         jobs.append(TrainingJob(group, base_dir, f"{group_dir}/model", rows, {t: tasks[t] for t in names}, hashes[group]))
 
-    results = run_training_jobs(cfg, jobs, cfg.experts.optim, cfg.experts.resources, f"{cfg.run_dir}/experts",
-                                train_mlp_only=cfg.experts.train_mlp_only)
-    for group, result in results.items():
+    def mark_expert_done(group: str, result: dict) -> None:  # at once, so a driver crash keeps finished experts
         group_dir = f"{cfg.run_dir}/experts/{group}"
         manifests[group] = manifest.mark_done(group_dir, hashes[group], {"model": f"{group_dir}/model"},
                                               metrics=result, inputs={"base": base_dir, "tasks": cfg.groups[group]},
                                               seconds=result["train_seconds"])
+
+    run_training_jobs(cfg, jobs, cfg.experts.optim, cfg.experts.resources, f"{cfg.run_dir}/experts",
+                      train_mlp_only=cfg.experts.train_mlp_only, on_finish=mark_expert_done)
     return manifests
-
-
-def expert_hash(base_hash: str, task_names: list[str], cfg: PipelineConfig) -> str:
-    """Content hash of (task group, base model, expert config): equal hashes mean reusable experts."""
-    return config_hash("expert", base_hash, sorted(task_names), cfg.experts.optim, cfg.experts.train_mlp_only, cfg.tasks)
 
 
 class TrainingJob:
@@ -95,8 +92,10 @@ class TrainingJob:
 
 
 def run_training_jobs(cfg: PipelineConfig, jobs: list[TrainingJob], optim, resources: ResourcesConfig,
-                      stage_dir: str, train_mlp_only: bool = False) -> dict[str, dict]:
-    """Fit one TorchTrainer per job, concurrently, printing a line as each finishes; {label: return value}."""
+                      stage_dir: str, train_mlp_only: bool = False,
+                      on_finish: Callable[[str, dict], None] | None = None) -> dict[str, dict]:
+    """Fit one TorchTrainer per job, concurrently, printing a line and calling `on_finish(label, result)` as
+    each finishes; {label: return value}."""
     pending = {}
     for job in jobs:
         loop_config = {"label": job.label, "init_dir": job.init_dir, "output_dir": job.output_dir,
@@ -105,22 +104,24 @@ def run_training_jobs(cfg: PipelineConfig, jobs: list[TrainingJob], optim, resou
                        "train_mlp_only": train_mlp_only, "validation": job.validation,
                        "max_new_tokens": cfg.eval.max_new_tokens,
                        "local_checkpoint_dir": local_checkpoint_dir(os.path.dirname(job.output_dir), job.config_hash, resources),
+                       "history_path": history_path(os.path.dirname(job.output_dir), job.config_hash),
                        "run_name": f"{job.label}-{job.config_hash}", "experiment": cfg.name,
                        "mlflow_tracking_uri": mlflow_tracking_uri(cfg.mlflow_tracking_uri),
                        "tensorboard_dir": tensorboard_dir(cfg.run_dir, os.path.basename(stage_dir), job.label)}
         pending[job.label] = (loop_config, ray.data.from_items(job.rows))
     return fit_concurrently(train_fn_per_worker, pending, resources, os.path.abspath(f"{stage_dir}/ray_train"),
-                            stage=os.path.basename(stage_dir))
+                            stage=os.path.basename(stage_dir), on_finish=on_finish)
 
 
 def fit_concurrently(train_fn: Callable, pending: dict[str, tuple[dict, object]], resources: ResourcesConfig,
-                     storage_path: str, stage: str) -> dict[str, dict]:
+                     storage_path: str, stage: str, on_finish: Callable[[str, dict], None] | None = None) -> dict[str, dict]:
     """Run `trainer.fit()` for each (loop_config, dataset) in its own Ray task; at most
     `resources.max_concurrent_jobs` at once (0 = let the cluster's free resources decide)."""
     limit = resources.max_concurrent_jobs or len(pending) or 1
     # In local mode the training runs inside the task, so the task holds the CPUs; otherwise it only drives.
     task_cpus = resources.cpus_per_worker if resources.num_workers == 0 else 0
-    fit = ray.remote(num_cpus=task_cpus, max_retries=0)(_fit)
+    # A died task (its node lost, its process killed) is retried; the rerun resumes from the checkpoint.
+    fit = ray.remote(num_cpus=task_cpus, max_retries=resources.max_failures)(_fit)
     queue, running, results, start = list(pending.items()), {}, {}, time.time()
     total = len(queue)
     while queue or running:
@@ -134,6 +135,8 @@ def fit_concurrently(train_fn: Callable, pending: dict[str, tuple[dict, object]]
         scores = results[label].get("validation", {})
         print(f"[{stage}] {len(results)}/{total} finished: {label} validation exact-match "
               f"{_mean(scores):.3f} ({time.time() - start:.0f} s since stage start)", flush=True)
+        if on_finish:
+            on_finish(label, results[label])
     return results
 
 
@@ -162,11 +165,18 @@ def local_checkpoint_dir(job_dir: str, config_hash: str, resources: ResourcesCon
     return os.path.join(job_dir, keep)
 
 
-def _require(stage_dir: str, stage: str) -> dict:
-    found = manifest.read_manifest(stage_dir)
-    if found is None:
-        raise FileNotFoundError(f"stage '{stage}' has not finished in {stage_dir}: run `python -m dume_ray {stage}` first")
-    return found
+def history_path(job_dir: str, config_hash: str) -> str:
+    """The job's step log (see worker_utils.StepHistory), keyed by config hash like its checkpoints."""
+    keep = f"history-{config_hash}.jsonl"
+    if os.path.isdir(job_dir):
+        for name in os.listdir(job_dir):
+            if name.startswith("history-") and name != keep:
+                os.remove(os.path.join(job_dir, name))
+    return os.path.join(job_dir, keep)
+
+
+def _require(stage_dir: str, stage: str, expected_hash: str | None = None) -> dict:
+    return manifest.require(stage_dir, stage, expected_hash)
 
 
 def _mean(scores: dict) -> float:

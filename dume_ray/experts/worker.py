@@ -18,7 +18,7 @@ from dume_ray.config import OptimConfig, from_dict
 from dume_ray.data.encode import collate
 from dume_ray.model import freeze_non_mlp, load_model, load_tokenizer
 from dume_ray.training import ce_train_step, make_optimizer, validation_loss
-from dume_ray.worker_utils import (Progress, batch_stream, open_dashboards, per_worker_batch_size, report_checkpoint,
+from dume_ray.worker_utils import (Progress, StepHistory, batch_stream, open_dashboards, per_worker_batch_size, report_checkpoint,
                                    restore_checkpoint, save_and_validate, setup_worker, unwrap)
 
 
@@ -32,6 +32,7 @@ def train_fn_per_worker(config: dict) -> dict:
     model = ray.train.torch.prepare_model(model) if config["num_workers"] > 0 else model.to(device)
     optimizer, scheduler = make_optimizer(model, optim)
     step = restore_checkpoint(model, optimizer, scheduler, config.get("local_checkpoint_dir"))
+    history = StepHistory(config["history_path"], step)
     progress = Progress(config["label"], optim.steps, every=max(1, optim.steps // 10))
     batches = batch_stream("train", per_worker_batch_size(optim.batch_size), seed=config["seed"] + step)
     dashboards = open_dashboards(config, step)  # rank 0: TensorBoard (+ MLflow when configured)
@@ -42,6 +43,7 @@ def train_fn_per_worker(config: dict) -> dict:
         batch = {k: v.to(device) for k, v in collate(_rows(next(batches)), tokenizer.pad_token_id).items()}
         metrics = ce_train_step(model, batch, optimizer, scheduler, optim.grad_clip, config["dtype"])
         step += 1
+        history.append(step, metrics)
         progress(step, metrics)
         if dashboards:
             dashboards.log(step, {**metrics, "lr": scheduler.get_last_lr()[0]}, "train")
@@ -52,7 +54,7 @@ def train_fn_per_worker(config: dict) -> dict:
                               config.get("local_checkpoint_dir"))
 
     # ---- save the Hugging Face model and score it on validation (rank 0) ---------------------------------
-    result = save_and_validate(model, tokenizer, config, step, metrics, start)
+    result = save_and_validate(model, tokenizer, config, step, metrics, start, history)
     if dashboards:
         dashboards.log(step, result["validation"], "validation")
         dashboards.close()

@@ -13,32 +13,33 @@ from __future__ import annotations
 
 import glob
 import os
-import shutil
 import time
 
 import ray
 import ray.data
 
 from dume_ray import manifest
-from dume_ray.config import PipelineConfig, config_hash
-from dume_ray.data.soft_targets import validate_shard
+from dume_ray.config import PipelineConfig
+from dume_ray.data.soft_targets import SoftTargetError, validate_shard
 from dume_ray.experts.launch import _require
 from dume_ray.model import check_same_vocab, load_tokenizer
 from dume_ray.soft_targets.teacher_scoring import TeacherScorer
+from dume_ray.stage_hashes import pipeline_hashes, soft_targets_hash
 from dume_ray.tasks import encode_rows, load_tasks
 
 
 def run_soft_targets(cfg: PipelineConfig) -> dict:
     stage_dir = f"{cfg.run_dir}/soft_targets"
-    experts = {g: _require(f"{cfg.run_dir}/experts/{g}", "experts") for g in cfg.groups}
+    hashes = pipeline_hashes(cfg)
+    experts = {g: _require(f"{cfg.run_dir}/experts/{g}", "experts", hashes[f"experts/{g}"]) for g in cfg.groups}
     stage_hash = soft_targets_hash(cfg, {g: m["config_hash"] for g, m in experts.items()})
     if manifest.is_done(stage_dir, stage_hash):
         print(f"[soft_targets] done already ({stage_dir}), skipping", flush=True)
         return manifest.read_manifest(stage_dir)
     start = time.time()
-    base_dir = _require(f"{cfg.run_dir}/base", "base")["outputs"]["model"]
+    base_dir = _require(f"{cfg.run_dir}/base", "base", hashes["base"])["outputs"]["model"]
     tokenizer = load_tokenizer(base_dir)
-    tasks = load_tasks(cfg.tasks)
+    tasks = load_tasks(cfg.tasks, tokenizer, cfg.model.max_seq_len)
     group_of = {t: g for g, names in cfg.groups.items() for t in names}
 
     # ---- one scoring pipeline per group, each on its own expert's actor pool --------------------------------
@@ -56,15 +57,11 @@ def run_soft_targets(cfg: PipelineConfig) -> dict:
     dataset = scored[0].union(*scored[1:]) if len(scored) > 1 else scored[0]
 
     # ---- write into a temp folder, validate every shard, then rename into place ------------------------------
-    shards_dir, tmp_dir = os.path.abspath(f"{stage_dir}/shards"), os.path.abspath(f"{stage_dir}/shards.tmp")
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    dataset.write_parquet(tmp_dir)
-    rows_written = validate_shards(tmp_dir, vocab_size=len(tokenizer), top_k=min(cfg.soft_targets.top_k, len(tokenizer)))
+    shards_dir = os.path.abspath(f"{stage_dir}/shards")
     expected = sum(len(tasks[t].examples("train")) for t in group_of)
-    if rows_written != expected:
-        raise RuntimeError(f"soft targets: wrote {rows_written} rows, expected {expected} training examples")
-    shutil.rmtree(shards_dir, ignore_errors=True)
-    os.replace(tmp_dir, shards_dir)
+    with manifest.atomic_dir(shards_dir) as tmp_dir:
+        dataset.write_parquet(tmp_dir)
+        rows_written = validate_shards(tmp_dir, len(tokenizer), min(cfg.soft_targets.top_k, len(tokenizer)), expected)
     seconds = time.time() - start
     print(f"[soft_targets] {rows_written} examples scored by {len(cfg.groups)} experts in {seconds:.1f} s -> {shards_dir}", flush=True)
     return manifest.mark_done(stage_dir, stage_hash, {"shards": shards_dir}, seconds=seconds,
@@ -72,13 +69,30 @@ def run_soft_targets(cfg: PipelineConfig) -> dict:
                                        "bytes": sum(os.path.getsize(p) for p in glob.glob(f"{shards_dir}/*.parquet"))})
 
 
-def soft_targets_hash(cfg: PipelineConfig, expert_hashes: dict[str, str]) -> str:
-    return config_hash("soft_targets", expert_hashes, cfg.soft_targets.top_k, cfg.tasks, cfg.model.max_seq_len)
+def checked_soft_targets(cfg: PipelineConfig) -> dict:
+    """The soft-target manifest for this config, after validating every shard it lists. A missing,
+    truncated or corrupted shard is reported by file name and the shards are regenerated, never trained on."""
+    stage_dir = f"{cfg.run_dir}/soft_targets"
+    found = _require(stage_dir, "soft-targets", pipeline_hashes(cfg)["soft_targets"])
+    vocab_size = len(load_tokenizer(_require(f"{cfg.run_dir}/base", "base")["outputs"]["model"]))
+    try:
+        validate_shards(found["outputs"]["shards"], vocab_size, min(cfg.soft_targets.top_k, vocab_size),
+                        found["metrics"]["rows"])
+        return found
+    except (SoftTargetError, FileNotFoundError) as exc:
+        print(f"[soft_targets] rejected: {exc}\n[soft_targets] regenerating the soft targets", flush=True)
+    manifest.clear(stage_dir)
+    return run_soft_targets(cfg)
 
 
-def validate_shards(directory: str, vocab_size: int, top_k: int) -> int:
-    """Validate every Parquet shard in `directory`; returns the total row count (raises naming a bad file)."""
+def validate_shards(directory: str, vocab_size: int, top_k: int, expected_rows: int) -> int:
+    """Validate every Parquet shard in `directory` and the total row count; raises SoftTargetError naming
+    the bad file (or FileNotFoundError when there are no shards)."""
     paths = sorted(glob.glob(os.path.join(directory, "*.parquet")))
     if not paths:
         raise FileNotFoundError(f"no soft-target shards in {directory}")
-    return sum(validate_shard(p, vocab_size, top_k) for p in paths)
+    rows = sum(validate_shard(p, vocab_size, top_k) for p in paths)
+    if rows != expected_rows:
+        raise SoftTargetError(f"{directory}: {len(paths)} shards hold {rows} rows, expected {expected_rows} "
+                              f"(one per training example): a shard is missing or extra")
+    return rows

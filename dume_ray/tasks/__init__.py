@@ -18,15 +18,41 @@ from dume_ray.tasks.files import load_task_from_source
 __all__ = ["BUILTIN_TASKS", "SPLITS", "Example", "Task", "encode_rows", "exact_match", "load_tasks"]
 
 
-def load_tasks(cfg: TasksConfig) -> dict[str, Task]:
-    """Every configured task, built-in first, in config order."""
+def load_tasks(cfg: TasksConfig, tokenizer=None, max_seq_len: int | None = None) -> dict[str, Task]:
+    """Every configured task, built-in first, in config order.
+
+    With `tokenizer` and `max_seq_len`, examples longer than `max_seq_len` tokens are dropped and counted
+    in `Task.skipped_rows` when `cfg.skip_bad_rows` is set; otherwise they stay, and `encode_rows` stops
+    on the first one, naming its file and row.
+    """
     tasks = {name: make_builtin_task(name, cfg.seed, cfg.num_train, cfg.num_validation, cfg.num_test)
              for name in cfg.builtin}
     for src in cfg.sources:
         tasks[src.name] = load_task_from_source(
             src.name, src.source, dict(src.data_files) or None, src.prompt_column, src.response_column,
             dict(src.hub_splits) or None, skip_bad_rows=cfg.skip_bad_rows, config=src.hub_config)
+    if cfg.skip_bad_rows and tokenizer is not None and max_seq_len is not None:
+        for task in tasks.values():
+            _drop_too_long(task, tokenizer, max_seq_len)
     return tasks
+
+
+def _drop_too_long(task: Task, tokenizer, max_seq_len: int) -> None:
+    for split, examples in task.splits.items():
+        kept = [e for e in examples if _fits(e, tokenizer, max_seq_len)]
+        if len(kept) < len(examples):
+            if not kept:
+                raise ValueError(f"task {task.name!r}: every {split} example is longer than model.max_seq_len={max_seq_len}")
+            task.skipped_rows[split] = task.skipped_rows.get(split, 0) + len(examples) - len(kept)
+            task.splits[split] = kept
+
+
+def _fits(example: Example, tokenizer, max_seq_len: int) -> bool:
+    try:
+        encode_example(tokenizer, example.prompt, example.response, max_seq_len)
+        return True
+    except ValueError:
+        return False
 
 
 def encode_rows(tasks: dict[str, Task], tokenizer, split: str, max_seq_len: int,
@@ -34,14 +60,15 @@ def encode_rows(tasks: dict[str, Task], tokenizer, split: str, max_seq_len: int,
     """Token ids of every example of `split`, tagged with its task, group and a stable example id.
 
     Raises:
-        ValueError: naming the task, split and row of an example longer than `max_seq_len`.
+        ValueError: naming the task, file and row of an example longer than `max_seq_len`
+            (`tasks.skip_bad_rows=true` drops those in `load_tasks` instead).
     """
     rows = []
     for name, task in tasks.items():
         if name not in group_of:
             continue
         for i, example in enumerate(task.examples(split)):
-            encoded = encode_example(tokenizer, example.prompt, example.response, max_seq_len,
-                                     where=f"task {name!r} {split} row {i}")
+            where = f"task {name!r} {example.source or f'{split} row {i}'}"
+            encoded = encode_example(tokenizer, example.prompt, example.response, max_seq_len, where=where)
             rows.append({"example_id": f"{name}/{split}/{i}", "task": name, "group": group_of[name], **encoded})
     return rows

@@ -25,10 +25,12 @@ class Example:
     Attributes:
         prompt: Text the model is conditioned on (includes the task tag).
         response: Text the model must produce after the prompt.
+        source: Where a file-backed example came from (file and 0-based row), for error messages.
     """
 
     prompt: str
     response: str
+    source: str | None = field(default=None, compare=False, repr=False)  # e.g. "train file 'qa.jsonl' row 12"
 
 
 def exact_match(prediction: str, reference: str) -> float:

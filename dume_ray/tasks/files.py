@@ -256,7 +256,7 @@ def _to_examples(
     for index, (prompt, response) in enumerate(zip(prompts, responses)):
         problem = _cell_problem(prompt, prompt_column) or _cell_problem(response, response_column)
         if problem is None:
-            examples.append(Example(prompt=prompt, response=response))
+            examples.append(Example(prompt=prompt, response=response, source=f"{where} row {index}"))
         elif skip_bad_rows:
             skipped += 1
         else:

@@ -2,15 +2,20 @@
 
     .venv/bin/python -m pytest -q -m smoke
 
-Checks the artifacts of every stage, finite losses, the printed report, that a rerun skips every finished
-stage, and that the student loads with plain transformers (no dume_ray import).
+Checks the artifacts of every stage, finite losses, the printed report (with the DUME rows), that a killed
+driver loses only the steps since the last checkpoint, that a rerun skips finished stages and redoes exactly
+those a change invalidates, that a corrupted shard is regenerated, and that the student and the upcycled MoE
+load with plain transformers (no dume_ray import).
 """
 
+import glob
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -25,28 +30,49 @@ def _cli(*args, cwd):
                           text=True, timeout=600)
 
 
-def test_cli_runs_every_stage_then_skips_them_on_rerun(tmp_path):
+def test_cli_survives_a_killed_driver_then_reruns_only_what_a_change_invalidates(tmp_path):
+    """Kill `python -m dume_ray run` (SIGKILL, its whole process group, local Ray included) while the second
+    expert trains; the same command again skips the base and the finished expert, resumes the interrupted
+    one from its checkpoint and finishes. Then a corrupted shard plus a new temperature: the shard is
+    rejected by name and regenerated, and only the student and the report are redone."""
     config = os.path.join(ROOT, "configs", "smoke", "tiny.yaml")
-    first = _cli("run", "--config", config, f"runs_dir={tmp_path}", cwd=tmp_path)
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    args = ["run", "--config", config, f"runs_dir={tmp_path}", "experts.resources.max_concurrent_jobs=1",
+            "experts.optim.steps=400", "experts.optim.checkpoint_every=20"]
     run_dir = tmp_path / "smoke"
-    for stage in ("base", "experts/copy", "experts/reverse", "experts/add", "soft_targets", "student", "multitask", "eval"):
-        assert (run_dir / stage / "DONE.json").exists(), stage
-    for model in ("base/model", "experts/copy/model", "student/model", "multitask/model"):
-        assert (run_dir / model / "config.json").exists(), model
-    report = json.loads((run_dir / "eval" / "report.json").read_text())
-    assert set(report["models"]) == {"base", "experts", "student", "multitask"}
-    assert all(0.0 <= v <= 1.0 for v in report["means"].values())
-    assert (run_dir / "eval" / "report.png").stat().st_size > 1000
-    assert "| **mean** |" in first.stdout and "student − multitask" in first.stdout
-    for stage in ("student", "multitask"):
-        loss = json.loads((run_dir / stage / "DONE.json").read_text())["metrics"]["final_loss"]
-        assert math.isfinite(loss)
-    assert (run_dir / "config.yaml").exists()
+    killed_history = _kill_while_second_expert_trains(args, run_dir, tmp_path)
 
-    second = _cli("run", "--config", config, f"runs_dir={tmp_path}", cwd=tmp_path)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert second.stdout.count("done already") == 8  # base, 3 experts, soft_targets, student, multitask, eval
+    resumed = _cli(*args, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "[base] done already" in resumed.stdout and "[experts] copy: done already" in resumed.stdout
+    starts = [json.loads(line)["start"] for line in open(killed_history) if '"start"' in line]
+    assert len(starts) == 2 and starts[1] > 0 and starts[1] % 20 == 0, starts  # resumed from a checkpoint
+    for stage in ("base", "experts/copy", "experts/reverse", "experts/add", "upcycle", "soft_targets", "student", "multitask", "eval"):
+        assert (run_dir / stage / "DONE.json").exists(), stage
+    report = json.loads((run_dir / "eval" / "report.json").read_text())
+    assert set(report["models"]) == {"base", "experts", "student", "multitask", "dume", "dume+", "oracle", "weight_average",
+                                 "random"}
+    assert len(report["upcycle"]["variants"]) == 6 and report["upcycle"]["moe_active_parameters_per_token"] > 0
+    assert "## DUME upcycling" in resumed.stdout
+    assert all(0.0 <= v <= 1.0 for v in report["means"].values())
+    for label, scored in report["scored_models"].items():  # the report scored exactly the finished artifacts
+        stage_dir = os.path.dirname(scored["model"])
+        assert json.loads(open(os.path.join(stage_dir, "DONE.json")).read())["config_hash"] == scored["config_hash"], label
+    assert "experts/reverse" in report["faults"] and "1 restart(s)" in report["faults"]["experts/reverse"]
+    assert (run_dir / "eval" / "report.png").stat().st_size > 1000
+    assert "| **mean** |" in resumed.stdout and "student − multitask" in resumed.stdout
+    for stage in ("student", "multitask"):
+        assert math.isfinite(json.loads((run_dir / stage / "DONE.json").read_text())["metrics"]["final_loss"])
+
+    shard = sorted((run_dir / "soft_targets" / "shards").glob("*.parquet"))[0]
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size // 2)
+    changed = _cli(*args, "distill.temperature=3.0", cwd=tmp_path)
+    assert changed.returncode == 0, changed.stdout[-3000:] + changed.stderr[-3000:]
+    assert f"rejected: {shard}" in changed.stdout and "regenerating the soft targets" in changed.stdout
+    # Skipped: base, 3 experts, upcycle, soft_targets (its manifest), multitask (does not use T).
+    # Redone: student, eval.
+    assert changed.stdout.count("done already") == 7, changed.stdout
+    assert "[student] done already" not in changed.stdout and "[eval] done already" not in changed.stdout
 
     load = subprocess.run([sys.executable, "-c", (
         "import sys; from transformers import AutoModelForCausalLM, AutoTokenizer;"
@@ -54,6 +80,36 @@ def test_cli_runs_every_stage_then_skips_them_on_rerun(tmp_path):
         f"t = AutoTokenizer.from_pretrained({str(run_dir / 'student' / 'model')!r});"
         "print('dume_ray' in sys.modules, m.config.vocab_size == len(t))")], capture_output=True, text=True)
     assert load.stdout.strip() == "False True", load.stderr[-2000:]
+    moe = subprocess.run([sys.executable, "-c", (
+        "import sys; from transformers import AutoModelForCausalLM;"
+        f"m = AutoModelForCausalLM.from_pretrained({str(run_dir / 'upcycle' / 'moe')!r}, trust_remote_code=True);"
+        "print('dume_ray' in sys.modules, type(m).__name__, m.config.num_local_experts)")], capture_output=True, text=True)
+    assert moe.stdout.strip() == "False DumeMoEForCausalLM 3", moe.stderr[-2000:]
+
+
+def _kill_while_second_expert_trains(args, run_dir, cwd, timeout=400):
+    """Start the run, SIGKILL its process group once the first expert is done and the second is past two
+    checkpoints; returns the second expert's step log."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "dume_ray", *args], cwd=cwd, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            histories = glob.glob(str(run_dir / "experts" / "reverse" / "history-*.jsonl"))
+            if (run_dir / "experts" / "copy" / "DONE.json").exists() and histories:
+                steps = [json.loads(line).get("step", 0) for line in open(histories[0]) if line.endswith("\n")]
+                if steps and max(steps) > 40:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                    assert not (run_dir / "experts" / "reverse" / "DONE.json").exists()
+                    return histories[0]
+            time.sleep(0.02)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    raise AssertionError(f"the run ended (rc={proc.returncode}) or timed out before the second expert passed step 40")
 
 
 def test_cli_rejects_bad_input_before_training(tmp_path):

@@ -185,3 +185,26 @@ def test_optim_config_round_trips_through_to_dict_and_from_dict():
     assert isinstance(restored, OptimConfig)
     assert restored == original
     assert dataclasses.asdict(restored) == data
+
+
+# ---- upcycle ---------------------------------------------------------------------------------------------
+
+def test_negative_ridge_lambda_fails_at_config_load():
+    assert "upcycle.ridge_lambda must be >= 0, got -0.1" in _error(["upcycle.ridge_lambda=-0.1"])
+
+
+def test_a_single_group_skips_upcycling_in_run_and_the_upcycle_command_names_the_cause():
+    import pytest
+    from dume_ray.manifest import StageInputError
+    from dume_ray.stage_hashes import pipeline_hashes
+    from dume_ray.upcycle.launch import run_upcycle
+
+    cfg = load_config(None, ["tasks.builtin=[copy,reverse]", "experts.groups=[[copy,reverse]]"])
+    assert cfg.upcycle.enabled and not cfg.upcycle_active and "upcycle" not in pipeline_hashes(cfg)
+    with pytest.raises(StageInputError, match="at least 2 experts.*experts.groups.*upcycle.enabled=false"):
+        run_upcycle(cfg)
+
+
+def test_upcycle_routing_and_top_k_are_checked():
+    assert "upcycle.routing" in _error(["upcycle.routing=mean"])
+    assert "upcycle.top_k=9 exceeds" in _error(["upcycle.top_k=9"])

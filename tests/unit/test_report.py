@@ -100,3 +100,18 @@ def test_plot_report_writes_non_empty_png(tmp_path):
     data = path.read_bytes()
     assert len(data) > 1000
     assert data[:8] == PNG_MAGIC
+
+
+def test_upcycle_section_compares_dume_with_oracle_and_rivals_and_states_the_paper_claim():
+    scores = {"experts": {"a": 1.0, "b": 0.8}, "dume": {"a": 0.9, "b": 0.72}, "oracle": {"a": 1.0, "b": 0.8},
+              "weight_average": {"a": 0.1, "b": 0.0}, "random": {"a": 0.2, "b": 0.1}}
+    upcycle = {"variants": {"dume[token]": {"a": 0.5, "b": 0.5}}, "routing": "sequence_mean", "normalize_columns": False,
+               "ridge_lambda": 0.01, "top_k": 1, "experts_trained_mlp_only": True, "moe_parameters": 300,
+               "moe_active_parameters_per_token": 120, "student_parameters": 100}
+    report = build_report(scores, ["a", "b"], "test", upcycle=upcycle)
+    assert report["models"][:2] == ["experts", "dume"]
+    assert report["upcycle"]["dume_pct_of_oracle"] == pytest.approx(90.0)
+    assert report["upcycle"]["dume_beats_weight_average"] and report["upcycle"]["dume_beats_random"]
+    text = render_markdown(report)
+    assert "keeps **90.0%** of oracle routing" in text and "97.6%" in text and "102.1%" in text
+    assert "MoE 300 in all, 120 active per token; student 100" in text and "| dume[token] | 0.500 |" in text

@@ -201,3 +201,31 @@ def test_schema_has_exact_fields_and_top_k_metadata():
     assert schema.metadata[b"top_k"] == b"7"
     assert schema.field("response_start").type == pa.int32()
     assert schema.field("tail_logmass").type == pa.list_(pa.float32())
+
+
+# ---------------------------------------------------------------- the stage's check of a whole shard folder
+
+
+def test_validate_shards_rejects_a_deleted_shard_by_row_count(tmp_path):
+    from dume_ray.soft_targets.launch import validate_shards
+
+    rows, _ = _make_rows(n_rows=4)
+    _write(tmp_path, rows[:2], name="shard-0.parquet")
+    second = _write(tmp_path, rows[2:], name="shard-1.parquet")
+    assert validate_shards(str(tmp_path), VOCAB, TOP_K, expected_rows=4) == 4
+    os.remove(second)
+    with pytest.raises(SoftTargetError, match="1 shards hold 2 rows, expected 4"):
+        validate_shards(str(tmp_path), VOCAB, TOP_K, expected_rows=4)
+
+
+def test_validate_shards_names_the_corrupted_file_among_good_ones(tmp_path):
+    from dume_ray.soft_targets.launch import validate_shards
+
+    rows, _ = _make_rows(n_rows=4)
+    _write(tmp_path, rows[:2], name="shard-0.parquet")
+    bad = _write(tmp_path, rows[2:], name="shard-1.parquet")
+    with open(bad, "r+b") as f:
+        f.seek(40)
+        f.write(b"\x00" * 64)  # bytes overwritten in the middle of the file
+    with pytest.raises(SoftTargetError, match="shard-1.parquet"):
+        validate_shards(str(tmp_path), VOCAB, TOP_K, expected_rows=4)

@@ -1,0 +1,75 @@
+"""What each stage's output depends on: one content hash per stage, folding in the hashes of the stages it reads.
+
+A stage is skipped on rerun only when its `DONE.json` holds the hash computed here from the current config
+(see `manifest.py`), so changing a setting invalidates exactly the stages downstream of it, e.g.
+`distill.temperature` -> `student` and `eval`; `experts.optim.lr` -> every expert, `soft_targets`, `student`,
+`multitask` and `eval`; `eval.max_new_tokens` -> `eval` only. The dependency graph is all in this file:
+
+    base ─► experts/<group> ─┬─► soft_targets ─► student ─┐
+                             │               └─► multitask ┼─► eval
+                             └─► upcycle ──────────────────┘
+
+    from dume_ray.stage_hashes import pipeline_hashes
+    pipeline_hashes(cfg)   # {"base": ..., "experts/copy": ..., "soft_targets": ..., "student": ..., "eval": ...}
+
+Pure: no Ray here. Tested in tests/unit/test_stage_hashes.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from dume_ray.config import PipelineConfig, config_hash
+
+
+def base_hash(cfg: PipelineConfig) -> str:
+    return config_hash("base", cfg.seed, cfg.model, cfg.tasks, cfg.base)
+
+
+def expert_hash(base: str, task_names: list[str], cfg: PipelineConfig) -> str:
+    """Content hash of (task group, base model, expert config): equal hashes mean reusable experts."""
+    return config_hash("expert", base, sorted(task_names), cfg.experts.optim, cfg.experts.train_mlp_only, cfg.tasks)
+
+
+def soft_targets_hash(cfg: PipelineConfig, expert_hashes: dict[str, str]) -> str:
+    return config_hash("soft_targets", expert_hashes, cfg.soft_targets.top_k, cfg.tasks, cfg.model.max_seq_len)
+
+
+def student_hash(cfg: PipelineConfig, stage: str, soft_targets: str) -> str:
+    """`stage` is "student" or "multitask". The baseline's hash leaves out the KD knobs it does not use
+    (it trains with alpha = 0), so tuning T or alpha never retrains it."""
+    d = cfg.distill
+    kd = (d.alpha, d.temperature, d.divergence, d.jsd_beta, d.anneal) if stage == "student" else None
+    return config_hash(stage, soft_targets, d.optim, d.init, d.student_model, cfg.seed, kd)
+
+
+def upcycle_hash(cfg: PipelineConfig, expert_hashes: dict[str, str]) -> str:
+    """The MoE depends on the upcycle config (the random-routing seed is eval's business), the experts and data."""
+    u = cfg.upcycle
+    knobs = (u.ridge_lambda, u.top_k, u.normalize_columns, u.routing, u.stats_examples_per_task, u.batch_size,
+             u.dume_plus_steps, u.dume_plus_lr, cfg.seed)
+    return config_hash("upcycle", knobs, cfg.tasks, cfg.model.max_seq_len, expert_hashes)
+
+
+def eval_hash(cfg: PipelineConfig, model_hashes: dict[str, str]) -> str:
+    """`model_hashes`: {report label: the scored model's stage hash}, e.g. {"base": ..., "expert:copy": ...}.
+    With the MoE in the report, which routings it shows (and the random-routing seed) count too."""
+    scoring = dataclasses.replace(cfg.eval, gpus_per_task=0)  # where it runs does not change the scores
+    return config_hash("eval", scoring, cfg.tasks, model_hashes, cfg.upcycle if cfg.upcycle_active else None)
+
+
+def pipeline_hashes(cfg: PipelineConfig) -> dict[str, str]:
+    """Every stage's hash for this config, as the stages compute them when they run."""
+    hashes = {"base": base_hash(cfg)}
+    experts = {g: expert_hash(hashes["base"], names, cfg) for g, names in cfg.groups.items()}
+    hashes.update({f"experts/{g}": h for g, h in experts.items()})
+    hashes["soft_targets"] = soft_targets_hash(cfg, experts)
+    models = {"base": hashes["base"], **{f"expert:{g}": h for g, h in experts.items()}}
+    if cfg.upcycle_active:
+        hashes["upcycle"] = models["weight_average"] = upcycle_hash(cfg, experts)
+    for stage in ("student", "multitask"):
+        if stage == "multitask" and not cfg.multitask.enabled:
+            continue
+        hashes[stage] = models[stage] = student_hash(cfg, stage, hashes["soft_targets"])
+    hashes["eval"] = eval_hash(cfg, models)
+    return hashes

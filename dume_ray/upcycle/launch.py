@@ -1,0 +1,119 @@
+"""Driver of the `upcycle` stage: DUME, a training-free mixture-of-experts from the trained experts.
+
+    python -m dume_ray upcycle --config configs/demo.yaml upcycle.ridge_lambda=0.01
+
+`run_upcycle(cfg)` builds the MoE (averaged non-MLP weights, each layer's MLP an MoE of the experts' MLPs, see
+`moe.py`) and the weight-averaging baseline, gathers the router statistics of each group in its own Ray task
+(that group's expert forced at every layer over its training examples; the sums are added on the driver),
+solves the ridge router (`router.py`) and saves everything to `runs/<name>/upcycle/`:
+
+    moe/             the MoE: AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)
+    moe_plus/        DUME+ (only with upcycle.dume_plus_steps > 0): the MoE with the router refined for a few
+                     steps of logistic regression on the routing targets, from the closed-form solution
+    weight_average/  the dense weight average of all experts (plain Llama)
+    router.pt        the summed statistics and both router solutions (raw, unit-length columns)
+
+Skipped on rerun when its manifest matches (upcycle config + the experts' manifest hashes).
+"""
+
+from __future__ import annotations
+
+import time
+
+import ray
+import torch
+
+from dume_ray import manifest
+from dume_ray.config import PipelineConfig, TasksConfig
+from dume_ray.data.encode import collate
+from dume_ray.experts.launch import _require
+from dume_ray.stage_hashes import pipeline_hashes, upcycle_hash
+from dume_ray.model import check_same_vocab, load_model, load_tokenizer
+from dume_ray.tasks import encode_rows, load_tasks
+from dume_ray.upcycle.moe import DumeMoEForCausalLM, average_weights, build_moe, count_active_parameters
+from dume_ray.upcycle.router import collect_group_stats, finetune_router, merge_stats, solve_router
+
+DUME_PLUS_TOKENS_PER_GROUP = 8192  # MLP inputs per group kept as DUME+ training features
+
+
+def run_upcycle(cfg: PipelineConfig) -> dict:
+    stage_dir = f"{cfg.run_dir}/upcycle"
+    if len(cfg.groups) < 2:
+        raise manifest.StageInputError(f"upcycle needs at least 2 experts, but experts.groups gives 1 group "
+                                       f"({list(cfg.groups)}): add groups, or set upcycle.enabled=false")
+    hashes = pipeline_hashes(cfg)
+    experts = {g: _require(f"{cfg.run_dir}/experts/{g}", "experts", hashes[f"experts/{g}"]) for g in cfg.groups}
+    stage_hash = upcycle_hash(cfg, {g: m["config_hash"] for g, m in experts.items()})
+    if manifest.is_done(stage_dir, stage_hash):
+        print(f"[upcycle] done already ({stage_dir}), skipping", flush=True)
+        return manifest.read_manifest(stage_dir)
+    manifest.clear(stage_dir)
+    start = time.time()
+    expert_dirs = {g: m["outputs"]["model"] for g, m in experts.items()}
+    outputs = {"moe": f"{stage_dir}/moe", "weight_average": f"{stage_dir}/weight_average", "router": f"{stage_dir}/router.pt"}
+    moe = build_and_save(expert_dirs, outputs, cfg)
+
+    # ---- router statistics: one Ray task per group, summed here ------------------------------------------
+    gather = ray.remote(num_cpus=1)(_group_stats)
+    keep = DUME_PLUS_TOKENS_PER_GROUP if cfg.upcycle.dume_plus_steps > 0 else 0  # DUME+ also needs the inputs
+    refs = [gather.remote(outputs["moe"], cfg.tasks, names, i, len(cfg.groups), cfg.upcycle.stats_examples_per_task,
+                          cfg.upcycle.batch_size, cfg.model.max_seq_len, keep) for i, names in enumerate(cfg.groups.values())]
+    results = ray.get(refs)
+    stats = merge_stats([r[0] if keep else r for r in results])
+
+    # ---- closed-form solve (both column modes, for the report), install the configured one, save ---------
+    routers = {"raw": solve_router(stats, cfg.upcycle.ridge_lambda, normalize_columns=False),
+               "normalized": solve_router(stats, cfg.upcycle.ridge_lambda, normalize_columns=True)}
+    configured = routers["normalized" if cfg.upcycle.normalize_columns else "raw"]
+    moe.set_router(configured)
+    moe.save_pretrained(outputs["moe"])
+    losses = []
+    if keep:  # DUME+: a few steps of the routing objective from the closed-form solution
+        routers["plus"], losses = finetune_router(configured, [r[1] for r in results], cfg.upcycle.dume_plus_steps,
+                                                  cfg.upcycle.dume_plus_lr)
+        outputs["moe_plus"] = f"{stage_dir}/moe_plus"
+        moe.set_router(routers["plus"])
+        moe.save_pretrained(outputs["moe_plus"])
+        load_tokenizer(expert_dirs[next(iter(expert_dirs))]).save_pretrained(outputs["moe_plus"])
+        print(f"[upcycle] DUME+: {len(losses)} router steps, routing loss {losses[0]:.3f} -> {losses[-1]:.3f}", flush=True)
+    torch.save({"gram": stats.gram, "cross": stats.cross, "tokens": stats.tokens, "routers": routers,
+                "expert_names": list(cfg.groups), "ridge_lambda": cfg.upcycle.ridge_lambda}, outputs["router"])
+    total, active = count_active_parameters(moe)
+    metrics = {"parameters": total, "active_parameters_per_token": active, "router_tokens": dict(zip(cfg.groups, stats.tokens)),
+               "experts_trained_mlp_only": cfg.experts.train_mlp_only, "dume_plus_losses": losses[:1] + losses[-1:]}
+    print(f"[upcycle] MoE of {len(expert_dirs)} experts: {total:,} parameters, {active:,} active per token; "
+          f"router from {sum(stats.tokens):,} tokens ({time.time() - start:.0f} s)", flush=True)
+    return manifest.mark_done(stage_dir, stage_hash, outputs, metrics=metrics, inputs={"experts": expert_dirs},
+                              seconds=time.time() - start)
+
+
+def build_and_save(expert_dirs: dict[str, str], outputs: dict, cfg: PipelineConfig) -> DumeMoEForCausalLM:
+    """Load the experts, check they fit together, save the unrouted MoE and the weight average (+ tokenizer)."""
+    names = list(expert_dirs)
+    for name in names[1:]:
+        try:
+            check_same_vocab(expert_dirs[names[0]], expert_dirs[name])
+        except ValueError as exc:
+            raise ValueError(f"upcycle: experts {names[0]} and {name} have different vocabularies ({exc})") from exc
+    experts = {g: load_model(d) for g, d in expert_dirs.items()}
+    moe = build_moe(experts, top_k=cfg.upcycle.top_k, routing=cfg.upcycle.routing)
+    tokenizer = load_tokenizer(expert_dirs[names[0]])
+    for key, model in (("moe", moe), ("weight_average", average_weights(experts))):
+        model.save_pretrained(outputs[key])
+        tokenizer.save_pretrained(outputs[key])
+    return moe
+
+
+def _group_stats(moe_dir: str, tasks_cfg: TasksConfig, names: list[str], group: int, num_groups: int,
+                 per_task: int, batch_size: int, max_seq_len: int, keep_inputs: int):
+    """Ray task: router statistics of one group's training examples (its expert forced at every layer);
+    with keep_inputs > 0 also up to that many tokens' MLP inputs per layer (for DUME+)."""
+    torch.set_num_threads(1)
+    tokenizer = load_tokenizer(moe_dir, trust_remote_code=True)
+    model = DumeMoEForCausalLM.from_pretrained(moe_dir)
+    tasks = load_tasks(tasks_cfg)
+    rows = []
+    for name in names:
+        rows += encode_rows({name: tasks[name]}, tokenizer, "train", max_seq_len, {name: "g"})[:per_task]
+    batches = (collate(rows[i:i + batch_size], tokenizer.pad_token_id) for i in range(0, len(rows), batch_size))
+    return collect_group_stats(model, batches, group, num_groups, keep_inputs)
