@@ -37,6 +37,8 @@ from dume_ray.search.report import summarize_trials, write_report
 from dume_ray.search.worker import search_trial
 from dume_ray.tasks import encode_rows, load_tasks
 
+# Trials report (and checkpoint) a few times a minute by design; Tune's warning about that is noise here.
+os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 MAX_CHOICES = 20000  # groupings Tune picks among; beyond this list search.groupings or lower search.max_groups
 
 
@@ -152,10 +154,10 @@ def fit_experiment(cfg: PipelineConfig, arm: str, space: list[RGS], points: list
         param_space=param_space,
         tune_config=tune.TuneConfig(
             metric="val_mean", mode="max", num_samples=s.num_samples,
-            search_alg=BasicVariantGenerator(points_to_evaluate=points, random_state=cfg.seed),
+            search_alg=BasicVariantGenerator(points_to_evaluate=points, random_state=cfg.seed,
+                                             max_concurrent=s.max_concurrent_trials),
             scheduler=ASHAScheduler(max_t=_max_reports(cfg), grace_period=min(s.grace_period, _max_reports(cfg)),
                                     reduction_factor=s.reduction_factor),
-            max_concurrent_trials=s.max_concurrent_trials or None,
             trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
         run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1,
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
