@@ -3,9 +3,11 @@
 For each task, the gradient of its cross-entropy (response tokens) w.r.t. every trainable weight of the
 base model, averaged over a few batches, flattened. The affinity of tasks i and j is the cosine of their
 gradients: near 1 they agree, negative means gradient conflict (training one hurts the other). Groupings
-are ranked by the sum of within-group affinities (correlation clustering): putting agreeing tasks
-together scores up, putting conflicting ones together scores down, singletons score 0. (Cf. "Efficiently
-Identifying Task Groupings for Multi-Task Learning", Fifty et al. 2021, which uses lookahead affinity.)
+are ranked like a correlation clustering: a grouping scores the sum, over the task pairs it puts together,
+of their affinity minus the mean pairwise affinity. Centring matters: on a briefly trained base every
+task shares a common direction (format, eos), so raw cosines are mostly positive and an uncentred sum
+would always put everything in one group. Singletons score 0. (Cf. "Efficiently Identifying Task
+Groupings for Multi-Task Learning", Fifty et al. 2021, which uses lookahead affinity.)
 
     grads = task_gradients(model, batches_by_task)          # {task: flat gradient [p]}
     matrix = affinity_matrix([grads[t] for t in names])     # [n, n], symmetric, ones on the diagonal
@@ -60,13 +62,20 @@ def affinity_matrix(gradients: Sequence[torch.Tensor]) -> torch.Tensor:
     return matrix.float()
 
 
-def grouping_score(rgs: Sequence[int], matrix: torch.Tensor) -> float:
-    """Sum of the affinities of every pair of tasks that share a group (singletons add 0)."""
+def mean_pairwise(matrix: torch.Tensor) -> float:
+    """Mean off-diagonal affinity (0 for a single task)."""
+    n = matrix.shape[0]
+    return float((matrix.sum() - matrix.diagonal().sum()) / (n * (n - 1))) if n > 1 else 0.0
+
+
+def grouping_score(rgs: Sequence[int], matrix: torch.Tensor, center: Optional[float] = None) -> float:
+    """Sum over task pairs sharing a group of (affinity - center); center = the mean pairwise affinity."""
+    center = mean_pairwise(matrix) if center is None else center
     score = 0.0
     for i in range(len(rgs)):
         for j in range(i + 1, len(rgs)):
             if rgs[i] == rgs[j]:
-                score += float(matrix[i, j])
+                score += float(matrix[i, j]) - center
     return score
 
 
@@ -83,7 +92,8 @@ def rank_groupings(matrix: torch.Tensor, top: int, max_groups: Optional[int] = N
             raise ValueError(f"ranking enumerates every grouping; {n} tasks > {MAX_ENUMERATED_TASKS} is too many "
                              f"(set search.seed_with_affinity=false or list search.groupings)")
         candidates = iter_rgs(n, max_groups or n)
-    scored = ((round(grouping_score(rgs, matrix), 6), -max(rgs, default=-1), rgs) for rgs in candidates)
+    center = mean_pairwise(matrix)
+    scored = ((round(grouping_score(rgs, matrix, center), 6), -max(rgs, default=-1), rgs) for rgs in candidates)
     best = heapq.nlargest(top, scored, key=lambda x: (x[0], x[1], tuple(-v for v in x[2])))
     return [(score, rgs) for score, _, rgs in best]
 

@@ -73,6 +73,7 @@ def run_search(cfg: PipelineConfig) -> dict:
     for arm, arm_points in experiments.items():
         arm_start = time.time()
         grids[arm] = fit_experiment(cfg, arm, space, arm_points, setup, f"{stage_dir}/tune", stage_hash)
+        _check_finished(grids[arm], arm, cfg.search.num_samples)
         seconds[arm] = time.time() - arm_start
         print(f"[search] {arm}: {len(grids[arm])} trials in {seconds[arm]:.0f} s", flush=True)
 
@@ -164,6 +165,15 @@ def fit_experiment(cfg: PipelineConfig, arm: str, space: list[RGS], points: list
                                   failure_config=tune.FailureConfig(max_failures=1)),
     )
     return tuner.fit()
+
+
+def _check_finished(grid, arm: str, num_samples: int) -> None:
+    """Tune returns from `fit()` on Ctrl-C too: stop there (no best.yaml, no manifest) so a rerun restores."""
+    trials = getattr(getattr(grid, "_experiment_analysis", None), "trials", None) or []
+    open_trials = [t for t in trials if getattr(t, "status", "TERMINATED") not in ("TERMINATED", "ERROR")]
+    if len(grid) < num_samples or open_trials:
+        raise RuntimeError(f"search arm '{arm}' stopped with {len(grid)}/{num_samples} trials created and "
+                           f"{len(open_trials)} unfinished; rerun the same command to resume it (Tuner.restore)")
 
 
 def _max_reports(cfg: PipelineConfig) -> int:

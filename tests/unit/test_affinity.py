@@ -54,6 +54,17 @@ def test_ranking_groups_agreeing_tasks_and_separates_conflicting_ones():
     assert rank_groupings(matrix, top=5, candidates=[(0, 1, 2), (0, 1, 1)])[0][1] == (0, 1, 2)
 
 
+def test_ranking_is_relative_to_the_mean_affinity_so_all_positive_cosines_do_not_merge_everything():
+    # copy/reverse/sort agree strongly, add/sub moderately, shift with nobody: all cosines positive.
+    names = ["copy", "reverse", "sort", "shift", "add", "sub"]
+    matrix = torch.full((6, 6), 0.1)
+    for i, j, v in [(0, 1, 0.8), (0, 2, 0.7), (1, 2, 0.9), (4, 5, 0.5)]:
+        matrix[i, j] = matrix[j, i] = v
+    matrix.fill_diagonal_(1.0)
+    best = rank_groupings(matrix, top=1, max_groups=6)[0][1]
+    assert best == (0, 0, 0, 1, 2, 2), [names[k] for k in best]  # copy+reverse+sort | shift | add+sub
+
+
 def test_heatmap_png_is_written(tmp_path):
     path = save_heatmap(torch.eye(3), ["a", "b", "c"], str(tmp_path / "affinity.png"))
     with open(path, "rb") as f:
