@@ -58,11 +58,12 @@ def run_search(cfg: PipelineConfig) -> dict:
     matrix = compute_affinity(cfg, base_dir, stage_dir)
     seeds = [rgs for _, rgs in rank_groupings(matrix, cfg.search.num_affinity_seeds + 1, candidates=space)]
     default = {"grouping": readable([[t] for t in names]), "temperature": cfg.distill.temperature, "alpha": cfg.distill.alpha}
-    seed_points = [{**default, "grouping": readable(decode(r, names))} for r in seeds if max(r) + 1 < len(names)]
+    seeds = [r for r in seeds if max(r) + 1 < len(names)][:cfg.search.num_affinity_seeds]  # the default is no seed
+    seed_points = [{**default, "grouping": readable(decode(r, names))} for r in seeds]
     points = [default] if cfg.search.include_default else []
     experiments = {}
     if cfg.search.seed_with_affinity:
-        experiments["seeded"] = points + seed_points[:cfg.search.num_affinity_seeds]
+        experiments["seeded"] = points + seed_points
     if cfg.search.compare_random or not cfg.search.seed_with_affinity:
         experiments["random"] = points
 

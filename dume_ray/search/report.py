@@ -84,8 +84,8 @@ def _markdown(cfg, trials, matrix, seeds, seconds, best) -> str:
              f"reduction factor {s.reduction_factor:g}. Scores: mean exact-match on the **validation** split.", "",
              "## Winner", "",
              f"| | grouping | T | α | val mean |", "|---|---|---|---|---|",
-             f"| best searched | {best['grouping']} | {best['temperature']:.3g} | {best['alpha']:.3g} | {best['val_mean']:.3f} |",
-             f"| default (one expert per task) | {' | '.join(names)} | {cfg.distill.temperature:.3g} | {cfg.distill.alpha:.3g} | "
+             f"| best searched | {_cell(best['grouping'])} | {best['temperature']:.3g} | {best['alpha']:.3g} | {best['val_mean']:.3f} |",
+             f"| default (one expert per task) | {_cell(' | '.join(names))} | {cfg.distill.temperature:.3g} | {cfg.distill.alpha:.3g} | "
              + (f"{best['default_val_mean']:.3f} |" if best['default_val_mean'] is not None else "not run |"), "",
              "## Gradient affinity on the base", "",
              "Cosine of per-task gradients (negative = gradient conflict); heatmap: `affinity.png`.", "",
@@ -101,15 +101,22 @@ def _markdown(cfg, trials, matrix, seeds, seconds, best) -> str:
             lines.append(f"| {n + 1} | " + " | ".join(cells) + " |")
         lines += [""]
     for arm, rows in trials.items():
-        lines += [f"## Trials: {arm} ({seconds.get(arm, 0):.0f} s)", "",
+        trial_seconds = sum(r["seconds"] or 0 for r in rows)
+        lines += [f"## Trials: {arm} ({trial_seconds:.0f} s of trial time; fit() of this invocation "
+                  f"{seconds.get(arm, 0):.0f} s, ~0 when restored from a finished experiment)", "",
                   "| # | grouping | T | α | val mean | reports | stopped early | experts cached/trained |",
                   "|---|---|---|---|---|---|---|---|"]
         for i, r in enumerate(rows, 1):
             score = f"{r['val_mean']:.3f}" if r["val_mean"] is not None else f"error: {r['error']}"
-            lines.append(f"| {i} | {r['grouping']} | {r['temperature']:.3g} | {r['alpha']:.3g} | {score} | {r['reports']} | "
+            lines.append(f"| {i} | {_cell(r['grouping'])} | {r['temperature']:.3g} | {r['alpha']:.3g} | {score} | {r['reports']} | "
                          f"{'no' if r['completed'] else 'yes'} | {r['cache_hits']}/{r['cache_misses']} |")
         lines += [""]
     return "\n".join(lines)
+
+
+def _cell(text: str) -> str:
+    """A grouping inside a markdown table cell: its '|' separators must not split the cell."""
+    return str(text).replace("|", "\\|")
 
 
 def _is_default(row: dict, default: dict) -> bool:
