@@ -2,6 +2,8 @@
 
     python -m dume_ray run --config configs/demo.yaml                 # every stage, skipping finished ones
     python -m dume_ray experts --config configs/demo.yaml experts.optim.steps=500
+    python -m dume_ray search --config configs/search.yaml             # Ray Tune: groupings x T x alpha
+    python -m dume_ray run --config configs/demo.yaml grouping=from_search   # pipeline with the search's winner
     python -m dume_ray --help
 
 Each stage reads earlier stages' outputs from `runs/<name>/` and can be rerun on its own. The resolved
@@ -29,10 +31,11 @@ def _stages():
     from dume_ray.distill.launch import run_distill, run_multitask
     from dume_ray.eval.launch import run_eval
     from dume_ray.experts.launch import run_base, run_experts
+    from dume_ray.search.launch import run_search
     from dume_ray.soft_targets.launch import run_soft_targets
     from dume_ray.upcycle.launch import run_upcycle
     return {"base": run_base, "experts": run_experts, "upcycle": run_upcycle, "soft-targets": run_soft_targets,
-            "distill": run_distill, "multitask": run_multitask, "eval": run_eval}
+            "distill": run_distill, "multitask": run_multitask, "eval": run_eval, "search": run_search}
 
 
 STAGE_HELP = {
@@ -44,6 +47,7 @@ STAGE_HELP = {
     "distill": "train the student on the soft-target stream: KD at temperature T + CE (Ray Train)",
     "multitask": "the baseline: same student, data, optimiser and steps, plain mixed CE (Ray Train)",
     "eval": "score every model on the held-out split; write report.md/json/png and print the table",
+    "search": "Ray Tune over task groupings x temperature x alpha (proxy runs on validation) -> search/best.yaml",
 }
 
 
