@@ -26,7 +26,7 @@ from dume_ray.config import PipelineConfig, ResourcesConfig, to_dict
 from dume_ray.dashboards import mlflow_tracking_uri, tensorboard_dir
 from dume_ray.experts.worker import train_fn_per_worker
 from dume_ray.model import create_initial_model, load_tokenizer
-from dume_ray.stage_hashes import base_hash, expert_hash
+from dume_ray.stage_hashes import base_hash, expert_hash, pipeline_hashes
 from dume_ray.tasks import encode_rows, load_tasks
 
 
@@ -173,6 +173,12 @@ def history_path(job_dir: str, config_hash: str) -> str:
             if name.startswith("history-") and name != keep:
                 os.remove(os.path.join(job_dir, name))
     return os.path.join(job_dir, keep)
+
+
+def finished_experts(cfg: PipelineConfig) -> dict[str, dict]:
+    """{group: manifest} of every expert of this config; StageInputError when one is missing or stale."""
+    hashes = pipeline_hashes(cfg)
+    return {g: _require(f"{cfg.run_dir}/experts/{g}", "experts", hashes[f"experts/{g}"]) for g in cfg.groups}
 
 
 def _require(stage_dir: str, stage: str, expected_hash: str | None = None) -> dict:

@@ -21,18 +21,18 @@ import ray.data
 from dume_ray import manifest
 from dume_ray.config import PipelineConfig
 from dume_ray.data.soft_targets import SoftTargetError, validate_shard
-from dume_ray.experts.launch import _require
+from dume_ray.experts.launch import _require, finished_experts
 from dume_ray.model import check_same_vocab, load_tokenizer
 from dume_ray.soft_targets.teacher_scoring import TeacherScorer
-from dume_ray.stage_hashes import pipeline_hashes, soft_targets_hash
+from dume_ray.stage_hashes import pipeline_hashes
 from dume_ray.tasks import encode_rows, load_tasks
 
 
 def run_soft_targets(cfg: PipelineConfig) -> dict:
     stage_dir = f"{cfg.run_dir}/soft_targets"
     hashes = pipeline_hashes(cfg)
-    experts = {g: _require(f"{cfg.run_dir}/experts/{g}", "experts", hashes[f"experts/{g}"]) for g in cfg.groups}
-    stage_hash = soft_targets_hash(cfg, {g: m["config_hash"] for g, m in experts.items()})
+    experts = finished_experts(cfg)
+    stage_hash = hashes["soft_targets"]
     if manifest.is_done(stage_dir, stage_hash):
         print(f"[soft_targets] done already ({stage_dir}), skipping", flush=True)
         return manifest.read_manifest(stage_dir)
