@@ -2,6 +2,8 @@
 
     python -m dume_ray run --config configs/demo.yaml                 # every stage, skipping finished ones
     python -m dume_ray experts --config configs/demo.yaml experts.optim.steps=500
+    python -m dume_ray search --config configs/search.yaml             # Ray Tune: groupings x T x alpha
+    python -m dume_ray run --config configs/demo.yaml grouping=from_search   # pipeline with the search's winner
     python -m dume_ray --help
 
 Each stage reads earlier stages' outputs from `runs/<name>/` and can be rerun on its own. The resolved
@@ -18,6 +20,7 @@ import sys
 import time
 
 from dume_ray.config import ConfigError, PipelineConfig, load_config, to_yaml
+from dume_ray.resources import ResourceShortage
 from dume_ray.manifest import StageInputError, write_text_atomic
 
 QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -28,10 +31,11 @@ def _stages():
     from dume_ray.distill.launch import run_distill, run_multitask
     from dume_ray.eval.launch import run_eval
     from dume_ray.experts.launch import run_base, run_experts
+    from dume_ray.search.launch import run_search
     from dume_ray.soft_targets.launch import run_soft_targets
     from dume_ray.upcycle.launch import run_upcycle
     return {"base": run_base, "experts": run_experts, "upcycle": run_upcycle, "soft-targets": run_soft_targets,
-            "distill": run_distill, "multitask": run_multitask, "eval": run_eval}
+            "distill": run_distill, "multitask": run_multitask, "eval": run_eval, "search": run_search}
 
 
 STAGE_HELP = {
@@ -43,6 +47,7 @@ STAGE_HELP = {
     "distill": "train the student on the soft-target stream: KD at temperature T + CE (Ray Train)",
     "multitask": "the baseline: same student, data, optimiser and steps, plain mixed CE (Ray Train)",
     "eval": "score every model on the held-out split; write report.md/json/png and print the table",
+    "search": "Ray Tune over task groupings x temperature x alpha (proxy runs on validation) -> search/best.yaml",
 }
 
 
@@ -74,15 +79,50 @@ def preflight(cfg: PipelineConfig) -> None:
     print(f"[preflight] {len(tasks)} tasks, {len(cfg.groups)} expert groups: {' | '.join(cfg.groups)}", flush=True)
 
 
-def init_ray(cfg: PipelineConfig) -> None:
+def init_ray(cfg: PipelineConfig) -> bool:
+    """Start a local Ray, or join RAY_ADDRESS / `ray_address`; True when joined to an existing cluster."""
     import ray
     import ray.data
+    address = cfg.ray_address or os.environ.get("RAY_ADDRESS") or None
+    # Variables already in this process's environment reach the workers anyway (a `ray job submit`'s own
+    # env_vars, or the shell's for a local Ray), and Ray refuses a job whose driver repeats one of its keys.
+    env_vars = {k: v for k, v in QUIET_ENV.items() if k not in os.environ}
     os.environ.update(QUIET_ENV)
-    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
-        ray.init(address=address, runtime_env={"env_vars": QUIET_ENV}, log_to_driver=True)
+        ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=True)
     ray.data.DataContext.get_current().enable_progress_bars = False
     print(f"[ray] {'joined ' + address if address else 'started a local Ray'}: {ray.cluster_resources()}", flush=True)
+    return bool(address)
+
+
+def wait_for_resources(cfg: PipelineConfig, stages: list[str], joined: bool) -> None:
+    """Fail with a readable error when a stage's job can never be scheduled, instead of Ray waiting forever.
+
+    On a joined cluster an autoscaler may add nodes: ask it for the largest job (`request_resources`) and give
+    it `resource_wait_s` seconds. A local Ray started here never grows, so there the check is immediate.
+    """
+    import ray
+    from ray.autoscaler.sdk import request_resources
+
+    from dume_ray.resources import explain, resource_problems, stage_jobs
+
+    shapes = stage_jobs(cfg, stages)
+    timeout = cfg.resource_wait_s if joined else 0.0
+    start, requested = time.time(), False
+    while True:
+        nodes = [{k: float(v) for k, v in n["Resources"].items()} for n in ray.nodes() if n.get("Alive")]
+        problems = resource_problems(shapes, nodes)
+        if not problems or time.time() - start >= timeout:
+            break
+        if not requested:
+            request_resources(bundles=max(shapes.values(), key=lambda b: sum(sum(x.values()) for x in b)))
+            requested = True
+            print(f"[ray] waiting up to {timeout:.0f} s for the cluster to provide: {'; '.join(problems)}", flush=True)
+        time.sleep(min(2.0, timeout))
+    if requested:
+        request_resources(bundles=[])  # the stages' own demand keeps the nodes from here on
+    if problems:
+        raise ResourceShortage(explain(problems, time.time() - start))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,13 +135,18 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, KeyError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    init_ray(cfg)
-    stages = _stages()
     if args.stage == "run":
         order = (["base", "experts"] + (["upcycle"] if cfg.upcycle_active else []) + ["soft-targets", "distill"]
                  + (["multitask"] if cfg.multitask.enabled else []) + ["eval"])
     else:
         order = [args.stage]
+    joined = init_ray(cfg)
+    try:
+        wait_for_resources(cfg, order, joined)
+    except ResourceShortage as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    stages = _stages()
     start = time.time()
     for i, name in enumerate(order, 1):
         print(f"\n=== [{i}/{len(order)}] {name} ({time.time() - start:.0f} s elapsed) ===", flush=True)

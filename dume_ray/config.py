@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -44,6 +45,7 @@ class TaskSource:
     source: str = MISSING  # "jsonl" | "json" | "parquet" | "csv" (local files) or a Hub dataset name/path
     data_files: dict[str, str] = field(default_factory=dict)  # split (train/validation/test) -> local file
     hub_splits: dict[str, str] = field(default_factory=dict)  # our split -> Hub split name, e.g. validation: dev
+    hub_config: Optional[str] = None  # Hub dataset configuration (subset) name, e.g. "main"
     prompt_column: str = "prompt"
     response_column: str = "response"
 
@@ -231,11 +233,64 @@ class EvalConfig:
     split: str = "test"  # held-out split the report scores
     batch_size: int = 256  # prompts per greedy-decoding batch
     max_new_tokens: int = 12
+    gpus_per_task: float = 0.0  # GPU share of each model's scoring task (fractions let models share a card)
 
     def __post_init__(self) -> None:
         _check(self.split in ("validation", "test"), f"eval.split must be 'validation' or 'test', got {self.split!r}")
+        _check(self.gpus_per_task >= 0, f"eval.gpus_per_task must be >= 0, got {self.gpus_per_task}")
         _check(self.batch_size >= 1, f"eval.batch_size must be >= 1, got {self.batch_size}")
         _check(self.max_new_tokens >= 1, f"eval.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass
+class SearchConfig:
+    """Ray Tune search over task groupings x KD temperature x alpha (`python -m dume_ray search`).
+
+    Each trial trains (or reuses from the cache) one expert per group of its grouping with `experts.optim`,
+    then a short proxy distillation (`distill.optim` with `proxy_steps` steps) reporting the student's mean
+    validation exact-match every `report_every` steps, so ASHA can stop weak trials early.
+    """
+
+    num_samples: int = 12  # trials per experiment, seeded points included
+    max_groups: Optional[int] = None  # cap on expert groups per grouping; None = up to one group per task
+    groupings: list[str] = field(default_factory=list)  # restrict the space to these, e.g. "copy+sort | reverse | add+sub"; [] = every partition
+    temperature: list[float] = field(default_factory=lambda: [1.0, 8.0])  # [low, high], sampled log-uniform
+    alpha: list[float] = field(default_factory=lambda: [0.3, 1.0])  # [low, high], sampled uniform
+    seed_with_affinity: bool = True  # first trials = the groupings the gradient-affinity matrix ranks best
+    num_affinity_seeds: int = 3
+    include_default: bool = True  # also try one expert per task at distill.temperature/alpha (the baseline point)
+    compare_random: bool = True  # run a second, unseeded search with the same budget for the report
+    proxy_steps: int = 200  # student steps of the proxy distillation per trial
+    report_every: int = 50  # steps between validation reports (ASHA rungs)
+    grace_period: int = 1  # reports before ASHA may stop a trial
+    reduction_factor: float = 2.0  # ASHA keeps the top 1/reduction_factor at each rung
+    affinity_batches: int = 4  # batches per task for the gradient-affinity matrix
+    affinity_batch_size: int = 64
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    max_concurrent_trials: int = 0  # 0 = as many as the cluster's resources allow
+    torch_threads: int = 1  # intra-op threads per trial on CPU
+    cache_dir: str = ""  # expert cache shared by trials (and by later searches); "" = <run_dir>/search/expert_cache
+    best_path: str = ""  # best.yaml read by grouping=from_search; "" = <runs_dir>/search/search/best.yaml
+
+    def __post_init__(self) -> None:
+        _check(self.num_samples >= 1, f"search.num_samples must be >= 1 (an empty search space runs nothing), got {self.num_samples}")
+        _check(self.max_groups is None or self.max_groups >= 1, f"search.max_groups must be >= 1 (or null for no cap), got {self.max_groups}")
+        for key, low_ok in (("temperature", lambda v: v > 0), ("alpha", lambda v: 0.0 <= v <= 1.0)):
+            bounds = getattr(self, key)
+            _check(len(bounds) == 2, f"search.{key} must be [low, high], got {list(bounds)}")
+            what = "> 0" if key == "temperature" else "in [0, 1]"
+            _check(all(low_ok(v) for v in bounds), f"search.{key}: both bounds must be {what}, got {list(bounds)}")
+            _check(bounds[0] <= bounds[1], f"search.{key}: low {bounds[0]} > high {bounds[1]} (empty range)")
+        _check(self.num_affinity_seeds >= 0, f"search.num_affinity_seeds must be >= 0, got {self.num_affinity_seeds}")
+        _check(self.proxy_steps >= 1, f"search.proxy_steps must be >= 1, got {self.proxy_steps}")
+        _check(1 <= self.report_every <= self.proxy_steps, f"search.report_every must be in [1, search.proxy_steps={self.proxy_steps}], got {self.report_every}")
+        _check(self.grace_period >= 1, f"search.grace_period must be >= 1, got {self.grace_period}")
+        _check(self.reduction_factor > 1, f"search.reduction_factor must be > 1, got {self.reduction_factor}")
+        _check(self.affinity_batches >= 1 and self.affinity_batch_size >= 1, "search.affinity_batches and search.affinity_batch_size must be >= 1")
+        _check(self.cpus_per_trial > 0, f"search.cpus_per_trial must be > 0, got {self.cpus_per_trial}")
+        _check(self.gpus_per_trial >= 0, f"search.gpus_per_trial must be >= 0, got {self.gpus_per_trial}")
+        _check(self.max_concurrent_trials >= 0, f"search.max_concurrent_trials must be >= 0, got {self.max_concurrent_trials}")
 
 
 @dataclass
@@ -244,6 +299,8 @@ class PipelineConfig:
     runs_dir: str = "runs"
     seed: int = 0  # model init and data order
     ray_address: Optional[str] = None  # None: RAY_ADDRESS if set (ray job submit), else a local Ray
+    resource_wait_s: float = 120.0  # on a joined (autoscaling) cluster: wait this long for a stage's resources, then fail
+    mlflow_tracking_uri: Optional[str] = None  # also log training metrics to MLflow (default: $MLFLOW_TRACKING_URI)
     tasks: TasksConfig = field(default_factory=TasksConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     base: BaseConfig = field(default_factory=BaseConfig)
@@ -253,9 +310,13 @@ class PipelineConfig:
     multitask: MultitaskConfig = field(default_factory=MultitaskConfig)
     upcycle: UpcycleConfig = field(default_factory=UpcycleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    grouping: str = "config"  # "config": experts.groups as written; "from_search": groups, T and alpha from search.best_path
 
     def __post_init__(self) -> None:
         _check(bool(self.name) and "/" not in self.name, f"name must be a non-empty folder name, got {self.name!r}")
+        _check(self.resource_wait_s >= 0, f"resource_wait_s must be >= 0, got {self.resource_wait_s}")
+        _check(self.grouping in ("config", "from_search"), f"grouping must be 'config' or 'from_search', got {self.grouping!r}")
         names = self.tasks.names
         seen: list[str] = []
         for i, group in enumerate(self.experts.groups):
@@ -273,6 +334,22 @@ class PipelineConfig:
                    f"upcycle.top_k={self.upcycle.top_k} exceeds the number of experts ({len(self.groups)}, experts.groups)")
         if self.distill.init == "scratch" and self.distill.student_model is not None:
             _check(self.model.name_or_path == "embedded", "distill.student_model is only for the embedded model family")
+        self._check_search_space(names)
+
+    def _check_search_space(self, names: list[str]) -> None:
+        """Every listed grouping names known tasks, and the cap leaves something to search."""
+        cap = self.search.max_groups or len(names)
+        fitting = 0
+        for i, text in enumerate(self.search.groupings):
+            groups = [[t.strip() for t in part.split("+")] for part in text.split("|")]
+            unknown = [t for g in groups for t in g if t not in names]
+            _check(not unknown, f"search.groupings[{i}] {text!r} names unknown task(s) {unknown}; configured tasks are {names}")
+            flat = [t for g in groups for t in g]
+            _check(sorted(flat) == sorted(names) and all(groups),
+                   f"search.groupings[{i}] {text!r} must put each of the tasks {names} in exactly one non-empty group")
+            fitting += len(groups) <= cap
+        _check(not self.search.groupings or fitting > 0,
+               f"search: empty search space: no grouping in search.groupings has at most search.max_groups={cap} groups")
 
     @property
     def run_dir(self) -> str:
@@ -309,6 +386,8 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
                 key = override.split("=", 1)[0]
                 raise ConfigError(f"override {override!r}: {_short(exc)}" if key not in _short(exc)
                                   else _short(exc)) from exc
+        if merged.grouping == "from_search":
+            merged = OmegaConf.merge(merged, _search_result_overrides(merged))
         cfg = OmegaConf.to_object(merged)
     except FileNotFoundError as exc:
         raise ConfigError(f"config file not found: {path}") from exc
@@ -349,6 +428,25 @@ def _qualify(path: Optional[str], message: str) -> str:
     if message.startswith(section + "."):
         return path + message[len(section):]
     return f"{path}: {message}"
+
+
+def search_best_path(runs_dir: str, best_path: str) -> str:
+    return best_path or f"{runs_dir}/search/search/best.yaml"
+
+
+def _search_result_overrides(merged: Any) -> dict:
+    """`grouping=from_search`: experts.groups, distill.temperature and distill.alpha from a search's best.yaml."""
+    path = search_best_path(merged.runs_dir, merged.search.best_path)
+    if not os.path.exists(path):
+        raise ConfigError(f"grouping=from_search: no search result at {path}; run `python -m dume_ray search "
+                          f"--config configs/search.yaml` first, or point search.best_path at a best.yaml")
+    best = OmegaConf.to_container(OmegaConf.load(path))
+    _check(isinstance(best, dict) and {"groups", "temperature", "alpha"} <= set(best),
+           f"grouping=from_search: {path} lacks groups/temperature/alpha")
+    print(f"[config] grouping=from_search: {best.get('grouping')} T={best['temperature']:.3g} "
+          f"alpha={best['alpha']:.3g} from {path}", flush=True)
+    return {"experts": {"groups": best["groups"]},
+            "distill": {"temperature": float(best["temperature"]), "alpha": float(best["alpha"])}}
 
 
 def _short(exc: Exception) -> str:

@@ -17,6 +17,8 @@ Pure: no Ray here. Tested in tests/unit/test_stage_hashes.py.
 
 from __future__ import annotations
 
+import dataclasses
+
 from dume_ray.config import PipelineConfig, config_hash
 
 
@@ -52,7 +54,8 @@ def upcycle_hash(cfg: PipelineConfig, expert_hashes: dict[str, str]) -> str:
 def eval_hash(cfg: PipelineConfig, model_hashes: dict[str, str]) -> str:
     """`model_hashes`: {report label: the scored model's stage hash}, e.g. {"base": ..., "expert:copy": ...}.
     With the MoE in the report, which routings it shows (and the random-routing seed) count too."""
-    return config_hash("eval", cfg.eval, cfg.tasks, model_hashes, cfg.upcycle if cfg.upcycle_active else None)
+    scoring = dataclasses.replace(cfg.eval, gpus_per_task=0)  # where it runs does not change the scores
+    return config_hash("eval", scoring, cfg.tasks, model_hashes, cfg.upcycle if cfg.upcycle_active else None)
 
 
 def pipeline_hashes(cfg: PipelineConfig) -> dict[str, str]:

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from dume_ray.config import OptimConfig
-from dume_ray.data.encode import encode_prompt, response_positions
+from dume_ray.data.encode import collate, encode_example, encode_prompt, response_positions
 from dume_ray.distill.losses import cross_entropy, distill_objective
 
 
@@ -38,9 +38,13 @@ def make_optimizer(model: torch.nn.Module, optim: OptimConfig):
 
 
 def autocast(device: torch.device, dtype: str):
-    """bf16 autocast on GPU when asked; a no-op on CPU (CPU bf16 is slower than fp32 for tiny models)."""
-    if device.type == "cuda" and dtype == "bfloat16":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    """Mixed precision when `model.dtype: bfloat16`: forward passes in bf16, weights and optimizer in fp32.
+
+    Works on CUDA (the point: ~2x throughput and half the activation memory) and on CPU (slower than fp32
+    for tiny models, which is why the CPU configs keep float32). float32 is a no-op.
+    """
+    if dtype == "bfloat16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -113,6 +117,24 @@ def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, b
         )
         outputs += tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
     return outputs
+
+
+@torch.no_grad()
+def validation_loss(model, tokenizer, pairs: dict[str, list[tuple[str, str]]], batch_size: int = 256) -> dict[str, float]:
+    """Mean cross-entropy per response token on each task's (prompt, response) pairs: {task name: loss}."""
+    model.eval()
+    device = next(model.parameters()).device
+    losses = {}
+    for name, task_pairs in pairs.items():
+        total, tokens = 0.0, 0
+        for start in range(0, len(task_pairs), batch_size):
+            rows = [encode_example(tokenizer, p, r, max_seq_len=1 << 30) for p, r in task_pairs[start:start + batch_size]]
+            batch = {k: v.to(device) for k, v in collate(rows, tokenizer.pad_token_id).items()}
+            logits, targets = response_logits(model, batch)
+            total += float(cross_entropy(logits, targets)) * targets.numel()
+            tokens += targets.numel()
+        losses[name] = total / max(1, tokens)
+    return losses
 
 
 def evaluate_tasks(model, tokenizer, tasks: dict, split: str, max_new_tokens: int, batch_size: int = 256) -> dict[str, float]:

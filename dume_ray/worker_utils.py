@@ -21,6 +21,7 @@ import ray.train
 import ray.train.torch
 import torch
 
+from dume_ray.dashboards import ScalarLog
 from dume_ray.manifest import atomic_dir
 from dume_ray.tasks.base import Example, Task
 from dume_ray.training import evaluate_tasks, load_training_state, save_training_state
@@ -165,3 +166,23 @@ def save_and_validate(model, tokenizer, config: dict, step: int, metrics: dict, 
     scores = evaluate_tasks(final, tokenizer, validation, "validation", config["max_new_tokens"])
     return {"steps": step, "final_loss": metrics.get("loss"), "validation": scores,
             "train_seconds": round(time.time() - start, 2), **history.summary()}
+
+
+def open_dashboards(config: dict, step: int) -> Optional[ScalarLog]:
+    """Rank 0: a ScalarLog into `config["tensorboard_dir"]`, also logging to MLflow (Ray's `setup_mlflow`) when
+    `config["mlflow_tracking_uri"]` is set; None on other ranks. A job starting at step 0 replaces its old curves."""
+    if not is_rank_zero() or not config.get("tensorboard_dir"):
+        return None
+    mlflow = None
+    if config.get("mlflow_tracking_uri"):
+        from ray.air.integrations.mlflow import setup_mlflow
+        for attempt in (1, 2):  # experts starting together race to create the experiment; the loser finds it
+            try:
+                mlflow = setup_mlflow({"label": config["label"], **config["optim"]}, tracking_uri=config["mlflow_tracking_uri"],
+                                      experiment_name=config["experiment"], run_name=config["run_name"],
+                                      create_experiment_if_not_exists=True)
+                break
+            except Exception:
+                if attempt == 2:
+                    raise
+    return ScalarLog(config["tensorboard_dir"], fresh=step == 0, mlflow=mlflow)

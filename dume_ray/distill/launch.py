@@ -17,6 +17,7 @@ import ray.data
 
 from dume_ray import manifest
 from dume_ray.config import PipelineConfig, to_dict
+from dume_ray.dashboards import mlflow_tracking_uri, tensorboard_dir
 from dume_ray.distill.worker import train_fn_per_worker
 from dume_ray.experts.launch import _require, fit_concurrently, history_path, local_checkpoint_dir
 from dume_ray.model import build_embedded_model, check_same_vocab, load_tokenizer
@@ -58,6 +59,8 @@ def _run_student(cfg: PipelineConfig, stage: str, alpha: float) -> dict:
         "local_checkpoint_dir": local_checkpoint_dir(stage_dir, stage_hash, cfg.distill.resources),
         "history_path": history_path(stage_dir, stage_hash),
         "run_name": f"{stage}-{stage_hash}",  # Ray Train resumes a run of this name: never one of another config
+        "experiment": cfg.name, "tensorboard_dir": tensorboard_dir(cfg.run_dir, stage, stage),
+        "mlflow_tracking_uri": mlflow_tracking_uri(cfg.mlflow_tracking_uri),
     }
     stream = ray.data.read_parquet(soft_targets["outputs"]["shards"])
     result = fit_concurrently(train_fn_per_worker, {stage: (loop_config, stream)}, cfg.distill.resources,

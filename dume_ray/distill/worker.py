@@ -19,9 +19,9 @@ from dume_ray.config import OptimConfig, from_dict
 from dume_ray.data.encode import collate
 from dume_ray.distill.losses import annealed_alpha
 from dume_ray.model import load_model, load_tokenizer
-from dume_ray.training import distill_train_step, make_optimizer
-from dume_ray.worker_utils import (Progress, StepHistory, batch_stream, per_worker_batch_size, report_checkpoint,
-                                   restore_checkpoint, save_and_validate, setup_worker)
+from dume_ray.training import distill_train_step, make_optimizer, validation_loss
+from dume_ray.worker_utils import (Progress, StepHistory, batch_stream, open_dashboards, per_worker_batch_size, report_checkpoint,
+                                   restore_checkpoint, save_and_validate, setup_worker, unwrap)
 
 
 def train_fn_per_worker(config: dict) -> dict:
@@ -35,6 +35,7 @@ def train_fn_per_worker(config: dict) -> dict:
     history = StepHistory(config["history_path"], step)
     progress = Progress(config["label"], optim.steps, every=max(1, optim.steps // 10))
     batches = batch_stream("train", per_worker_batch_size(optim.batch_size), seed=config["seed"] + step)
+    dashboards = open_dashboards(config, step)  # rank 0: TensorBoard (+ MLflow when configured)
     start, metrics = time.time(), {}
 
     # ---- training loop: pure steps, Ray only for reporting and checkpoints --------------------------------
@@ -46,12 +47,20 @@ def train_fn_per_worker(config: dict) -> dict:
         step += 1
         history.append(step, metrics)
         progress(step, metrics)
+        if dashboards:
+            dashboards.log(step, {**metrics, "alpha": alpha, "lr": scheduler.get_last_lr()[0]}, "train")
         if step % optim.checkpoint_every == 0 or step == optim.steps:
+            if dashboards:
+                dashboards.log(step, validation_loss(unwrap(model), tokenizer, config["validation"]), "val_loss")
             report_checkpoint({**metrics, "alpha": alpha, "step": step}, model, optimizer, scheduler, step,
                               config.get("local_checkpoint_dir"))
 
     # ---- save the Hugging Face model and score it on validation (rank 0) ---------------------------------
-    return save_and_validate(model, tokenizer, config, step, metrics, start, history)
+    result = save_and_validate(model, tokenizer, config, step, metrics, start, history)
+    if dashboards:
+        dashboards.log(step, result["validation"], "validation")
+        dashboards.close()
+    return result
 
 
 def soft_target_batch(batch: dict, pad_id: int, top_k: int) -> dict[str, torch.Tensor]:

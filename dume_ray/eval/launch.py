@@ -38,9 +38,9 @@ def run_eval(cfg: PipelineConfig) -> dict:
         print(open(found["outputs"]["markdown"]).read(), flush=True)
         return found
     start = time.time()
-    score = ray.remote(num_cpus=1)(_score_model)
+    score = ray.remote(num_cpus=1, num_gpus=cfg.eval.gpus_per_task)(_score_model)
     refs = {label: score.remote(model_dir, cfg.tasks, names, cfg.eval.split, cfg.eval.max_new_tokens, cfg.eval.batch_size,
-                                cfg.model.max_seq_len)
+                                cfg.model.max_seq_len, "cuda" if cfg.eval.gpus_per_task > 0 else "cpu")
             for label, (model_dir, names, _) in models.items()}
     score_moe = ray.remote(num_cpus=1)(_score_moe)
     expert_of = {t: i for i, names in enumerate(cfg.groups.values()) for t in names}  # task -> its expert column
@@ -139,12 +139,13 @@ def _upcycle_section(cfg: PipelineConfig, upcycle: dict, variants: dict) -> dict
 
 
 def _score_model(model_dir: str, tasks_cfg, names: list[str], split: str, max_new_tokens: int, batch_size: int,
-                 max_seq_len: int) -> dict:
+                 max_seq_len: int, device: str = "cpu") -> dict:
     import torch
     torch.set_num_threads(1)
     tokenizer = load_tokenizer(model_dir)
     tasks = load_tasks(tasks_cfg, tokenizer, max_seq_len)
-    return evaluate_tasks(load_model(model_dir), tokenizer, {n: tasks[n] for n in names}, split, max_new_tokens, batch_size)
+    return evaluate_tasks(load_model(model_dir).to(device), tokenizer, {n: tasks[n] for n in names}, split,
+                          max_new_tokens, batch_size)
 
 
 def _settings(cfg: PipelineConfig) -> dict:

@@ -23,9 +23,10 @@ from ray.train.torch import TorchTrainer
 
 from dume_ray import manifest
 from dume_ray.config import PipelineConfig, ResourcesConfig, to_dict
+from dume_ray.dashboards import mlflow_tracking_uri, tensorboard_dir
 from dume_ray.experts.worker import train_fn_per_worker
 from dume_ray.model import create_initial_model, load_tokenizer
-from dume_ray.stage_hashes import base_hash, expert_hash
+from dume_ray.stage_hashes import base_hash, expert_hash, pipeline_hashes
 from dume_ray.tasks import encode_rows, load_tasks
 
 
@@ -104,7 +105,9 @@ def run_training_jobs(cfg: PipelineConfig, jobs: list[TrainingJob], optim, resou
                        "max_new_tokens": cfg.eval.max_new_tokens,
                        "local_checkpoint_dir": local_checkpoint_dir(os.path.dirname(job.output_dir), job.config_hash, resources),
                        "history_path": history_path(os.path.dirname(job.output_dir), job.config_hash),
-                       "run_name": f"{job.label}-{job.config_hash}"}
+                       "run_name": f"{job.label}-{job.config_hash}", "experiment": cfg.name,
+                       "mlflow_tracking_uri": mlflow_tracking_uri(cfg.mlflow_tracking_uri),
+                       "tensorboard_dir": tensorboard_dir(cfg.run_dir, os.path.basename(stage_dir), job.label)}
         pending[job.label] = (loop_config, ray.data.from_items(job.rows))
     return fit_concurrently(train_fn_per_worker, pending, resources, os.path.abspath(f"{stage_dir}/ray_train"),
                             stage=os.path.basename(stage_dir), on_finish=on_finish)
@@ -170,6 +173,12 @@ def history_path(job_dir: str, config_hash: str) -> str:
             if name.startswith("history-") and name != keep:
                 os.remove(os.path.join(job_dir, name))
     return os.path.join(job_dir, keep)
+
+
+def finished_experts(cfg: PipelineConfig) -> dict[str, dict]:
+    """{group: manifest} of every expert of this config; StageInputError when one is missing or stale."""
+    hashes = pipeline_hashes(cfg)
+    return {g: _require(f"{cfg.run_dir}/experts/{g}", "experts", hashes[f"experts/{g}"]) for g in cfg.groups}
 
 
 def _require(stage_dir: str, stage: str, expected_hash: str | None = None) -> dict:

@@ -21,18 +21,18 @@ import ray.data
 from dume_ray import manifest
 from dume_ray.config import PipelineConfig
 from dume_ray.data.soft_targets import SoftTargetError, validate_shard
-from dume_ray.experts.launch import _require
+from dume_ray.experts.launch import _require, finished_experts
 from dume_ray.model import check_same_vocab, load_tokenizer
 from dume_ray.soft_targets.teacher_scoring import TeacherScorer
-from dume_ray.stage_hashes import pipeline_hashes, soft_targets_hash
+from dume_ray.stage_hashes import pipeline_hashes
 from dume_ray.tasks import encode_rows, load_tasks
 
 
 def run_soft_targets(cfg: PipelineConfig) -> dict:
     stage_dir = f"{cfg.run_dir}/soft_targets"
     hashes = pipeline_hashes(cfg)
-    experts = {g: _require(f"{cfg.run_dir}/experts/{g}", "experts", hashes[f"experts/{g}"]) for g in cfg.groups}
-    stage_hash = soft_targets_hash(cfg, {g: m["config_hash"] for g, m in experts.items()})
+    experts = finished_experts(cfg)
+    stage_hash = hashes["soft_targets"]
     if manifest.is_done(stage_dir, stage_hash):
         print(f"[soft_targets] done already ({stage_dir}), skipping", flush=True)
         return manifest.read_manifest(stage_dir)
@@ -50,7 +50,8 @@ def run_soft_targets(cfg: PipelineConfig) -> dict:
         rows = encode_rows({t: tasks[t] for t in names}, tokenizer, "train", cfg.model.max_seq_len, group_of)
         scored.append(ray.data.from_items(rows).map_batches(
             TeacherScorer, fn_constructor_kwargs={"model_dir": expert_dir, "top_k": cfg.soft_targets.top_k,
-                                                  "dtype": cfg.model.dtype, "torch_threads": 1},
+                                                  "dtype": cfg.model.dtype, "torch_threads": 1,
+                                                  "device": "cuda" if cfg.soft_targets.gpus_per_actor > 0 else "cpu"},
             compute=ray.data.ActorPoolStrategy(size=cfg.soft_targets.num_actors), batch_size=cfg.soft_targets.batch_size,
             batch_format="numpy", num_cpus=cfg.soft_targets.cpus_per_actor, num_gpus=cfg.soft_targets.gpus_per_actor))
     dataset = scored[0].union(*scored[1:]) if len(scored) > 1 else scored[0]

@@ -21,10 +21,15 @@ from dume_ray.model import load_model, load_tokenizer
 
 
 class TeacherScorer:
-    def __init__(self, model_dir: str, top_k: int, dtype: str = "float32", torch_threads: int = 0):
+    def __init__(self, model_dir: str, top_k: int, dtype: str = "float32", torch_threads: int = 0, device: str = "auto"):
+        """`device`: "cuda" (the actor was given a GPU, `soft_targets.gpus_per_actor` > 0), "cpu", or "auto"."""
         if torch_threads > 0:
             torch.set_num_threads(torch_threads)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("TeacherScorer: soft_targets.gpus_per_actor > 0 but this actor sees no CUDA device")
+        self.device = torch.device(device)
         use_bf16 = dtype == "bfloat16" and self.device.type == "cuda"
         self.model = load_model(model_dir, torch.bfloat16 if use_bf16 else torch.float32).to(self.device).eval()
         self.pad_id = load_tokenizer(model_dir).pad_token_id

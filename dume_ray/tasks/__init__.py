@@ -30,7 +30,7 @@ def load_tasks(cfg: TasksConfig, tokenizer=None, max_seq_len: int | None = None)
     for src in cfg.sources:
         tasks[src.name] = load_task_from_source(
             src.name, src.source, dict(src.data_files) or None, src.prompt_column, src.response_column,
-            dict(src.hub_splits) or None, skip_bad_rows=cfg.skip_bad_rows)
+            dict(src.hub_splits) or None, skip_bad_rows=cfg.skip_bad_rows, config=src.hub_config)
     if cfg.skip_bad_rows and tokenizer is not None and max_seq_len is not None:
         for task in tasks.values():
             _drop_too_long(task, tokenizer, max_seq_len)

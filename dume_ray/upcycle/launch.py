@@ -26,8 +26,8 @@ import torch
 from dume_ray import manifest
 from dume_ray.config import PipelineConfig, TasksConfig
 from dume_ray.data.encode import collate
-from dume_ray.experts.launch import _require
-from dume_ray.stage_hashes import pipeline_hashes, upcycle_hash
+from dume_ray.experts.launch import finished_experts
+from dume_ray.stage_hashes import pipeline_hashes
 from dume_ray.model import check_same_vocab, load_model, load_tokenizer
 from dume_ray.tasks import encode_rows, load_tasks
 from dume_ray.upcycle.moe import DumeMoEForCausalLM, average_weights, build_moe, count_active_parameters
@@ -41,9 +41,8 @@ def run_upcycle(cfg: PipelineConfig) -> dict:
     if len(cfg.groups) < 2:
         raise manifest.StageInputError(f"upcycle needs at least 2 experts, but experts.groups gives 1 group "
                                        f"({list(cfg.groups)}): add groups, or set upcycle.enabled=false")
-    hashes = pipeline_hashes(cfg)
-    experts = {g: _require(f"{cfg.run_dir}/experts/{g}", "experts", hashes[f"experts/{g}"]) for g in cfg.groups}
-    stage_hash = upcycle_hash(cfg, {g: m["config_hash"] for g, m in experts.items()})
+    experts = finished_experts(cfg)
+    stage_hash = pipeline_hashes(cfg)["upcycle"]
     if manifest.is_done(stage_dir, stage_hash):
         print(f"[upcycle] done already ({stage_dir}), skipping", flush=True)
         return manifest.read_manifest(stage_dir)

@@ -39,6 +39,7 @@ def _hashes(*overrides):
     ("experts.resources.num_workers=2", set()),
     ("distill.resources.max_failures=3", set()),
     ("soft_targets.num_actors=2", set()),
+    ("eval.gpus_per_task=0.5", set()),
     ("ray_address=auto", set()),
 ])
 def test_a_changed_setting_invalidates_exactly_its_downstream_stages(override, changed):

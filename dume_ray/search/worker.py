@@ -1,0 +1,94 @@
+"""The Ray Tune trainable of the `search` stage: one trial = one grouping, one temperature T, one alpha.
+
+`search_trial(config, setup)` gets its sampled point in `config` ({"grouping": "copy+sort | reverse | ...",
+"temperature": T, "alpha": a}) and the run's plain data in `setup` (the pipeline config as a dict, the base
+model folder, the expert cache folder). It trains or reuses one expert per group (`search/proxy.py`, cached
+by content hash), then runs a short proxy distillation of a student from the base and calls `tune.report`
+every `search.report_every` steps with the student's mean validation exact-match (`val_mean`, validation
+split, never test) and a checkpoint, so ASHA can stop it early and `Tuner.restore` can resume it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import time
+
+import torch
+from ray import tune
+
+from dume_ray.config import PipelineConfig, config_hash, from_dict
+from dume_ray.model import freeze_non_mlp, load_model, load_tokenizer
+from dume_ray.search.partitions import encode, parse_readable, readable
+from dume_ray.search.proxy import (SOFT_TARGETS, cached_expert, proxy_distill, read_soft_targets, score_soft_targets,
+                                   train_expert)
+from dume_ray.tasks import encode_rows, load_tasks
+from dume_ray.training import evaluate_tasks, load_training_state, make_optimizer, save_training_state
+
+
+def search_trial(config: dict, setup: dict) -> None:
+    os.chdir(setup["cwd"])  # Tune starts trials in their own folder; config paths are relative to the launch dir
+    cfg = from_dict(PipelineConfig, setup["pipeline"])
+    if cfg.search.torch_threads > 0:
+        torch.set_num_threads(cfg.search.torch_threads)
+    names = cfg.tasks.names
+    groups = [[t for t in names if t in g] for g in parse_readable(config["grouping"])]
+    encode(groups, names)  # raises on a grouping that does not partition the tasks
+    base_dir = setup["base_dir"]
+    tokenizer, tasks = load_tokenizer(base_dir), load_tasks(cfg.tasks)
+    start = time.time()
+
+    # ---- experts for this grouping: from the cache, or trained once and cached ---------------------------
+    soft_rows, hits = [], 0
+    for group in groups:
+        key = expert_cache_key(setup["base_hash"], group, cfg)
+        rows = encode_rows({t: tasks[t] for t in group}, tokenizer, "train", cfg.model.max_seq_len, {t: "+".join(group) for t in group})
+        entry, hit = cached_expert(setup["cache_dir"], key, lambda tmp: _build_expert(cfg, base_dir, tokenizer, rows, tmp))
+        hits += hit
+        soft_rows += read_soft_targets(os.path.join(entry, SOFT_TARGETS))
+    expert_seconds = time.time() - start
+
+    # ---- proxy distillation from the base, reporting validation every report_every steps ------------------
+    s = cfg.search
+    optim = dataclasses.replace(cfg.distill.optim, steps=s.proxy_steps,
+                                warmup_steps=min(cfg.distill.optim.warmup_steps, s.proxy_steps))
+    student = load_model(base_dir)
+    optimizer = scheduler = None
+    step = 0
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:  # Tuner.restore of an interrupted trial, or a retried one
+        optimizer, scheduler = make_optimizer(student, optim)
+        with checkpoint.as_directory() as directory:
+            step, _ = load_training_state(directory, student, optimizer, scheduler)
+    fixed = {"grouping": readable(groups), "num_groups": len(groups), "cache_hits": hits,
+             "cache_misses": len(groups) - hits, "expert_seconds": round(expert_seconds, 1)}
+    for step, metrics, optimizer, scheduler in proxy_distill(
+            student, tokenizer, soft_rows, optim, top_k=min(cfg.soft_targets.top_k, len(tokenizer)),
+            alpha=config["alpha"], temperature=config["temperature"], divergence=cfg.distill.divergence,
+            jsd_beta=cfg.distill.jsd_beta, anneal=cfg.distill.anneal, seed=cfg.seed, start_step=step,
+            optimizer=optimizer, scheduler=scheduler):
+        if step % s.report_every and step != optim.steps:
+            continue
+        scores = evaluate_tasks(student, tokenizer, tasks, "validation", cfg.eval.max_new_tokens, cfg.eval.batch_size)
+        report = {"val_mean": sum(scores.values()) / len(scores), **{f"val_{t}": v for t, v in scores.items()},
+                  "step": step, "loss": metrics["loss"], "kd_loss": metrics["kd_loss"], "ce_loss": metrics["ce_loss"],
+                  "trial_seconds": round(time.time() - start, 1), **fixed}
+        with tempfile.TemporaryDirectory() as tmp:
+            state_dir = save_training_state(os.path.join(tmp, "state"), student, optimizer, scheduler, step)
+            tune.report(report, checkpoint=tune.Checkpoint.from_directory(state_dir))
+
+
+def expert_cache_key(base_hash: str, group: list[str], cfg: PipelineConfig) -> str:
+    """Content hash of (task group, base model, expert config, tasks, soft-target k): equal keys, same expert."""
+    return config_hash("search-expert", base_hash, sorted(group), cfg.experts.optim, cfg.experts.train_mlp_only,
+                       cfg.tasks, cfg.model.max_seq_len, cfg.soft_targets.top_k, cfg.seed)
+
+
+def _build_expert(cfg: PipelineConfig, base_dir: str, tokenizer, rows: list[dict], out_dir: str) -> None:
+    model = load_model(base_dir)
+    if cfg.experts.train_mlp_only:
+        freeze_non_mlp(model)
+    model_dir = os.path.join(out_dir, "model")
+    train_expert(model, tokenizer, rows, cfg.experts.optim, cfg.seed, model_dir, cfg.model.dtype)
+    score_soft_targets(model_dir, rows, cfg.soft_targets.top_k, os.path.join(out_dir, SOFT_TARGETS))

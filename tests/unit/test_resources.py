@@ -1,0 +1,57 @@
+"""Resource preflight: each stage's largest job against the live nodes, so a config asking for GPUs (or more
+workers than the cluster has) fails with a readable message instead of Ray waiting forever.
+
+    .venv/bin/python -m pytest -q tests/unit/test_resources.py
+"""
+
+from __future__ import annotations
+
+from dume_ray.config import ResourcesConfig, load_config
+from dume_ray.resources import explain, resource_problems, stage_jobs, training_job_bundles
+
+ALL = ["base", "experts", "soft-targets", "distill", "multitask", "eval"]
+CPU_BOX = [{"CPU": 2.0, "memory": 1e9}]
+
+
+def test_default_cpu_config_fits_a_two_core_box():
+    assert resource_problems(stage_jobs(load_config(None), ALL), CPU_BOX) == []
+
+
+def test_local_mode_job_is_one_task_of_cpus_per_worker():
+    assert training_job_bundles(ResourcesConfig(num_workers=0, cpus_per_worker=2)) == [{"CPU": 2.0}]
+
+
+def test_gpu_workers_ask_one_gpu_each():
+    bundles = training_job_bundles(ResourcesConfig(num_workers=3, use_gpu=True, cpus_per_worker=4))
+    assert bundles == [{"CPU": 4.0, "GPU": 1.0}] * 3
+
+
+def test_use_gpu_on_a_cpu_cluster_names_stage_and_gpu():
+    cfg = load_config(None, ["experts.resources.use_gpu=true", "experts.resources.num_workers=1"])
+    problems = resource_problems(stage_jobs(cfg, ALL), CPU_BOX)
+    assert len(problems) == 2 and all(p.startswith("experts:") for p in problems)
+    assert "1 CPU, 1 GPU" in problems[0] and "no node has that much" in problems[0]
+    assert "the cluster has 2 CPU, 0 GPU" in problems[1]
+
+
+def test_more_gpus_per_job_than_the_cluster_has_is_reported_even_if_each_worker_fits():
+    cfg = load_config(None, ["distill.resources.use_gpu=true", "distill.resources.num_workers=4"])
+    nodes = [{"CPU": 8.0, "GPU": 1.0}, {"CPU": 8.0, "GPU": 1.0}]
+    problems = resource_problems(stage_jobs(cfg, ["distill"]), nodes)
+    assert problems == ["distill: one job needs 4 CPU, 4 GPU in all (4 worker(s)) but the cluster has 16 CPU, 2 GPU"]
+
+
+def test_fractional_scoring_gpus_fit_on_one_gpu():
+    cfg = load_config(None, ["soft_targets.gpus_per_actor=0.25", "soft_targets.num_actors=4"])
+    assert resource_problems(stage_jobs(cfg, ["soft-targets"]), [{"CPU": 4.0, "GPU": 1.0}]) == []
+    assert resource_problems(stage_jobs(cfg, ["soft-targets"]), [{"CPU": 4.0}]) != []
+
+
+def test_only_the_stages_about_to_run_are_checked():
+    cfg = load_config(None, ["experts.resources.use_gpu=true", "experts.resources.num_workers=1"])
+    assert resource_problems(stage_jobs(cfg, ["distill", "eval"]), CPU_BOX) == []
+
+
+def test_explain_says_what_to_change():
+    text = explain(["experts: one worker asks for 1 GPU"], 3.2)
+    assert "waited 3 s" in text and "use_gpu=false" in text and "resource_wait_s" in text

@@ -1,0 +1,119 @@
+"""Your own model and data, through the config keys README documents: a Hugging Face model + tokenizer saved
+with `save_pretrained` in a folder is the base by path, and JSONL/Parquet task files with your own column
+names are the tasks. Bad input (missing model folder, missing column) stops the CLI before Ray starts. The
+shipped real-work config (Hub model, bf16, GPUs) loads and validates without downloading anything.
+
+    .venv/bin/python -m pytest -q tests/unit/test_user_model_and_data.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from transformers import AutoModelForCausalLM
+
+from dume_ray.cli import preflight
+from dume_ray.config import load_config
+from dume_ray.model import create_initial_model, load_tokenizer
+from dume_ray.tasks import encode_rows, load_tasks
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REAL = os.path.join(REPO, "configs", "real", "qwen2.5-0.5b.yaml")
+SPLITS = ("train", "validation", "test")
+
+
+def write_user_data(root) -> dict:
+    """qa.jsonl files with columns question/answer and rev.parquet files with text/target, per split."""
+    files = {"qa": {}, "rev": {}}
+    for split, n in zip(SPLITS, (12, 4, 4)):
+        qa = root / f"qa_{split}.jsonl"
+        qa.write_text("".join(json.dumps({"question": f"q{i} ab", "answer": f"a{i}", "id": i}) + "\n" for i in range(n)))
+        rev = root / f"rev_{split}.parquet"
+        pq.write_table(pa.table({"text": [f"abc{i}" for i in range(n)], "target": [f"{i}cba" for i in range(n)]}), rev)
+        files["qa"][split], files["rev"][split] = str(qa), str(rev)
+    return files
+
+
+def user_config(tmp_path, model_dir: str, files: dict) -> str:
+    """The README's 'Your own model' / 'Your own tasks' keys, as a user would write them."""
+    text = f"""
+name: mine
+runs_dir: {tmp_path / 'runs'}
+model: {{name_or_path: {model_dir}, max_seq_len: 32}}
+base: {{enabled: false}}
+tasks:
+  builtin: []
+  sources:
+    - name: qa
+      source: jsonl
+      data_files: {json.dumps(files['qa'])}
+      prompt_column: question
+      response_column: answer
+    - name: rev
+      source: parquet
+      data_files: {json.dumps(files['rev'])}
+      prompt_column: text
+      response_column: target
+"""
+    path = tmp_path / "mine.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def _cli(*args, cwd):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.run([sys.executable, "-m", "dume_ray", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_saved_model_folder_is_the_base_and_user_files_are_the_tasks(tmp_path, tiny_model_dir):
+    cfg = load_config(user_config(tmp_path, tiny_model_dir, write_user_data(tmp_path)))
+    preflight(cfg)  # tokenizer from the folder, every split of every task encoded
+    tasks = load_tasks(cfg.tasks)
+    assert list(tasks) == ["qa", "rev"] and cfg.groups == {"qa": ["qa"], "rev": ["rev"]}
+    assert (tasks["qa"].examples("train")[3].prompt, tasks["qa"].examples("train")[3].response) == ("q3 ab", "a3")
+    assert tasks["rev"].examples("test")[1].response == "1cba"
+
+    init_dir = create_initial_model(cfg.model, cfg.seed, str(tmp_path / "init"))  # what `base` does with base.enabled=false
+    original, copied = (AutoModelForCausalLM.from_pretrained(d) for d in (tiny_model_dir, init_dir))
+    assert all((a == b).all() for a, b in zip(original.state_dict().values(), copied.state_dict().values()))
+    rows = encode_rows(tasks, load_tokenizer(init_dir), "train", cfg.model.max_seq_len, {"qa": "qa", "rev": "rev"})
+    assert len(rows) == 24 and {r["task"] for r in rows} == {"qa", "rev"}
+
+
+def test_cli_rejects_a_model_path_that_does_not_exist(tmp_path):
+    missing = tmp_path / "no_such_model"
+    result = _cli("base", f"runs_dir={tmp_path}", f"model.name_or_path={missing}", cwd=tmp_path)
+    assert result.returncode == 2 and f"no model folder at '{missing}'" in result.stderr
+
+
+def test_cli_rejects_data_missing_the_configured_column_naming_it(tmp_path, tiny_model_dir):
+    config = user_config(tmp_path, tiny_model_dir, write_user_data(tmp_path))
+    with open(config) as f:
+        text = f.read().replace("response_column: answer", "response_column: reply")
+    with open(config, "w") as f:
+        f.write(text)
+    result = _cli("experts", "--config", config, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "'reply'" in result.stderr and "qa_train.jsonl" in result.stderr and "answer" in result.stderr
+
+
+def test_real_config_asks_for_hub_model_bf16_and_gpus_per_stage():
+    cfg = load_config(REAL)  # no download: loading a config touches no model or data
+    assert cfg.model.name_or_path == "Qwen/Qwen2.5-0.5B" and cfg.model.dtype == "bfloat16"
+    assert cfg.experts.resources.use_gpu and cfg.experts.resources.num_workers >= 2
+    assert cfg.distill.resources.use_gpu and 0 < cfg.soft_targets.gpus_per_actor < 1
+    assert not cfg.base.enabled and not cfg.tasks.builtin
+    assert {(s.source, s.prompt_column != "prompt") for s in cfg.tasks.sources} == {("jsonl", True), ("parquet", True)}
+
+
+@pytest.mark.parametrize("override", ["model.dtype=float16", "experts.resources.num_workers=0"])
+def test_real_config_with_bad_gpu_settings_is_rejected(override):
+    with pytest.raises(ValueError):
+        load_config(REAL, [override])
