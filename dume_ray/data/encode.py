@@ -15,6 +15,7 @@ Test with::
 
 from __future__ import annotations
 
+import random
 from typing import Any, Sequence
 
 import torch
@@ -151,3 +152,12 @@ def response_positions(batch_labels: torch.Tensor) -> tuple[torch.Tensor, torch.
     # nonzero() walks the tensor in row-major order, which gives the documented order.
     b_idx, t_idx = mask.nonzero(as_tuple=True)
     return b_idx, t_idx - 1
+
+
+def training_order(rows: list, seed: int) -> list:
+    """The rows in one seeded random order. Rows come grouped by task (and shards by expert group); a training
+    stream fed in that order would see one task for many steps, then the next (the local shuffle buffer of the
+    workers mixes only a few batches), so every Ray Dataset we train on is built from rows in this order."""
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    return [rows[i] for i in order]

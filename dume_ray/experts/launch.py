@@ -24,6 +24,7 @@ from ray.train.torch import TorchTrainer
 from dume_ray import manifest
 from dume_ray.config import PipelineConfig, ResourcesConfig, to_dict
 from dume_ray.dashboards import mlflow_tracking_uri, tensorboard_dir
+from dume_ray.data.encode import training_order
 from dume_ray.experts.worker import train_fn_per_worker
 from dume_ray.model import create_initial_model, load_tokenizer
 from dume_ray.stage_hashes import base_hash, expert_hash, pipeline_hashes
@@ -108,7 +109,7 @@ def run_training_jobs(cfg: PipelineConfig, jobs: list[TrainingJob], optim, resou
                        "run_name": f"{job.label}-{job.config_hash}", "experiment": cfg.name,
                        "mlflow_tracking_uri": mlflow_tracking_uri(cfg.mlflow_tracking_uri),
                        "tensorboard_dir": tensorboard_dir(cfg.run_dir, os.path.basename(stage_dir), job.label)}
-        pending[job.label] = (loop_config, ray.data.from_items(job.rows))
+        pending[job.label] = (loop_config, ray.data.from_items(training_order(job.rows, cfg.seed)))
     return fit_concurrently(train_fn_per_worker, pending, resources, os.path.abspath(f"{stage_dir}/ray_train"),
                             stage=os.path.basename(stage_dir), on_finish=on_finish)
 

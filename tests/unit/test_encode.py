@@ -205,3 +205,13 @@ def test_response_positions_gather_matches_shifted_cross_entropy(tok):
 def test_response_positions_rejects_label_at_position_zero():
     with pytest.raises(ValueError):
         response_positions(torch.tensor([[3, IGNORE_INDEX]]))
+
+
+def test_training_order_mixes_tasks_and_is_a_seeded_permutation():
+    from dume_ray.data.encode import training_order
+    rows = [{"task": t, "i": i} for t in ("copy", "reverse", "add") for i in range(100)]  # grouped, as encode_rows gives them
+    mixed = training_order(rows, seed=0)
+    key = lambda r: (r["task"], r["i"])  # noqa: E731
+    assert sorted(mixed, key=key) == sorted(rows, key=key) and len(mixed) == len(rows)  # the same rows, each once
+    assert len({r["task"] for r in mixed[:32]}) == 3  # a first batch already holds every task
+    assert training_order(rows, seed=0) == mixed and training_order(rows, seed=1) != mixed
