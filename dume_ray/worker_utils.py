@@ -1,6 +1,8 @@
-"""What every Ray Train worker of ours does the same way: device, data stream, checkpoints, progress.
+"""What every Ray Train worker of ours does the same way: the training loop with its device, data stream,
+checkpoints, progress, step history, dashboards and final save + validation.
 
-Used by `experts/worker.py` (base and experts) and `distill/worker.py` (student and multitask baseline).
+`training_run(config, train_step)` is the whole loop; `experts/worker.py` (base and experts, CE) and
+`distill/worker.py` (student and multitask baseline, distillation loss) only supply the step.
 Checkpoints go through Ray Train: rank 0 writes the training state and passes it to `ray.train.report`,
 and on a restart (worker failure, or the same run rerun after a driver crash) `ray.train.get_checkpoint()`
 hands it back. Ray Train's local mode (`num_workers=0`) keeps checkpoints in memory only, so there we
@@ -14,17 +16,64 @@ import os
 import random
 import tempfile
 import time
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import ray.train
 import ray.train.torch
 import torch
 
+from dume_ray.config import OptimConfig, from_dict
 from dume_ray.dashboards import ScalarLog
 from dume_ray.manifest import atomic_dir
+from dume_ray.model import freeze_non_mlp, load_model, load_tokenizer
 from dume_ray.tasks.base import Example, Task
-from dume_ray.training import evaluate_tasks, load_training_state, save_training_state
+from dume_ray.training import evaluate_tasks, load_training_state, make_optimizer, save_training_state, validation_loss
+
+# train_step(model, numpy_batch, optimizer, scheduler, step, pad_id, device) -> metrics (floats, "loss" among them)
+TrainStep = Callable[..., dict]
+
+
+def training_run(config: dict, train_step: TrainStep) -> dict:
+    """One training job on this worker, from `config["init_dir"]` to a saved, validated `config["output_dir"]`.
+
+    Resumes from the latest checkpoint, streams Ray Data shard "train", runs the pure `train_step` until
+    `optim.steps`, reports a checkpoint every `checkpoint_every` steps, and on rank 0 saves the model and
+    scores it on validation. Returns the result dict (rank 0; {} on other ranks)."""
+    optim = from_dict(OptimConfig, config["optim"])
+    device = setup_worker(config["seed"], config["torch_threads"])
+    tokenizer = load_tokenizer(config["init_dir"])
+    model = load_model(config["init_dir"])
+    if config.get("train_mlp_only"):
+        freeze_non_mlp(model)
+    model = ray.train.torch.prepare_model(model) if config["num_workers"] > 0 else model.to(device)
+    optimizer, scheduler = make_optimizer(model, optim)
+    step = restore_checkpoint(model, optimizer, scheduler, config.get("local_checkpoint_dir"))
+    history = StepHistory(config["history_path"], step)
+    progress = Progress(config["label"], optim.steps, every=max(1, optim.steps // 10))
+    batches = batch_stream("train", per_worker_batch_size(optim.batch_size), seed=config["seed"] + step)
+    dashboards = open_dashboards(config, step)  # rank 0: TensorBoard (+ MLflow when configured)
+    start, metrics = time.time(), {}
+
+    # ---- training loop: pure steps, Ray only for reporting and checkpoints --------------------------------
+    while step < optim.steps:
+        metrics = train_step(model, next(batches), optimizer, scheduler, step, tokenizer.pad_token_id, device)
+        step += 1
+        history.append(step, metrics)
+        progress(step, metrics)
+        if dashboards:
+            dashboards.log(step, {**metrics, "lr": scheduler.get_last_lr()[0]}, "train")
+        if step % optim.checkpoint_every == 0 or step == optim.steps:
+            if dashboards:
+                dashboards.log(step, validation_loss(unwrap(model), tokenizer, config["validation"]), "val_loss")
+            report_checkpoint({**metrics, "step": step}, model, optimizer, scheduler, step, config.get("local_checkpoint_dir"))
+
+    # ---- save the Hugging Face model and score it on validation (rank 0) ---------------------------------
+    result = save_and_validate(model, tokenizer, config, step, metrics, start, history)
+    if dashboards:
+        dashboards.log(step, result["validation"], "validation")
+        dashboards.close()
+    return result
 
 
 def setup_worker(seed: int, torch_threads: int) -> torch.device:
