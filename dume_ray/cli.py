@@ -28,18 +28,19 @@ QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": 
 
 
 def _stages():
-    from dume_ray.distill.launch import run_distill, run_multitask
+    from dume_ray.distill.launch import run_distill, run_distill_and_multitask, run_multitask
     from dume_ray.eval.launch import run_eval
     from dume_ray.experts.launch import run_base, run_experts
     from dume_ray.search.launch import run_search
     from dume_ray.soft_targets.launch import run_soft_targets
     from dume_ray.upcycle.launch import run_upcycle
     return {"base": run_base, "experts": run_experts, "upcycle": run_upcycle, "soft-targets": run_soft_targets,
-            "distill": run_distill, "multitask": run_multitask, "eval": run_eval, "search": run_search}
+            "distill": run_distill, "multitask": run_multitask, "distill+multitask": run_distill_and_multitask,
+            "eval": run_eval, "search": run_search}
 
 
 STAGE_HELP = {
-    "run": "the whole pipeline: base → experts → upcycle → soft-targets → distill → multitask → eval",
+    "run": "the whole pipeline: base → experts → upcycle → soft-targets → distill + multitask (side by side) → eval",
     "base": "briefly pretrain the starting model on the task mixture (shared starting point of the experts)",
     "experts": "fine-tune one expert per task group from the base (Ray Train, groups run concurrently)",
     "upcycle": "DUME: a training-free MoE from the experts (averaged trunk, MoE of their MLPs, ridge router)",
@@ -136,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.stage == "run":
-        order = (["base", "experts"] + (["upcycle"] if cfg.upcycle_active else []) + ["soft-targets", "distill"]
-                 + (["multitask"] if cfg.multitask.enabled else []) + ["eval"])
+        order = (["base", "experts"] + (["upcycle"] if cfg.upcycle_active else [])
+                 + ["soft-targets", "distill+multitask" if cfg.multitask.enabled else "distill", "eval"])
     else:
         order = [args.stage]
     joined = init_ray(cfg)

@@ -161,6 +161,7 @@ class SoftTargetsConfig:
     num_actors: int = 1  # TeacherScorer actors per expert
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0  # fractional GPUs are fine: several small teachers can share one card
+    cache_max_mb: float = 1024.0  # shards up to this size (on disk) are read once into Ray's object store for training
 
     def __post_init__(self) -> None:
         _check(self.top_k >= 1, f"soft_targets.top_k must be >= 1, got {self.top_k}")
@@ -168,6 +169,7 @@ class SoftTargetsConfig:
         _check(self.batch_size >= 1, f"soft_targets.batch_size must be >= 1, got {self.batch_size}")
         _check(math.isfinite(self.cpus_per_actor) and self.cpus_per_actor >= 0, f"soft_targets.cpus_per_actor must be >= 0, got {self.cpus_per_actor}")
         _check(math.isfinite(self.gpus_per_actor) and self.gpus_per_actor >= 0, f"soft_targets.gpus_per_actor must be >= 0, got {self.gpus_per_actor}")
+        _check(self.cache_max_mb >= 0, f"soft_targets.cache_max_mb must be >= 0, got {self.cache_max_mb}")
 
 
 @dataclass

@@ -41,7 +41,7 @@ def stage_jobs(cfg: PipelineConfig, stages: list[str]) -> dict[str, list[Bundle]
             shapes[stage] = training_job_bundles(cfg.base.resources)
         elif stage == "experts":
             shapes[stage] = training_job_bundles(cfg.experts.resources)
-        elif stage in ("distill", "multitask"):
+        elif stage in ("distill", "multitask", "distill+multitask"):
             shapes[stage] = training_job_bundles(cfg.distill.resources)
         elif stage == "soft-targets":
             st = cfg.soft_targets

@@ -3,21 +3,27 @@
     python -m dume_ray distill --config configs/demo.yaml distill.temperature=4 distill.anneal=true
     python -m dume_ray multitask --config configs/demo.yaml
 
-Both read the soft-target shards as one Ray Data stream (`read_parquet`, passed to the TorchTrainer as
-`datasets={"train": ...}` and consumed with `get_dataset_shard`), start from the same init, and use
-`distill.optim` and `distill.resources`; the multitask baseline sets alpha = 0 (plain mixed CE).
+Both read the soft-target shards as one Ray Data stream (passed to the TorchTrainer as `datasets={"train": ...}`
+and consumed with `get_dataset_shard`), start from the same init, and use `distill.optim` and
+`distill.resources`; the multitask baseline sets alpha = 0 (plain mixed CE). `python -m dume_ray run` trains
+the two side by side (`run_distill_and_multitask`), each in its own TorchTrainer, each with its own manifest.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import time
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import ray.data
+from ray.data.datasource import FileShuffleConfig
 
 from dume_ray import manifest
 from dume_ray.config import PipelineConfig, to_dict
 from dume_ray.dashboards import mlflow_tracking_uri, tensorboard_dir
+from dume_ray.data.encode import training_order
 from dume_ray.distill.worker import train_fn_per_worker
 from dume_ray.experts.launch import _require, fit_concurrently, history_path, local_checkpoint_dir
 from dume_ray.model import build_embedded_model, check_same_vocab, load_tokenizer
@@ -27,31 +33,62 @@ from dume_ray.tasks import load_tasks
 
 
 def run_distill(cfg: PipelineConfig) -> dict:
-    return _run_student(cfg, "student", alpha=cfg.distill.alpha)
+    return run_students(cfg, ["student"])["student"]
 
 
 def run_multitask(cfg: PipelineConfig) -> dict:
-    return _run_student(cfg, "multitask", alpha=0.0)
+    return run_students(cfg, ["multitask"])["multitask"]
 
 
-def _run_student(cfg: PipelineConfig, stage: str, alpha: float) -> dict:
-    stage_dir = f"{cfg.run_dir}/{stage}"
+def run_distill_and_multitask(cfg: PipelineConfig) -> dict[str, dict]:
+    """Both at once (what `run` does): independent jobs on the same stream, so the cluster trains them side by side."""
+    return run_students(cfg, ["student", "multitask"] if cfg.multitask.enabled else ["student"])
+
+
+def run_students(cfg: PipelineConfig, stages: list[str]) -> dict[str, dict]:
+    """Train the given stages ("student": alpha = distill.alpha; "multitask": alpha = 0) concurrently, skipping
+    those already done; {stage: manifest}."""
     hashes = pipeline_hashes(cfg)
     base_dir = _require(f"{cfg.run_dir}/base", "base", hashes["base"])["outputs"]["model"]
-    soft_targets = checked_soft_targets(cfg)
-    stage_hash = student_hash(cfg, stage, soft_targets["config_hash"])
-    if manifest.is_done(stage_dir, stage_hash):
-        print(f"[{stage}] done already ({stage_dir}), skipping", flush=True)
-        return manifest.read_manifest(stage_dir)
+    soft_targets = _require(f"{cfg.run_dir}/soft_targets", "soft-targets", hashes["soft_targets"])
+    stage_hashes = {stage: student_hash(cfg, stage, soft_targets["config_hash"]) for stage in stages}
+    done = {}
+    for stage in stages:
+        if manifest.is_done(f"{cfg.run_dir}/{stage}", stage_hashes[stage]):
+            print(f"[{stage}] done already ({cfg.run_dir}/{stage}), skipping", flush=True)
+            done[stage] = manifest.read_manifest(f"{cfg.run_dir}/{stage}")
+    todo = [stage for stage in stages if stage not in done]
+    if not todo:
+        return done
     start = time.time()
-    init_dir = student_init(cfg, base_dir, f"{stage_dir}/init")
-    check_same_vocab(base_dir, init_dir)
+    soft_targets = checked_soft_targets(cfg)  # every shard validated (regenerated if bad) before it is trained on
     tasks = load_tasks(cfg.tasks, load_tokenizer(base_dir), cfg.model.max_seq_len)
-    loop_config = {
+    stream = soft_target_stream(soft_targets, cfg.soft_targets.cache_max_mb, cfg.seed)
+    pending, inits = {}, {}
+    for stage in todo:
+        inits[stage] = student_init(cfg, base_dir, f"{cfg.run_dir}/{stage}/init")
+        check_same_vocab(base_dir, inits[stage])
+        pending[stage] = (_loop_config(cfg, stage, stage_hashes[stage], inits[stage], tasks, len(load_tokenizer(base_dir))), stream)
+
+    def finish(stage: str, result: dict) -> None:  # each job's manifest as soon as it finishes
+        done[stage] = manifest.mark_done(f"{cfg.run_dir}/{stage}", stage_hashes[stage], {"model": f"{cfg.run_dir}/{stage}/model"},
+                                         metrics=result, inputs={"soft_targets": soft_targets["outputs"]["shards"], "init": inits[stage]},
+                                         seconds=time.time() - start)
+
+    fit_concurrently(train_fn_per_worker, pending, cfg.distill.resources,
+                     os.path.abspath(f"{cfg.run_dir}/ray_train"), stage=" + ".join(todo), on_finish=finish)
+    return {stage: done[stage] for stage in stages}
+
+
+def _loop_config(cfg: PipelineConfig, stage: str, stage_hash: str, init_dir: str, tasks: dict, vocab_size: int) -> dict:
+    """What `distill/worker.py` needs, as plain data; the baseline is the same loop with alpha = 0."""
+    stage_dir = f"{cfg.run_dir}/{stage}"
+    alpha = cfg.distill.alpha if stage == "student" else 0.0
+    return {
         "label": stage, "init_dir": init_dir, "output_dir": f"{stage_dir}/model", "optim": to_dict(cfg.distill.optim),
         "alpha": alpha, "temperature": cfg.distill.temperature, "divergence": cfg.distill.divergence,
         "jsd_beta": cfg.distill.jsd_beta, "anneal": cfg.distill.anneal and alpha > 0,
-        "top_k": min(cfg.soft_targets.top_k, len(load_tokenizer(base_dir))),
+        "top_k": min(cfg.soft_targets.top_k, vocab_size),
         "seed": cfg.seed, "torch_threads": cfg.distill.resources.torch_threads,
         "num_workers": cfg.distill.resources.num_workers, "dtype": cfg.model.dtype,
         "max_new_tokens": cfg.eval.max_new_tokens,
@@ -62,12 +99,23 @@ def _run_student(cfg: PipelineConfig, stage: str, alpha: float) -> dict:
         "experiment": cfg.name, "tensorboard_dir": tensorboard_dir(cfg.run_dir, stage, stage),
         "mlflow_tracking_uri": mlflow_tracking_uri(cfg.mlflow_tracking_uri),
     }
-    stream = ray.data.read_parquet(soft_targets["outputs"]["shards"])
-    result = fit_concurrently(train_fn_per_worker, {stage: (loop_config, stream)}, cfg.distill.resources,
-                              os.path.abspath(f"{stage_dir}/ray_train"), stage=stage)[stage]
-    return manifest.mark_done(stage_dir, stage_hash, {"model": f"{stage_dir}/model"}, metrics=result,
-                              inputs={"soft_targets": soft_targets["outputs"]["shards"], "init": init_dir},
-                              seconds=time.time() - start)
+
+
+def soft_target_stream(soft_targets: dict, cache_max_mb: float, seed: int) -> ray.data.Dataset:
+    """The shards as one Ray Dataset, its rows mixed across tasks (the shards hold one expert group each).
+
+    Up to `cache_max_mb` on disk, the rows are read once, put in one seeded random order and handed to Ray as
+    in-memory blocks (Ray Train's advice for data that fits in memory: every epoch iterates blocks already in
+    the object store, where `read_parquet` would re-run its read tasks each epoch). Larger streams are read
+    from Parquet each epoch with the files in a new random order (`FileShuffleConfig`); rows then mix only
+    within the workers' local shuffle buffer."""
+    shards = soft_targets["outputs"]["shards"]
+    if soft_targets["metrics"].get("bytes", float("inf")) <= cache_max_mb * 2**20:
+        table = pa.concat_tables([pq.read_table(path) for path in sorted(glob.glob(os.path.join(shards, "*.parquet")))])
+        table = table.take(training_order(list(range(table.num_rows)), seed))
+        block = max(1, -(-table.num_rows // 16))
+        return ray.data.from_arrow([table.slice(i, block) for i in range(0, table.num_rows, block)])
+    return ray.data.read_parquet(shards, shuffle=FileShuffleConfig(seed=seed, reseed_after_execution=True))
 
 
 def student_init(cfg: PipelineConfig, base_dir: str, out_dir: str) -> str:
