@@ -23,7 +23,7 @@ from dume_ray.config import PipelineConfig, config_hash
 
 
 def base_hash(cfg: PipelineConfig) -> str:
-    return config_hash("base", cfg.seed, cfg.model, cfg.tasks, cfg.base)
+    return config_hash("base", cfg.seed, cfg.model, cfg.tasks, cfg.base.enabled, cfg.base.optim)  # not base.resources
 
 
 def expert_hash(base: str, task_names: list[str], cfg: PipelineConfig) -> str:

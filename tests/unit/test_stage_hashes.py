@@ -37,6 +37,8 @@ def _hashes(*overrides):
     ("eval.split=validation", {"eval"}),
     # Resources and bookkeeping never change what is computed: nothing reruns.
     ("experts.resources.num_workers=2", set()),
+    ("base.resources.cpus_per_worker=2", set()),
+    ("soft_targets.cache_max_mb=0", set()),
     ("distill.resources.max_failures=3", set()),
     ("soft_targets.num_actors=2", set()),
     ("eval.gpus_per_task=0.5", set()),
