@@ -55,8 +55,10 @@ def run_eval(cfg: PipelineConfig) -> dict:
     scores = {"base": per_model.pop("base")}
     scores["experts"] = {t: s for label in list(per_model) if label.startswith("expert:") for t, s in per_model.pop(label).items()}
     scores.update(per_model)
+    tasks = load_tasks(cfg.tasks, load_tokenizer(models["base"][0]), cfg.model.max_seq_len)
     report = build_report(scores, cfg.tasks.names, cfg.eval.split, settings=_settings(cfg), timings=_timings(cfg),
-                          upcycle=_upcycle_section(cfg, upcycle, variants) if upcycle else None)
+                          upcycle=_upcycle_section(cfg, upcycle, variants) if upcycle else None,
+                          num_examples={name: len(task.examples(cfg.eval.split)) for name, task in tasks.items()})
     report["scored_models"] = {label: {"model": model_dir, "config_hash": h} for label, (model_dir, _, h) in models.items()}
     report["faults"] = _faults(cfg)
     os.makedirs(stage_dir, exist_ok=True)

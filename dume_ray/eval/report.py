@@ -25,11 +25,13 @@ def _mean(values) -> float:
 
 
 def build_report(scores: dict[str, dict[str, float]], task_names: list[str], split: str,
-                 settings: Optional[dict] = None, timings: Optional[dict] = None, upcycle: Optional[dict] = None) -> dict:
+                 settings: Optional[dict] = None, timings: Optional[dict] = None, upcycle: Optional[dict] = None,
+                 num_examples: Optional[dict[str, int]] = None) -> dict:
     """Args:
         scores: {"base"|"experts"|"student"|"multitask"|"dume"|"oracle"|...: {task: exact-match}}; "experts"
             holds, per task, the score of that task's own group expert.
         upcycle: the DUME section: {"variants": {label: {task: score}}, parameter counts, router settings}.
+        num_examples: {task: examples scored}; gives the student − multitask difference its standard error.
     """
     models = [m for m in MODEL_ORDER if m in scores] + sorted(m for m in scores if m not in MODEL_ORDER)
     means = {m: _mean(scores[m].get(t) for t in task_names) for m in models}
@@ -37,6 +39,9 @@ def build_report(scores: dict[str, dict[str, float]], task_names: list[str], spl
               "settings": settings or {}, "timings": timings or {}}
     if "student" in means and "multitask" in means:
         report["student_minus_multitask"] = means["student"] - means["multitask"]
+        if num_examples:
+            report["student_minus_multitask_se"] = difference_standard_error(
+                scores["student"], scores["multitask"], task_names, num_examples)
     if "student" in means and "experts" in means and means["experts"] > 0:
         report["student_pct_of_experts"] = 100.0 * means["student"] / means["experts"]
     if upcycle is not None:
@@ -53,6 +58,29 @@ def build_report(scores: dict[str, dict[str, float]], task_names: list[str], spl
     return report
 
 
+def difference_standard_error(a: dict[str, float], b: dict[str, float], task_names: list[str],
+                              num_examples: dict[str, int]) -> float:
+    """Standard error of mean(a) − mean(b), the means over tasks of exact-match rates, from test-set sampling
+    alone (binomial per task, the two models' errors taken as independent). Seed-to-seed spread comes on top;
+    `benchmarks/quality.py` measures it."""
+    tasks = [t for t in task_names if t in a and t in b and num_examples.get(t)]
+    if not tasks:
+        return float("nan")
+    variance = sum(p * (1 - p) / num_examples[t] for t in tasks for p in (a[t], b[t])) / len(tasks) ** 2
+    return math.sqrt(variance)
+
+
+def student_verdict(difference: float, standard_error: Optional[float]) -> str:
+    """'beats' / 'does not beat' only when the difference is more than two standard errors from zero."""
+    if standard_error is None or math.isnan(standard_error):
+        return "beats" if difference > 0 else "does not beat"
+    if difference > 2 * standard_error:
+        return "beats"
+    if difference < -2 * standard_error:
+        return "does not beat"
+    return "is within noise of"
+
+
 def render_markdown(report: dict) -> str:
     models = report["models"]
     lines = [f"# dume_ray report ({report['split']} split, exact match)", "",
@@ -65,9 +93,14 @@ def render_markdown(report: dict) -> str:
         lines.append(f"| {task} | " + " | ".join(_fmt(v) for v in row) + f" | {_fmt(diff, signed=True)} |")
     lines.append("")
     if "student_minus_multitask" in report:
-        verdict = "beats" if report["student_minus_multitask"] > 0 else "does not beat"
+        se = report.get("student_minus_multitask_se")
+        verdict = student_verdict(report["student_minus_multitask"], se)
+        has_se = se is not None and not math.isnan(se)
         lines.append(f"- The distilled student **{verdict}** the multitask baseline: "
-                     f"{100 * report['student_minus_multitask']:+.1f} points of mean exact match.")
+                     f"{100 * report['student_minus_multitask']:+.1f}" + (f" ± {100 * se:.1f}" if has_se else "")
+                     + " points of mean exact match" + (
+                         " (± one standard error of test-set sampling; a verdict either way needs more than two; "
+                         "seed-to-seed spread comes on top, see benchmarks/quality.py)." if has_se else "."))
     if "student_pct_of_experts" in report:
         lines.append(f"- The student reaches {report['student_pct_of_experts']:.1f}% of its experts' mean.")
     if "upcycle" in report:

@@ -115,3 +115,28 @@ def test_upcycle_section_compares_dume_with_oracle_and_rivals_and_states_the_pap
     text = render_markdown(report)
     assert "keeps **90.0%** of oracle routing" in text and "97.6%" in text and "102.1%" in text
     assert "MoE 300 in all, 120 active per token; student 100" in text and "| dume[token] | 0.500 |" in text
+
+
+def test_difference_standard_error_is_the_binomial_se_of_the_task_mean():
+    from dume_ray.eval.report import difference_standard_error
+    a, b = {"copy": 0.5, "add": 0.2}, {"copy": 0.5, "add": 0.6}
+    # Var(mean) = (1/T^2) * sum over tasks and models of p(1-p)/n, T = 2 tasks.
+    expected = math.sqrt((0.25 / 100 + 0.16 / 50 + 0.25 / 100 + 0.24 / 50) / 4)
+    assert difference_standard_error(a, b, ["copy", "add"], {"copy": 100, "add": 50}) == pytest.approx(expected)
+    assert math.isnan(difference_standard_error(a, b, ["copy", "add"], {}))
+
+
+@pytest.mark.parametrize("num_test, verdict", [(10, "is within noise of"), (10_000, "beats")])
+def test_student_verdict_needs_two_standard_errors(num_test, verdict):
+    # +0.10 difference: SE ~0.10 with 10 examples a task (within noise), ~0.003 with 10,000 (beats).
+    report = build_report(_scores(), TASKS, "test", num_examples=dict.fromkeys(TASKS, num_test))
+    text = render_markdown(report)
+    assert f"**{verdict}** the multitask baseline" in text
+    assert "+10.0 ± " in text and "standard error" in text
+
+
+def test_student_verdict_does_not_beat_when_clearly_worse():
+    report = build_report(_scores(student=(0.1, 0.1, 0.1)), TASKS, "test", num_examples=dict.fromkeys(TASKS, 10_000))
+    assert "**does not beat**" in render_markdown(report)
+    assert report["student_minus_multitask_se"] == pytest.approx(
+        math.sqrt(sum(p * (1 - p) / 10_000 for p in (0.1, 0.1, 0.1, 0.8, 0.5, 0.2)) / 9))
