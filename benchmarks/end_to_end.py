@@ -1,6 +1,7 @@
 """End to end: wall time of each stage of the demo pipeline on Ray, and the same work in one plain process.
 
-    python benchmarks/end_to_end.py                          # configs/demo.yaml (upcycle off, see below)
+    python benchmarks/end_to_end.py                          # configs/demo.yaml (upcycle off, see below), 3 rounds
+    python benchmarks/end_to_end.py --repeats 1              # one round
     python benchmarks/end_to_end.py --config configs/demo.yaml --threads 2
     python benchmarks/end_to_end.py --tiny                   # smoke setting, writes to a temp folder
 
@@ -23,6 +24,7 @@ import json
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -146,8 +148,8 @@ def torch_from(array, dtype: str):
 # The Ray run, and the comparison.
 # ---------------------------------------------------------------------------------------------------------
 
-def ray_pipeline(config: str, overrides: list[str], runs_dir: str, name: str) -> tuple[float, dict[str, float], float | None]:
-    """A fresh `python -m dume_ray run`; (total wall seconds, {stage: manifest seconds}, experts stage wall)."""
+def ray_pipeline(config: str, overrides: list[str], runs_dir: str, name: str) -> tuple[float, dict[str, float], dict[str, float]]:
+    """A fresh `python -m dume_ray run`; (total wall seconds, {stage: manifest seconds}, {CLI stage: wall seconds})."""
     shutil.rmtree(os.path.join(runs_dir, name), ignore_errors=True)
     os.makedirs(runs_dir, exist_ok=True)
     cmd = [sys.executable, "-m", "dume_ray", "run", "--config", config, f"name={name}", f"runs_dir={runs_dir}", *overrides]
@@ -168,17 +170,17 @@ def ray_pipeline(config: str, overrides: list[str], runs_dir: str, name: str) ->
             stages["experts (training loops, summed over jobs)"] = sum(m["seconds"] for m in found)
         elif os.path.exists(os.path.join(stage_dir, "DONE.json")):
             stages[stage] = json.load(open(os.path.join(stage_dir, "DONE.json")))["seconds"]
-    return total, stages, _experts_wall(log)
+    return total, stages, stage_walls(log)
 
 
-def _experts_wall(log: str):
-    """Wall time of the experts stage from the CLI's stage banners ('=== [i/n] name (N s elapsed) ===')."""
+def stage_walls(log: str) -> dict[str, float]:
+    """Wall seconds of each CLI stage from its banners ('=== [i/n] name (N s elapsed) ===', '=== done in N s')."""
     import re
-    marks = [(m.group(1), int(m.group(2))) for m in re.finditer(r"=== \[\d+/\d+\] (\S+) \((\d+) s elapsed\)", open(log).read())]
-    for (name, t0), (_, t1) in zip(marks, marks[1:]):
-        if name == "experts":
-            return float(t1 - t0)
-    return None
+    text = open(log).read()
+    marks = [(m.group(1), int(m.group(2))) for m in re.finditer(r"=== \[\d+/\d+\] (\S+) \((\d+) s elapsed\)", text)]
+    end = re.search(r"=== done in (\d+) s", text)
+    marks.append(("end", int(end.group(1)) if end else marks[-1][1]))
+    return {name: float(t1 - t0) for (name, t0), (_, t1) in zip(marks, marks[1:])}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch threads of the plain process (0 = torch default)")
     parser.add_argument("--runs-dir", default="runs/bench")
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of (Ray run, plain run); medians are reported")
     parser.add_argument("--out", default=None)
     parser.add_argument("overrides", nargs="*", help="key=value config overrides for both runs")
     args = parser.parse_args(argv)
@@ -195,36 +198,51 @@ def main(argv: list[str] | None = None) -> int:
     from dume_ray.config import load_config
     overrides = [*(TINY_OVERRIDES if args.tiny else []), "upcycle.enabled=false", *args.overrides]
     if args.tiny:
-        args.config = "configs/smoke/tiny.yaml"
+        args.config, args.repeats = "configs/smoke/tiny.yaml", 1
         args.runs_dir = os.path.join(os.path.dirname(result_path("end_to_end", args.out, True)), "runs")
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = load_config(os.path.join(REPO, args.config), overrides)
 
-    load = {"before_ray": list(os.getloadavg())}
-    ray_total, ray_stages, experts_wall = ray_pipeline(args.config, overrides, os.path.abspath(args.runs_dir), "bench-e2e")
-    load["after_ray"] = list(os.getloadavg())
-    work = tempfile.mkdtemp(prefix="bench-e2e-plain-")
-    t = time.time()
-    plain_stages = reference_pipeline(cfg, work)
-    plain_total = time.time() - t
-    load["after_plain"] = list(os.getloadavg())
-    print(f"[end_to_end] load average (1, 5, 15 min): {load}", flush=True)
-    shutil.rmtree(work, ignore_errors=True)
+    runs, load = [], []
+    for repeat in range(args.repeats):  # Ray then plain, side by side in each round; medians over rounds
+        before = list(os.getloadavg())
+        ray_total, ray_stages, walls = ray_pipeline(args.config, overrides, os.path.abspath(args.runs_dir), "bench-e2e")
+        work = tempfile.mkdtemp(prefix="bench-e2e-plain-")
+        t = time.time()
+        plain_stages = reference_pipeline(cfg, work)
+        plain_total = time.time() - t
+        shutil.rmtree(work, ignore_errors=True)
+        runs.append({"ray": {"total_seconds": ray_total, "stages": ray_stages, "cli_stage_walls": walls},
+                     "plain": {"total_seconds": plain_total, "stages": plain_stages}, "ray_over_plain": ray_total / plain_total})
+        load.append({"before": before, "after": list(os.getloadavg())})
+        print(f"[end_to_end] round {repeat + 1}/{args.repeats}: Ray {ray_total:.1f} s, plain {plain_total:.1f} s, "
+              f"ratio {ray_total / plain_total:.2f}; load average (1, 5, 15 min) {load[-1]}", flush=True)
 
-    rows = [[s, f"{v:.1f}", f"{plain_stages.get(s.split(' ')[0], float('nan')):.1f}"] for s, v in ray_stages.items()]
-    if experts_wall is not None:
-        rows.insert(2, ["experts (stage wall, jobs concurrent)", f"{experts_wall:.1f}", f"{plain_stages['experts']:.1f}"])
-    ratio = ray_total / plain_total
+    def med(get) -> float:
+        return statistics.median(get(r) for r in runs)
+
+    rows = [[s, f"{med(lambda r: r['ray']['stages'][s]):.1f}", f"{med(lambda r: r['plain']['stages'].get(s.split(' ')[0], float('nan'))):.1f}"]
+            for s in runs[0]["ray"]["stages"]]
+    walls = runs[0]["ray"]["cli_stage_walls"]
+    if "experts" in walls:
+        rows.insert(2, ["experts (stage wall, jobs concurrent)", f"{med(lambda r: r['ray']['cli_stage_walls']['experts']):.1f}",
+                        f"{med(lambda r: r['plain']['stages']['experts']):.1f}"])
+    if "distill+multitask" in walls:  # `run` trains the two side by side; the plain loop one after the other
+        rows.append(["student + multitask (stage wall, side by side)", f"{med(lambda r: r['ray']['cli_stage_walls']['distill+multitask']):.1f}",
+                     f"{med(lambda r: r['plain']['stages']['student'] + r['plain']['stages']['multitask']):.1f}"])
+    ray_total, plain_total = med(lambda r: r["ray"]["total_seconds"]), med(lambda r: r["plain"]["total_seconds"])
+    ratio = med(lambda r: r["ray_over_plain"])
     rows.append(["**total wall** (Ray: process start to end, incl. Ray start)", f"{ray_total:.1f}", f"{plain_total:.1f}"])
-    table = markdown_table(["stage", "Ray pipeline, s", "plain process, s"], rows)
-    verdict = f"Ray / plain = {ratio:.2f} (target <= 1.5: {'met' if ratio <= 1.5 else 'NOT met'})"
+    table = markdown_table([f"stage (median of {len(runs)} rounds)", "Ray pipeline, s", "plain process, s"], rows)
+    per_round = ", ".join(f"{r['ray_over_plain']:.2f}" for r in runs)
+    verdict = (f"Ray / plain = {ratio:.2f}, median of the rounds' ratios {per_round} "
+               f"(target <= 1.5: {'met' if ratio <= 1.5 else 'NOT met'})")
     print(f"\n{table}\n\n{verdict}", flush=True)
     write_result(result_path("end_to_end", args.out, args.tiny), "end_to_end", command_line(), started,
                  {"config": args.config, "overrides": overrides, "plain_torch_threads": torch.get_num_threads(),
-                  "ray": {"total_seconds": ray_total, "stages": ray_stages, "experts_stage_wall": experts_wall},
-                  "plain": {"total_seconds": plain_total, "stages": plain_stages}, "ray_over_plain": ratio,
-                  "target_met": ratio <= 1.5, "loadavg": load}, f"{table}\n\n{verdict}")
+                  "rounds": runs, "median": {"ray_seconds": ray_total, "plain_seconds": plain_total, "ray_over_plain": ratio},
+                  "ray_over_plain": ratio, "target_met": ratio <= 1.5, "loadavg": load}, f"{table}\n\n{verdict}")
     return 0
 
 
