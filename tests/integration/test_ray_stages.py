@@ -36,3 +36,25 @@ def test_teacher_scorer_on_a_ray_data_actor_pool_writes_valid_shards(ray_session
     vocab = len(build_char_tokenizer())
     assert sum(validate_shard(p, vocab, 4) for p in paths) == 8
     assert pq.read_schema(paths[0]).remove_metadata() == soft_target_schema(4).remove_metadata()
+
+
+def test_soft_target_stream_mixes_the_groups_in_memory_and_streams_large_shards(ray_session, tiny_model_dir, tmp_path):
+    """Shards hold one expert group each. Within `cache_max_mb` the stream is one seeded order mixing them
+    (in-memory blocks); beyond it, `read_parquet` with the files shuffled. Both carry every row once."""
+    from dume_ray.data.soft_targets import write_shard
+    from dume_ray.distill.launch import soft_target_stream
+    from dume_ray.soft_targets.teacher_scoring import TeacherScorer
+
+    tokenizer, scorer = build_char_tokenizer(), TeacherScorer(tiny_model_dir, top_k=4)
+    for name in ("copy", "reverse", "sort"):
+        rows = encode_rows({name: make_builtin_task(name, 0, 40, 4, 4)}, tokenizer, "train", 32, {name: name})
+        write_shard(scorer({k: [r[k] for r in rows] for k in rows[0]}), str(tmp_path / f"{name}.parquet"))
+    manifest = {"outputs": {"shards": str(tmp_path)},
+                "metrics": {"bytes": sum(os.path.getsize(p) for p in glob.glob(str(tmp_path / "*.parquet")))}}
+
+    in_memory = soft_target_stream(manifest, cache_max_mb=1.0, seed=0).take_all()
+    streamed = soft_target_stream(manifest, cache_max_mb=0.0, seed=0).take_all()
+    for rows in (in_memory, streamed):
+        assert sorted(r["example_id"] for r in rows) == sorted(f"{n}/train/{i}" for n in ("copy", "reverse", "sort") for i in range(40))
+    assert len({r["group"] for r in in_memory[:16]}) == 3  # the first two batches of 8 already mix every group
+    assert [r["example_id"] for r in soft_target_stream(manifest, 1.0, seed=0).take_all()] == [r["example_id"] for r in in_memory]

@@ -27,7 +27,7 @@ from dume_ray.tasks.builtin import make_builtin_task
 from dume_ray.worker_utils import read_history
 
 pytestmark = pytest.mark.integration
-STEPS, CHECKPOINT_EVERY = 240, 20
+STEPS, CHECKPOINT_EVERY = 120, 20  # the kills come right after step 40: 80 steps of margin
 
 
 def _job(tmp_path, label, init_dir, task, **extra):
