@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m pytest -q "$@"
+# Two pytest workers (pytest-xdist): most of the suite waits on Ray start-up and subprocesses, not on CPU.
+exec .venv/bin/python -m pytest -q -n 2 --dist worksteal "$@"

@@ -1,5 +1,6 @@
 """Shared fixtures. One local Ray per test session (starting Ray costs ~10 s here), started only by tests
-that ask for `ray_session`; unit tests never start Ray.
+that ask for `ray_session`; unit tests never start Ray. `bash scripts/test.sh` runs two pytest-xdist workers,
+so a full run may start two such local Rays side by side (each its own instance, 2 CPUs).
 
     .venv/bin/python -m pytest -q                     # everything
     .venv/bin/python -m pytest -q -m "not integration and not smoke"   # unit tests only

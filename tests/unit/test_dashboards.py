@@ -49,6 +49,9 @@ def test_fresh_log_replaces_old_curves_and_resumed_log_appends(tmp_path):
 def test_scalar_log_sends_the_same_metrics_to_mlflow(tmp_path, monkeypatch):
     mlflow = pytest.importorskip("mlflow")
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # a local file store; real users point at a server
+    # set_tracking_uri also exports $MLFLOW_TRACKING_URI; setting it through monkeypatch first removes it at
+    # teardown, so the CLI runs of later tests in this process do not log to this test's store.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file://{tmp_path / 'mlruns'}")
     mlflow.set_tracking_uri(f"file://{tmp_path / 'mlruns'}")
     mlflow.set_experiment("dume")
     run = mlflow.start_run(run_name="expert-copy")
