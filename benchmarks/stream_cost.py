@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
     from dume_ray.config import load_config
-    from dume_ray.data.encode import collate
+    from dume_ray.data.encode import batch_rows, collate
     from dume_ray.distill.worker import soft_target_batch  # imports ray.train (not started): the real conversion
     from dume_ray.model import load_model
     from dume_ray.training import ce_train_step, distill_train_step, make_optimizer
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     pad_id = load_tokenizer(student_dir).pad_token_id
 
     def lm_batch(b):
-        return collate([{"input_ids": ids, "response_start": int(rs)} for ids, rs in zip(b["input_ids"], b["response_start"])], pad_id)
+        return collate(batch_rows(b), pad_id)
 
     steps = {
         "ce (multitask)": lambda m, o, s, b: ce_train_step(m, lm_batch(b), o, s, d.optim.grad_clip),

@@ -91,6 +91,11 @@ def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
     return _bos(tokenizer) + _text_ids(tokenizer, prompt)
 
 
+def batch_rows(batch: dict) -> list[dict]:
+    """A columnar batch (Ray Data numpy batch, or dict of lists) -> the rows `collate` takes."""
+    return [{"input_ids": ids, "response_start": int(rs)} for ids, rs in zip(batch["input_ids"], batch["response_start"])]
+
+
 def collate(rows: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pads encoded rows into a batch.
 

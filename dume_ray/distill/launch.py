@@ -62,13 +62,14 @@ def run_students(cfg: PipelineConfig, stages: list[str]) -> dict[str, dict]:
         return done
     start = time.time()
     soft_targets = checked_soft_targets(cfg)  # every shard validated (regenerated if bad) before it is trained on
-    tasks = load_tasks(cfg.tasks, load_tokenizer(base_dir), cfg.model.max_seq_len)
+    tokenizer = load_tokenizer(base_dir)
+    tasks = load_tasks(cfg.tasks, tokenizer, cfg.model.max_seq_len)
     stream = soft_target_stream(soft_targets, cfg.soft_targets.cache_max_mb, cfg.seed)
     pending, inits = {}, {}
     for stage in todo:
         inits[stage] = student_init(cfg, base_dir, f"{cfg.run_dir}/{stage}/init")
         check_same_vocab(base_dir, inits[stage])
-        pending[stage] = (_loop_config(cfg, stage, stage_hashes[stage], inits[stage], tasks, len(load_tokenizer(base_dir))), stream)
+        pending[stage] = (_loop_config(cfg, stage, stage_hashes[stage], inits[stage], tasks, len(tokenizer)), stream)
 
     def finish(stage: str, result: dict) -> None:  # each job's manifest as soon as it finishes
         done[stage] = manifest.mark_done(f"{cfg.run_dir}/{stage}", stage_hashes[stage], {"model": f"{cfg.run_dir}/{stage}/model"},

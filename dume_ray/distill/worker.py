@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from dume_ray.config import OptimConfig, from_dict
-from dume_ray.data.encode import collate
+from dume_ray.data.encode import batch_rows, collate
 from dume_ray.distill.losses import annealed_alpha
 from dume_ray.training import distill_train_step
 from dume_ray.worker_utils import training_run
@@ -36,8 +36,7 @@ def soft_target_batch(batch: dict, pad_id: int, top_k: int) -> dict[str, torch.T
 
     Teacher targets are concatenated row by row, which is the order `response_positions` gathers logits in.
     """
-    rows = [{"input_ids": ids, "response_start": int(rs)} for ids, rs in zip(batch["input_ids"], batch["response_start"])]
-    out = collate(rows, pad_id)
+    out = collate(batch_rows(batch), pad_id)
     out["topk_ids"] = torch.from_numpy(np.concatenate(batch["topk_ids"]).astype(np.int64)).view(-1, top_k)  # [n, k]
     out["topk_logprobs"] = torch.from_numpy(np.concatenate(batch["topk_logprobs"]).astype(np.float32)).view(-1, top_k)
     out["tail_logmass"] = torch.from_numpy(np.concatenate(batch["tail_logmass"]).astype(np.float32))  # [n]

@@ -10,7 +10,7 @@ with `save_pretrained` and scored on the validation split. The return value reac
 from __future__ import annotations
 
 from dume_ray.config import OptimConfig, from_dict
-from dume_ray.data.encode import collate
+from dume_ray.data.encode import batch_rows, collate
 from dume_ray.training import ce_train_step
 from dume_ray.worker_utils import training_run
 
@@ -19,12 +19,8 @@ def train_fn_per_worker(config: dict) -> dict:
     optim = from_dict(OptimConfig, config["optim"])
 
     def train_step(model, batch, optimizer, scheduler, step, pad_id, device) -> dict:
-        batch = {k: v.to(device) for k, v in collate(_rows(batch), pad_id).items()}
+        batch = {k: v.to(device) for k, v in collate(batch_rows(batch), pad_id).items()}
         return ce_train_step(model, batch, optimizer, scheduler, optim.grad_clip, config["dtype"])
 
     return training_run(config, train_step)
 
-
-def _rows(batch: dict) -> list[dict]:
-    """Ray Data numpy batch (columns) -> list of rows for `collate`."""
-    return [{"input_ids": ids, "response_start": int(rs)} for ids, rs in zip(batch["input_ids"], batch["response_start"])]

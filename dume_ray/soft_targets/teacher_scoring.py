@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from dume_ray.data.encode import collate, response_positions
+from dume_ray.data.encode import batch_rows, collate, response_positions
 from dume_ray.data.soft_targets import encode_top_k, rows_to_table
 from dume_ray.model import load_model, load_tokenizer
 
@@ -37,7 +37,7 @@ class TeacherScorer:
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        rows = [{"input_ids": ids, "response_start": int(rs)} for ids, rs in zip(batch["input_ids"], batch["response_start"])]
+        rows = batch_rows(batch)
         inputs = collate(rows, self.pad_id)
         logits = self.model(input_ids=inputs["input_ids"].to(self.device),
                             attention_mask=inputs["attention_mask"].to(self.device)).logits  # [b, s, v]
