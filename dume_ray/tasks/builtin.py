@@ -16,6 +16,11 @@ is what makes per-task experts (and distilling them) worthwhile.
 
 Sizes are kept small so a tiny 2-layer model can learn them.
 
+:func:`make_builtin_task` also builds the word-level tasks for pretrained
+models (``reverse_words``, ``sort_words``, ``upper_words``, ``rotate_words``,
+``initials``, ``reverse_upper``); they live in :mod:`dume_ray.tasks.words`
+and are not in :data:`BUILTIN_TASKS`, which stays the character family.
+
 Test with::
 
     .venv/bin/python -m pytest tests/unit/test_tasks.py -q
@@ -27,6 +32,8 @@ import random
 from typing import Callable
 
 from dume_ray.tasks.base import Example, Task
+from dume_ray.tasks.words import WORD_TASKS, make_word_task
+from dume_ray.tasks.words import input_space_size as word_input_space_size
 
 LETTERS = "abcdefgh"
 MIN_STRING_LEN = 3
@@ -114,8 +121,9 @@ def input_space_size(name: str, max_string_len: int = MAX_STRING_LEN) -> int:
     """Number of distinct prompts a built-in task can produce.
 
     Args:
-        name: Built-in task name.
-        max_string_len: Longest word for the string family.
+        name: Built-in task name (a character task or a word task).
+        max_string_len: Longest word for the string family (ignored by the
+            other tasks).
 
     Returns:
         The count of distinct prompts.
@@ -124,6 +132,8 @@ def input_space_size(name: str, max_string_len: int = MAX_STRING_LEN) -> int:
         ValueError: If ``name`` is not a built-in task.
     """
     _check_name(name)
+    if name in WORD_TASKS:
+        return word_input_space_size()
     if name in STRING_TASKS:
         return sum(len(LETTERS) ** n for n in range(MIN_STRING_LEN, max_string_len + 1))
     n = MAX_OPERAND + 1
@@ -133,8 +143,11 @@ def input_space_size(name: str, max_string_len: int = MAX_STRING_LEN) -> int:
 
 
 def _check_name(name: str) -> None:
-    if name not in BUILTIN_TASKS:
-        raise ValueError(f"unknown built-in task {name!r}; known tasks: {sorted(BUILTIN_TASKS)}")
+    if name not in BUILTIN_TASKS and name not in WORD_TASKS:
+        raise ValueError(
+            f"unknown built-in task {name!r}; known tasks: {sorted(BUILTIN_TASKS)} "
+            f"and word tasks: {list(WORD_TASKS)}"
+        )
 
 
 def make_builtin_task(
@@ -156,13 +169,16 @@ def make_builtin_task(
     ever seen in training.
 
     Args:
-        name: Key of :data:`BUILTIN_TASKS`.
+        name: Key of :data:`BUILTIN_TASKS`, or of
+            :data:`dume_ray.tasks.words.WORD_TASKS` (built by
+            :func:`dume_ray.tasks.words.make_word_task`, whose inputs are
+            shared by all word tasks of a seed).
         seed: Base seed; equal seeds give equal tasks.
         num_train: Number of training examples.
         num_validation: Number of validation examples.
         num_test: Number of test examples.
         max_string_len: Longest word for the string family (ignored by the
-            number family); at least :data:`MIN_STRING_LEN`.
+            number family and the word tasks); at least :data:`MIN_STRING_LEN`.
 
     Returns:
         The task, scored with exact match.
@@ -173,6 +189,8 @@ def make_builtin_task(
             input space cannot supply that many distinct prompts.
     """
     _check_name(name)
+    if name in WORD_TASKS:
+        return make_word_task(name, seed, num_train, num_validation, num_test)
     sizes = {"train": num_train, "validation": num_validation, "test": num_test}
     for split, size in sizes.items():
         if size < 0:
