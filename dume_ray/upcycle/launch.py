@@ -22,6 +22,7 @@ import time
 
 import ray
 import torch
+from transformers import AutoModelForCausalLM
 
 from dume_ray import manifest
 from dume_ray.config import PipelineConfig, TasksConfig
@@ -30,7 +31,7 @@ from dume_ray.experts.launch import finished_experts
 from dume_ray.stage_hashes import pipeline_hashes
 from dume_ray.model import check_same_vocab, load_model, load_tokenizer
 from dume_ray.tasks import encode_rows, load_tasks
-from dume_ray.upcycle.moe import DumeMoEForCausalLM, average_weights, build_moe, count_active_parameters
+from dume_ray.upcycle.moe import average_weights, build_moe, count_active_parameters
 from dume_ray.upcycle.router import collect_group_stats, finetune_router, merge_stats, solve_router
 
 DUME_PLUS_TOKENS_PER_GROUP = 8192  # MLP inputs per group kept as DUME+ training features
@@ -53,7 +54,7 @@ def run_upcycle(cfg: PipelineConfig) -> dict:
     moe = build_and_save(expert_dirs, outputs, cfg)
 
     # ---- router statistics: one Ray task per group, summed here ------------------------------------------
-    gather = ray.remote(num_cpus=1)(_group_stats)
+    gather = ray.remote(num_cpus=1)(group_router_stats)
     keep = DUME_PLUS_TOKENS_PER_GROUP if cfg.upcycle.dume_plus_steps > 0 else 0  # DUME+ also needs the inputs
     refs = [gather.remote(outputs["moe"], cfg.tasks, names, i, len(cfg.groups), cfg.upcycle.stats_examples_per_task,
                           cfg.upcycle.batch_size, cfg.model.max_seq_len, keep) for i, names in enumerate(cfg.groups.values())]
@@ -86,7 +87,7 @@ def run_upcycle(cfg: PipelineConfig) -> dict:
                               seconds=time.time() - start)
 
 
-def build_and_save(expert_dirs: dict[str, str], outputs: dict, cfg: PipelineConfig) -> DumeMoEForCausalLM:
+def build_and_save(expert_dirs: dict[str, str], outputs: dict, cfg: PipelineConfig) -> torch.nn.Module:
     """Load the experts, check they fit together, save the unrouted MoE and the weight average (+ tokenizer)."""
     names = list(expert_dirs)
     for name in names[1:]:
@@ -103,13 +104,13 @@ def build_and_save(expert_dirs: dict[str, str], outputs: dict, cfg: PipelineConf
     return moe
 
 
-def _group_stats(moe_dir: str, tasks_cfg: TasksConfig, names: list[str], group: int, num_groups: int,
-                 per_task: int, batch_size: int, max_seq_len: int, keep_inputs: int):
-    """Ray task: router statistics of one group's training examples (its expert forced at every layer);
-    with keep_inputs > 0 also up to that many tokens' MLP inputs per layer (for DUME+)."""
-    torch.set_num_threads(1)
+def group_router_stats(moe_dir: str, tasks_cfg: TasksConfig, names: list[str], group: int, num_groups: int,
+                       per_task: int, batch_size: int, max_seq_len: int, keep_inputs: int = 0, threads: int = 1):
+    """Router statistics of one group's training examples (its expert forced at every layer); with
+    keep_inputs > 0 also up to that many tokens' MLP inputs per layer (for DUME+). A Ray task in `run_upcycle`."""
+    torch.set_num_threads(threads)
     tokenizer = load_tokenizer(moe_dir, trust_remote_code=True)
-    model = DumeMoEForCausalLM.from_pretrained(moe_dir)
+    model = AutoModelForCausalLM.from_pretrained(moe_dir, trust_remote_code=True)  # Llama- or Qwen2-based MoE
     tasks = load_tasks(tasks_cfg)
     rows = []
     for name in names:

@@ -111,11 +111,23 @@ def solve_router(stats: RouterStats, ridge_lambda: float = 1e-2, normalize_colum
         empty = [i for i, t in enumerate(stats.tokens) if t == 0]
         raise ValueError(f"router statistics have no tokens for expert(s) {empty}")
     eye = torch.eye(stats.gram.shape[-1], dtype=torch.float64)
-    weights = torch.linalg.solve(stats.gram + ridge_lambda * eye, stats.cross)  # [L, h+1, E]
+    # A + lambda I is symmetric positive (semi)definite: Cholesky, one layer at a time. (A batched
+    # torch.linalg.solve in float64 fails inside oneMKL's LU on 2 threads for h = 576: "Pivots given to lu_solve".)
+    weights = torch.stack([_solve_spd(gram + ridge_lambda * eye, cross)
+                           for gram, cross in zip(stats.gram, stats.cross)])  # [L, h+1, E]
     if normalize_columns:
         norms = weights[:, :-1, :].norm(dim=1, keepdim=True).clamp_min(1e-12)  # [L, 1, E]
         weights = weights / norms
     return weights.float()
+
+
+def _solve_spd(matrix: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """matrix^-1 rhs for a symmetric positive semi-definite matrix; falls back to least squares when it is
+    singular (lambda = 0 with fewer tokens than dimensions)."""
+    factor, info = torch.linalg.cholesky_ex(matrix)
+    if int(info) == 0:
+        return torch.cholesky_solve(rhs, factor)
+    return torch.linalg.lstsq(matrix, rhs).solution
 
 
 @torch.no_grad()
@@ -129,7 +141,7 @@ def collect_group_inputs(model, batches, group: int):
         for block in blocks:
             block.capture = []
         for batch in batches:
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
             keep = batch["attention_mask"].bool()  # [b, s]
             yield [block.capture.pop()[0][keep] for block in blocks]
     finally:
