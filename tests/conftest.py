@@ -4,17 +4,38 @@ so a full run may start two such local Rays side by side (each its own instance,
 
     .venv/bin/python -m pytest -q                     # everything
     .venv/bin/python -m pytest -q -m "not integration and not smoke"   # unit tests only
+
+Hypothesis (property tests, e.g. tests/unit/test_config_fuzz.py) runs under the derandomized "ci" profile by
+default, so every run, in CI or not, tries the same examples and a change can only fail on its own merit.
+To explore new examples, use the random "dev" profile (which keeps failures in .hypothesis/ to replay):
+
+    .venv/bin/python -m pytest -q tests/unit/test_config_fuzz.py --hypothesis-profile=dev
+    .venv/bin/python -m pytest -q tests/unit/test_config_fuzz.py --hypothesis-seed=123   # implies "dev"
+    HYPOTHESIS_PROFILE=dev .venv/bin/python -m pytest -q tests/unit/test_config_fuzz.py
 """
 
 import os
 
 import pytest
+from hypothesis import settings
 
 from dume_ray.cli import QUIET_ENV
 
 os.environ.update(QUIET_ENV)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+# "ci": the same examples on every run (a seed derived from each test), no example database. "dev": random
+# examples, and the database replays earlier failures first. --hypothesis-profile=NAME overrides both.
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+settings.register_profile("dev", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_configure(config):
+    """--hypothesis-seed means to explore: derandomize (the "ci" profile) would silently ignore the seed."""
+    if config.getoption("hypothesis_seed", None) is not None and not config.getoption("hypothesis_profile", None):
+        settings.load_profile("dev")
 
 
 @pytest.fixture(scope="session")
