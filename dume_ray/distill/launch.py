@@ -92,6 +92,7 @@ def _loop_config(cfg: PipelineConfig, stage: str, stage_hash: str, init_dir: str
         "top_k": min(cfg.soft_targets.top_k, vocab_size),
         "seed": cfg.seed, "torch_threads": cfg.distill.resources.torch_threads,
         "num_workers": cfg.distill.resources.num_workers, "dtype": cfg.model.dtype,
+        "gradient_checkpointing": cfg.model.gradient_checkpointing,
         "max_new_tokens": cfg.eval.max_new_tokens,
         "validation": {n: [(e.prompt, e.response) for e in t.examples("validation")] for n, t in tasks.items()},
         "local_checkpoint_dir": local_checkpoint_dir(stage_dir, stage_hash, cfg.distill.resources),

@@ -23,7 +23,7 @@ from dume_ray.experts.launch import _require
 from dume_ray.model import load_model, load_tokenizer
 from dume_ray.stage_hashes import eval_hash, pipeline_hashes
 from dume_ray.tasks import load_tasks
-from dume_ray.training import evaluate_tasks
+from dume_ray.training import score_tasks
 
 
 def run_eval(cfg: PipelineConfig) -> dict:
@@ -40,17 +40,23 @@ def run_eval(cfg: PipelineConfig) -> dict:
     start = time.time()
     score = ray.remote(num_cpus=1, num_gpus=cfg.eval.gpus_per_task)(_score_model)
     refs = {label: score.remote(model_dir, cfg.tasks, names, cfg.eval.split, cfg.eval.max_new_tokens, cfg.eval.batch_size,
-                                cfg.model.max_seq_len, "cuda" if cfg.eval.gpus_per_task > 0 else "cpu")
+                                cfg.model.max_seq_len, "cuda" if cfg.eval.gpus_per_task > 0 else "cpu", label)
             for label, (model_dir, names, _) in models.items()}
-    score_moe = ray.remote(num_cpus=1)(_score_moe)
+    score_moe = ray.remote(num_cpus=1, num_gpus=cfg.eval.gpus_per_task)(_score_moe)
     expert_of = {t: i for i, names in enumerate(cfg.groups.values()) for t in names}  # task -> its expert column
     refs.update({label: score_moe.remote(*spec, cfg.tasks, expert_of, cfg.eval.split, cfg.eval.max_new_tokens, cfg.eval.batch_size,
-                                         cfg.model.max_seq_len)
+                                         cfg.model.max_seq_len, "cuda" if cfg.eval.gpus_per_task > 0 else "cpu")
                  for label, spec in moe_runs.items()})
-    per_model = {label: ray.get(ref) for label, ref in refs.items()}
+    results = {label: ray.get(ref) for label, ref in refs.items()}
+    losses = {label: r["loss"] for label, r in results.items() if r["loss"]}
+    per_model = {label: r["exact_match"] for label, r in results.items()}
     variants = {label: per_model.pop(label) for label in list(per_model) if label.startswith("dume[")}
-    if variants:  # the configured DUME router is one of the four variants: its row in the main table
-        per_model["dume"] = variants[_variant_label(cfg.upcycle.routing, cfg.upcycle.normalize_columns)]
+    if variants:  # the configured DUME router is one of the variants: its row in the main table
+        configured = _variant_label(cfg.upcycle.routing, cfg.upcycle.normalize_columns)
+        per_model["dume"] = variants[configured]
+        if configured in losses:
+            losses["dume"] = losses[configured]
+    losses["experts"] = {t: v for label in list(losses) if label.startswith("expert:") for t, v in losses.pop(label).items()}
 
     scores = {"base": per_model.pop("base")}
     scores["experts"] = {t: s for label in list(per_model) if label.startswith("expert:") for t, s in per_model.pop(label).items()}
@@ -58,7 +64,8 @@ def run_eval(cfg: PipelineConfig) -> dict:
     tasks = load_tasks(cfg.tasks, load_tokenizer(models["base"][0]), cfg.model.max_seq_len)
     report = build_report(scores, cfg.tasks.names, cfg.eval.split, settings=_settings(cfg), timings=_timings(cfg),
                           upcycle=_upcycle_section(cfg, upcycle, variants) if upcycle else None,
-                          num_examples={name: len(task.examples(cfg.eval.split)) for name, task in tasks.items()})
+                          num_examples={name: len(task.examples(cfg.eval.split)) for name, task in tasks.items()},
+                          losses={label: v for label, v in losses.items() if not label.startswith("dume[") and v})
     report["scored_models"] = {label: {"model": model_dir, "config_hash": h} for label, (model_dir, _, h) in models.items()}
     report["faults"] = _faults(cfg)
     os.makedirs(stage_dir, exist_ok=True)
@@ -109,20 +116,25 @@ def _variant_label(granularity: str, normalized: bool) -> str:
 
 
 def _score_moe(moe_dir: str, router_path: str, mode: str, variant, seed: int, tasks_cfg, expert_of: dict,
-               split: str, max_new_tokens: int, batch_size: int, max_seq_len: int) -> dict:
-    """One routing of the MoE on every task; "forced" is the oracle: each task with its own group's expert."""
+               split: str, max_new_tokens: int, batch_size: int, max_seq_len: int, device: str = "cpu") -> dict:
+    """One routing of the MoE on every task; "forced" is the oracle: each task with its own group's expert.
+    Whole-sequence routing looks ahead within a full sequence, so its response loss is left out."""
     import torch
-    from dume_ray.upcycle.moe import DumeMoEForCausalLM
+    from transformers import AutoModelForCausalLM
     torch.set_num_threads(1)
     tokenizer = load_tokenizer(moe_dir, trust_remote_code=True)
     tasks = load_tasks(tasks_cfg, tokenizer, max_seq_len)
-    model = DumeMoEForCausalLM.from_pretrained(moe_dir)
+    model = AutoModelForCausalLM.from_pretrained(moe_dir, trust_remote_code=True).to(device)
     if variant is not None:
-        model.set_router(torch.load(router_path)["routers"][variant])
-    scores = {}
+        model.set_router(torch.load(router_path)["routers"][variant].to(device))
+    scores: dict = {"exact_match": {}, "loss": {}}
     for name in expert_of:
         model.set_routing(mode, expert=expert_of[name] if mode == "forced" else None, seed=seed)
-        scores.update(evaluate_tasks(model, tokenizer, {name: tasks[name]}, split, max_new_tokens, batch_size))
+        found = score_tasks(model, tokenizer, {name: tasks[name]}, split, max_new_tokens, batch_size,
+                            label=f"moe {mode}{'' if variant in (None, 'raw') else ' ' + variant}",
+                            with_loss=mode != "whole_sequence")
+        for metric in scores:
+            scores[metric].update(found[metric])
     return scores
 
 
@@ -135,27 +147,31 @@ def _upcycle_section(cfg: PipelineConfig, upcycle: dict, variants: dict) -> dict
     return {"variants": variants, "routing": cfg.upcycle.routing, "normalize_columns": cfg.upcycle.normalize_columns,
             "ridge_lambda": cfg.upcycle.ridge_lambda, "top_k": cfg.upcycle.top_k,
             "experts_trained_mlp_only": upcycle["metrics"].get("experts_trained_mlp_only"),
+            "experts_mode": cfg.experts.mode,
             "moe_parameters": upcycle["metrics"].get("parameters"),
             "moe_active_parameters_per_token": upcycle["metrics"].get("active_parameters_per_token"),
             "student_parameters": student_params}
 
 
 def _score_model(model_dir: str, tasks_cfg, names: list[str], split: str, max_new_tokens: int, batch_size: int,
-                 max_seq_len: int, device: str = "cpu") -> dict:
+                 max_seq_len: int, device: str = "cpu", label: str = "") -> dict:
     import torch
     torch.set_num_threads(1)
     tokenizer = load_tokenizer(model_dir)
     tasks = load_tasks(tasks_cfg, tokenizer, max_seq_len)
-    return evaluate_tasks(load_model(model_dir).to(device), tokenizer, {n: tasks[n] for n in names}, split,
-                          max_new_tokens, batch_size)
+    return score_tasks(load_model(model_dir).to(device), tokenizer, {n: tasks[n] for n in names}, split,
+                       max_new_tokens, batch_size, label=label)
 
 
 def _settings(cfg: PipelineConfig) -> dict:
     d = cfg.distill
-    return {"groups": " | ".join(cfg.groups), "temperature": d.temperature, "alpha": d.alpha, "divergence": d.divergence,
-            "teacher annealing": d.anneal, "top_k": cfg.soft_targets.top_k,
-            "steps (base / each expert / student = multitask)": f"{cfg.base.optim.steps} / {cfg.experts.optim.steps} / {d.optim.steps}",
-            "batch size (student = multitask)": d.optim.batch_size, "experts trained MLP-only": cfg.experts.train_mlp_only}
+    base_steps = cfg.base.optim.steps if cfg.base.enabled else "off (the model as loaded)"
+    model = cfg.model.gguf or cfg.model.name_or_path
+    return {"model": model + (f" (first {cfg.model.keep_layers} layers)" if cfg.model.keep_layers else ""),
+            "chat template": cfg.data.chat_template, "groups": " | ".join(cfg.groups), "temperature": d.temperature,
+            "alpha": d.alpha, "divergence": d.divergence, "teacher annealing": d.anneal, "top_k": cfg.soft_targets.top_k,
+            "steps (base / each expert / student = multitask)": f"{base_steps} / {cfg.experts.optim.steps} / {d.optim.steps}",
+            "batch size (student = multitask)": d.optim.batch_size, "experts train": cfg.experts.mode}
 
 
 def _faults(cfg: PipelineConfig) -> dict:
@@ -168,7 +184,9 @@ def _faults(cfg: PipelineConfig) -> dict:
     tokenizer = load_tokenizer(manifest.read_manifest(f"{cfg.run_dir}/base")["outputs"]["model"])
     for name, task in load_tasks(cfg.tasks, tokenizer, cfg.model.max_seq_len).items():
         if any(task.skipped_rows.values()):
-            faults[f"task {name}"] = f"bad rows skipped (tasks.skip_bad_rows): {task.skipped_rows}"
+            faults[f"task {name}"] = f"rows dropped (tasks.skip_bad_rows / tasks.too_long): {task.skipped_rows}"
+        if task.truncated_rows:
+            faults[f"task {name} (truncated)"] = f"responses cut to model.max_seq_len (tasks.too_long=truncate): {task.truncated_rows}"
     return faults
 
 

@@ -26,17 +26,21 @@ def _mean(values) -> float:
 
 def build_report(scores: dict[str, dict[str, float]], task_names: list[str], split: str,
                  settings: Optional[dict] = None, timings: Optional[dict] = None, upcycle: Optional[dict] = None,
-                 num_examples: Optional[dict[str, int]] = None) -> dict:
+                 num_examples: Optional[dict[str, int]] = None, losses: Optional[dict[str, dict[str, float]]] = None) -> dict:
     """Args:
         scores: {"base"|"experts"|"student"|"multitask"|"dume"|"oracle"|...: {task: exact-match}}; "experts"
             holds, per task, the score of that task's own group expert.
         upcycle: the DUME section: {"variants": {label: {task: score}}, parameter counts, router settings}.
         num_examples: {task: examples scored}; gives the student − multitask difference its standard error.
+        losses: {model: {task: mean cross-entropy per response token}}, the second metric (lower is better).
     """
     models = [m for m in MODEL_ORDER if m in scores] + sorted(m for m in scores if m not in MODEL_ORDER)
     means = {m: _mean(scores[m].get(t) for t in task_names) for m in models}
     report = {"split": split, "tasks": task_names, "models": models, "scores": scores, "means": means,
               "settings": settings or {}, "timings": timings or {}}
+    if losses:
+        report["losses"] = {m: losses[m] for m in models if losses.get(m)}
+        report["loss_means"] = {m: _mean(v.get(t) for t in task_names) for m, v in report["losses"].items()}
     if "student" in means and "multitask" in means:
         report["student_minus_multitask"] = means["student"] - means["multitask"]
         if num_examples:
@@ -103,6 +107,8 @@ def render_markdown(report: dict) -> str:
                          "seed-to-seed spread comes on top, see benchmarks/quality.py)." if has_se else "."))
     if "student_pct_of_experts" in report:
         lines.append(f"- The student reaches {report['student_pct_of_experts']:.1f}% of its experts' mean.")
+    if report.get("losses"):
+        lines += _loss_markdown(report)
     if "upcycle" in report:
         lines += _upcycle_markdown(report)
     if report["settings"]:
@@ -112,6 +118,17 @@ def render_markdown(report: dict) -> str:
     if report["timings"]:
         lines += ["", "## Stage wall times (s)", ""] + [f"- {k}: {v:.1f}" for k, v in report["timings"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _loss_markdown(report: dict) -> list[str]:
+    """Response-token loss per task and model (lower is better); models without a causal score are left out."""
+    models = list(report["losses"])
+    lines = ["", f"## Response-token loss ({report['split']} split, mean cross-entropy per response token, lower is better)", "",
+             "| task | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
+    for task in report["tasks"] + ["**mean**"]:
+        row = [report["loss_means"][m] if task == "**mean**" else report["losses"][m].get(task) for m in models]
+        lines.append(f"| {task} | " + " | ".join(_fmt(v) for v in row) + " |")
+    return lines
 
 
 def _upcycle_markdown(report: dict) -> list[str]:
@@ -127,8 +144,9 @@ def _upcycle_markdown(report: dict) -> list[str]:
     for rival, name in (("weight_average", "weight averaging"), ("random", "random routing")):
         if f"dume_beats_{rival}" in up:
             lines.append(f"- DUME {'beats' if up[f'dume_beats_{rival}'] else '**does not beat**'} {name}.")
-    lines.append(f"- Experts trained {'MLP-only (trunk frozen)' if up.get('experts_trained_mlp_only') else 'with all weights'}"
-                 " (experts.train_mlp_only); averaging the trunk is exact only for MLP-only experts.")
+    mode = up.get("experts_mode") or ("MLP only" if up.get("experts_trained_mlp_only") else "all weights")
+    lines.append(f"- Experts trained: {mode} (experts.train_mlp_only, experts.lora_rank); averaging the trunk is exact "
+                 "only when the experts' non-MLP weights stay the base's (MLP only, or LoRA on the MLP).")
     if up.get("moe_parameters"):
         lines.append(f"- Parameters: MoE {up['moe_parameters']:,} in all, {up['moe_active_parameters_per_token']:,} active "
                      f"per token; student {_count(up.get('student_parameters'))}.")

@@ -26,7 +26,7 @@ from dume_ray.config import PipelineConfig, ResourcesConfig, to_dict
 from dume_ray.dashboards import mlflow_tracking_uri, tensorboard_dir
 from dume_ray.data.encode import training_order
 from dume_ray.experts.worker import train_fn_per_worker
-from dume_ray.model import create_initial_model, load_tokenizer
+from dume_ray.model import create_initial_model, expert_trainable, load_tokenizer
 from dume_ray.stage_hashes import base_hash, expert_hash, pipeline_hashes
 from dume_ray.tasks import encode_rows, load_tasks
 
@@ -38,7 +38,7 @@ def run_base(cfg: PipelineConfig) -> dict:
         print(f"[base] done already ({stage_dir}), skipping", flush=True)
         return manifest.read_manifest(stage_dir)
     start = time.time()
-    init_dir = create_initial_model(cfg.model, cfg.seed, f"{stage_dir}/init")
+    init_dir = create_initial_model(cfg.model, cfg.seed, f"{stage_dir}/init", cfg.data)
     model_dir = f"{stage_dir}/model"
     if not cfg.base.enabled:
         shutil.copytree(init_dir, model_dir, dirs_exist_ok=True)
@@ -77,7 +77,7 @@ def run_experts(cfg: PipelineConfig) -> dict[str, dict]:
                                               seconds=result["train_seconds"])
 
     run_training_jobs(cfg, jobs, cfg.experts.optim, cfg.experts.resources, f"{cfg.run_dir}/experts",
-                      train_mlp_only=cfg.experts.train_mlp_only, on_finish=mark_expert_done)
+                      trainable=expert_trainable(cfg.experts), on_finish=mark_expert_done)
     return manifests
 
 
@@ -93,16 +93,18 @@ class TrainingJob:
 
 
 def run_training_jobs(cfg: PipelineConfig, jobs: list[TrainingJob], optim, resources: ResourcesConfig,
-                      stage_dir: str, train_mlp_only: bool = False,
+                      stage_dir: str, trainable: dict | None = None,
                       on_finish: Callable[[str, dict], None] | None = None) -> dict[str, dict]:
     """Fit one TorchTrainer per job, concurrently, printing a line and calling `on_finish(label, result)` as
-    each finishes; {label: return value}."""
+    each finishes; {label: return value}. `trainable`: what the jobs train (`model.make_trainable`'s keywords:
+    MLP only, LoRA); None trains every weight."""
     pending = {}
     for job in jobs:
         loop_config = {"label": job.label, "init_dir": job.init_dir, "output_dir": job.output_dir,
                        "optim": to_dict(optim), "seed": cfg.seed, "torch_threads": resources.torch_threads,
                        "num_workers": resources.num_workers, "dtype": cfg.model.dtype,
-                       "train_mlp_only": train_mlp_only, "validation": job.validation,
+                       "gradient_checkpointing": cfg.model.gradient_checkpointing,
+                       "trainable": trainable or {}, "validation": job.validation,
                        "max_new_tokens": cfg.eval.max_new_tokens,
                        "local_checkpoint_dir": local_checkpoint_dir(os.path.dirname(job.output_dir), job.config_hash, resources),
                        "history_path": history_path(os.path.dirname(job.output_dir), job.config_hash),

@@ -29,6 +29,7 @@ import torch
 from dume_ray.config import OptimConfig
 from dume_ray.data.encode import collate
 from dume_ray.distill.losses import annealed_alpha
+from dume_ray.model import merge_adapters
 from dume_ray.soft_targets.teacher_scoring import TeacherScorer
 from dume_ray.training import ce_train_step, distill_train_step, make_optimizer
 
@@ -78,7 +79,7 @@ def train_expert(model, tokenizer, rows: list[dict], optim: OptimConfig, seed: i
     for _ in range(optim.steps):
         batch = collate(next(stream), tokenizer.pad_token_id)
         metrics = ce_train_step(model, batch, optimizer, scheduler, optim.grad_clip, dtype)
-    model.save_pretrained(out_dir)
+    merge_adapters(model).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return metrics
 

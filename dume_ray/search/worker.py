@@ -19,7 +19,7 @@ import torch
 from ray import tune
 
 from dume_ray.config import PipelineConfig, config_hash, from_dict
-from dume_ray.model import freeze_non_mlp, load_model, load_tokenizer
+from dume_ray.model import expert_trainable, load_model, load_tokenizer, make_trainable
 from dume_ray.search.partitions import encode, parse_readable, readable
 from dume_ray.search.proxy import (SOFT_TARGETS, cached_expert, proxy_distill, read_soft_targets, score_soft_targets,
                                    train_expert)
@@ -81,14 +81,12 @@ def search_trial(config: dict, setup: dict) -> None:
 
 def expert_cache_key(base_hash: str, group: list[str], cfg: PipelineConfig) -> str:
     """Content hash of (task group, base model, expert config, tasks, soft-target k): equal keys, same expert."""
-    return config_hash("search-expert", base_hash, sorted(group), cfg.experts.optim, cfg.experts.train_mlp_only,
+    return config_hash("search-expert", base_hash, sorted(group), cfg.experts.optim, expert_trainable(cfg.experts),
                        cfg.tasks, cfg.model.max_seq_len, cfg.soft_targets.top_k, cfg.seed)
 
 
 def _build_expert(cfg: PipelineConfig, base_dir: str, tokenizer, rows: list[dict], out_dir: str) -> None:
-    model = load_model(base_dir)
-    if cfg.experts.train_mlp_only:
-        freeze_non_mlp(model)
+    model = make_trainable(load_model(base_dir), **expert_trainable(cfg.experts))
     model_dir = os.path.join(out_dir, "model")
     train_expert(model, tokenizer, rows, cfg.experts.optim, cfg.seed, model_dir, cfg.model.dtype)
     score_soft_targets(model_dir, rows, cfg.soft_targets.top_k, os.path.join(out_dir, SOFT_TARGETS))

@@ -15,9 +15,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from dume_ray.data.encode import batch_rows, collate, response_positions
+from dume_ray.data.encode import batch_rows, collate
 from dume_ray.data.soft_targets import encode_top_k, rows_to_table
 from dume_ray.model import load_model, load_tokenizer
+from dume_ray.training import response_logits
 
 
 class TeacherScorer:
@@ -39,10 +40,8 @@ class TeacherScorer:
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         rows = batch_rows(batch)
         inputs = collate(rows, self.pad_id)
-        logits = self.model(input_ids=inputs["input_ids"].to(self.device),
-                            attention_mask=inputs["attention_mask"].to(self.device)).logits  # [b, s, v]
-        b_idx, t_idx = response_positions(inputs["labels"])
-        logprobs = torch.log_softmax(logits[b_idx.to(self.device), t_idx.to(self.device)].float(), dim=-1)  # [n, v]
+        logits, _ = response_logits(self.model, {k: v.to(self.device) for k, v in inputs.items()})  # [n, v]
+        logprobs = torch.log_softmax(logits, dim=-1)  # [n, v]
         topk_ids, topk_logprobs, tail_logmass = encode_top_k(logprobs.cpu(), self.top_k)  # [n, k], [n, k], [n]
         k = topk_ids.shape[1]
         out, offset = [], 0

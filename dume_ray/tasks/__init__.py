@@ -21,9 +21,10 @@ __all__ = ["BUILTIN_TASKS", "SPLITS", "Example", "Task", "encode_rows", "exact_m
 def load_tasks(cfg: TasksConfig, tokenizer=None, max_seq_len: int | None = None) -> dict[str, Task]:
     """Every configured task, built-in first, in config order.
 
-    With `tokenizer` and `max_seq_len`, examples longer than `max_seq_len` tokens are dropped and counted
-    in `Task.skipped_rows` when `cfg.skip_bad_rows` is set; otherwise they stay, and `encode_rows` stops
-    on the first one, naming its file and row.
+    With `tokenizer` and `max_seq_len`, examples longer than `max_seq_len` tokens are handled by
+    `cfg.too_long`: "drop" (or `cfg.skip_bad_rows`) drops them, counted in `Task.skipped_rows`; "truncate" cuts
+    their response to fit, counted in `Task.truncated_rows`; "error" keeps them, and `encode_rows` stops on the
+    first one, naming its file and row.
     """
     tasks = {name: make_builtin_task(name, cfg.seed, cfg.num_train, cfg.num_validation, cfg.num_test)
              for name in cfg.builtin}
@@ -31,20 +32,30 @@ def load_tasks(cfg: TasksConfig, tokenizer=None, max_seq_len: int | None = None)
         tasks[src.name] = load_task_from_source(
             src.name, src.source, dict(src.data_files) or None, src.prompt_column, src.response_column,
             dict(src.hub_splits) or None, skip_bad_rows=cfg.skip_bad_rows, config=src.hub_config)
-    if cfg.skip_bad_rows and tokenizer is not None and max_seq_len is not None:
+    policy = "drop" if cfg.skip_bad_rows and cfg.too_long == "error" else cfg.too_long
+    if policy != "error" and tokenizer is not None and max_seq_len is not None:
         for task in tasks.values():
-            _drop_too_long(task, tokenizer, max_seq_len)
+            _fit_too_long(task, tokenizer, max_seq_len, truncate=policy == "truncate")
     return tasks
 
 
-def _drop_too_long(task: Task, tokenizer, max_seq_len: int) -> None:
+def _fit_too_long(task: Task, tokenizer, max_seq_len: int, truncate: bool) -> None:
+    """Drop (or, with `truncate`, cut the response of) every example over `max_seq_len` tokens, counting both."""
     for split, examples in task.splits.items():
-        kept = [e for e in examples if _fits(e, tokenizer, max_seq_len)]
+        kept, cut = [], 0
+        for example in examples:
+            fitted = example if _fits(example, tokenizer, max_seq_len) else (
+                _truncated(example, tokenizer, max_seq_len) if truncate else None)
+            cut += fitted is not None and fitted is not example
+            if fitted is not None:
+                kept.append(fitted)
         if len(kept) < len(examples):
             if not kept:
                 raise ValueError(f"task {task.name!r}: every {split} example is longer than model.max_seq_len={max_seq_len}")
             task.skipped_rows[split] = task.skipped_rows.get(split, 0) + len(examples) - len(kept)
-            task.splits[split] = kept
+        if cut:
+            task.truncated_rows[split] = cut
+        task.splits[split] = kept
 
 
 def _fits(example: Example, tokenizer, max_seq_len: int) -> bool:
@@ -53,6 +64,18 @@ def _fits(example: Example, tokenizer, max_seq_len: int) -> bool:
         return True
     except ValueError:
         return False
+
+
+def _truncated(example: Example, tokenizer, max_seq_len: int) -> Example | None:
+    """The example with its response cut to the longest token prefix that fits (re-checked after decoding,
+    since text round-trips through a BPE tokenizer only approximately); None when nothing fits."""
+    ids = tokenizer(example.response, add_special_tokens=False)["input_ids"]
+    for keep in range(len(ids) - 1, 0, -1):
+        response = tokenizer.decode(ids[:keep])
+        candidate = Example(example.prompt, response, example.source)
+        if response.strip() and _fits(candidate, tokenizer, max_seq_len):
+            return candidate
+    return None
 
 
 def encode_rows(tasks: dict[str, Task], tokenizer, split: str, max_seq_len: int,

@@ -61,14 +61,15 @@ class Task:
         splits: Mapping from split name (normally one of :data:`SPLITS`) to
             its examples.
         metric: Key into :data:`METRICS`.
-        skipped_rows: For file-backed tasks loaded with ``skip_bad_rows=True``,
-            how many malformed rows were dropped per split; empty otherwise.
+        skipped_rows: How many malformed (``skip_bad_rows=True``) or over-long
+            (``too_long="drop"``) rows were dropped per split; empty otherwise.
     """
 
     name: str
     splits: dict[str, list[Example]]
     metric: str = "exact_match"
     skipped_rows: dict[str, int] = field(default_factory=dict)
+    truncated_rows: dict[str, int] = field(default_factory=dict)  # examples whose response was cut to fit (tasks.too_long)
 
     def __post_init__(self) -> None:
         # Fail at construction, not after hours of training, if the metric is unknown.

@@ -13,6 +13,7 @@ import pytest
 
 from dume_ray.config import (
     BUILTIN_TASK_NAMES,
+    CHAR_TASK_NAMES,
     ConfigError,
     OptimConfig,
     PipelineConfig,
@@ -149,7 +150,7 @@ def test_default_groups_are_one_per_task():
 
 
 def test_default_config_groups_cover_all_builtin_tasks():
-    assert list(load_config().groups) == BUILTIN_TASK_NAMES
+    assert list(load_config().groups) == CHAR_TASK_NAMES
 
 
 def test_custom_groups_are_named_by_plus_joined_tasks():
