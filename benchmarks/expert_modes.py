@@ -103,7 +103,7 @@ def run_mode(args) -> dict:
     for i, name in enumerate(experts):
         moe.set_routing("forced", expert=i)
         _score(results, "oracle", moe, tokenizer, {name: tasks[name]}, cfg)
-    for routing in ("token", "sequence_mean", "whole_sequence"):
+    for routing in args.routings:
         moe.set_routing(routing)
         _score(results, f"dume[{routing}]", moe, tokenizer, tasks, cfg, with_loss=routing != "whole_sequence")
     _score(results, "weight_average", average_weights(experts), tokenizer, tasks, cfg)
@@ -128,9 +128,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default=os.path.join(REPO, "configs/smollm2.yaml"))
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per mode's process")
+    parser.add_argument("--jobs", type=int, default=2, help="modes trained at once (one process each)")
     parser.add_argument("--lora-lr", type=float, default=1e-3, help="LoRA's learning rate (adapters need ~10x the full rate)")
     parser.add_argument("--override", nargs="*", default=[], help="key=value overrides of the config")
+    parser.add_argument("--routings", nargs="+", default=["whole_sequence", "prompt"], help="DUME routings to score")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--out", default=None)
     parser.add_argument("--work", default=None, help="folder for the imported base and the experts (default: a temp folder)")
@@ -146,42 +148,48 @@ def main() -> None:
     from dume_ray.model import create_initial_model
     if not os.path.isdir(os.path.join(args.work, "base")):
         create_initial_model(cfg.model, cfg.seed, os.path.join(args.work, "base"), cfg.data)
-    per_mode = {}
-    for mode in args.modes:
-        cmd = [sys.executable, os.path.abspath(__file__), "--mode", mode, "--work", args.work, "--config", args.config,
-               "--threads", str(args.threads), "--lora-lr", str(args.lora_lr)] + (["--tiny"] if args.tiny else [])
-        cmd += ["--override", *args.override] if args.override else []
-        print(f"[expert_modes] {mode} ...", flush=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-        line = [l for l in proc.stdout.splitlines() if l.startswith("MODE_RESULT ")]
+    per_mode, queue, running = {}, list(args.modes), {}
+    while queue or running:  # up to --jobs modes at once, each in its own process
+        while queue and len(running) < args.jobs:
+            mode = queue.pop(0)
+            cmd = [sys.executable, os.path.abspath(__file__), "--mode", mode, "--work", args.work, "--config", args.config,
+                   "--threads", str(args.threads), "--lora-lr", str(args.lora_lr), "--routings", *args.routings] + (["--tiny"] if args.tiny else [])
+            cmd += ["--override", *args.override] if args.override else []
+            print(f"[expert_modes] {mode} ...", flush=True)
+            running[mode] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+        mode, proc = next(iter(running.items()))
+        stdout, stderr = proc.communicate()
+        del running[mode]
+        line = [l for l in stdout.splitlines() if l.startswith("MODE_RESULT ")]
         if proc.returncode != 0 or not line:
-            sys.exit(f"[expert_modes] {mode} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+            sys.exit(f"[expert_modes] {mode} failed:\n{stdout[-3000:]}\n{stderr[-3000:]}")
         per_mode[mode] = json.loads(line[0][len("MODE_RESULT "):])
         print(f"[expert_modes] {mode} done ({time.time() - started:.0f} s)", flush=True)
+    per_mode = {mode: per_mode[mode] for mode in args.modes}
 
     reference = per_mode.get("all_weights")
+    ref_mean = {split: _mean(reference["scores"]["experts"][split]["exact_match"]) for split in SPLITS} if reference else {}
     rows, summary = [], {}
     for mode, r in per_mode.items():
         s = r["scores"]
         row = {"mode": mode, "s_per_step": r["seconds_per_step"], "peak_rss_gb": r["peak_rss_gb"],
                "trainable_parameters": r["trainable_parameters"]}
         for split in SPLITS:
-            for label in ("experts", "oracle", f"dume[{cfg.upcycle.routing}]", "weight_average"):
+            for label in ("experts", "oracle", "weight_average", *(f"dume[{g}]" for g in args.routings)):
                 row[f"{label} {split}"] = _mean(s[label][split]["exact_match"])
-            if reference:
-                ref = _mean(reference["scores"]["experts"][split]["exact_match"])
-                row[f"dume % of all-weights experts {split}"] = 100 * row[f"dume[{cfg.upcycle.routing}] {split}"] / ref if ref else None
+                if label.startswith("dume") and ref_mean.get(split):
+                    row[f"{label} % of all-weights experts {split}"] = 100 * row[f"{label} {split}"] / ref_mean[split]
         summary[mode] = row
-        rows.append([mode, r["seconds_per_step"], r["peak_rss_gb"], f"{r['trainable_parameters']:,}",
-                     row["experts validation"], row["experts test"], row["oracle test"],
-                     row[f"dume[{cfg.upcycle.routing}] validation"], row[f"dume[{cfg.upcycle.routing}] test"],
-                     row.get("dume % of all-weights experts test"), row["weight_average test"]])
-    header = ["mode", "s/step", "peak GB", "trainable", "experts val", "experts test", "oracle test",
-              f"DUME {cfg.upcycle.routing} val", f"DUME test", "DUME % of all-weights experts (test)", "weight avg test"]
+        rows.append([mode, r["seconds_per_step"], r["peak_rss_gb"], f"{r['trainable_parameters']:,}", row["experts validation"],
+                     row["experts test"], row["oracle test"], row["weight_average test"]]
+                    + [x for g in args.routings for x in (row[f"dume[{g}] validation"], row[f"dume[{g}] test"],
+                                                          row.get(f"dume[{g}] % of all-weights experts test"))])
+    header = ["mode", "s/step", "peak GB", "trainable", "experts val", "experts test", "oracle test", "weight avg test"]
+    header += [x for g in args.routings for x in (f"DUME {g} val", f"DUME {g} test", f"DUME {g} test, % of all-weights experts")]
     table = markdown_table(header, rows)
     print(table)
     write_result(result_path("expert_modes", args.out, args.tiny), "expert_modes", command_line(), started,
-                 {"config": os.path.relpath(args.config, REPO), "threads": args.threads, "summary": summary,
+                 {"config": os.path.relpath(args.config, REPO), "threads": args.threads, "jobs": args.jobs, "summary": summary,
                   "per_mode": per_mode, "goal": "DUME >= 95% of the all-weights experts' mean exact match"}, table)
 
 

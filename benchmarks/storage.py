@@ -3,6 +3,8 @@
     python benchmarks/storage.py                     # demo vocab (real shards) + a 150k-vocab synthetic teacher
     python benchmarks/storage.py --run-dir runs/bench/bench-quality-s0   # demo teachers = that run's experts
     python benchmarks/storage.py --tiny              # smoke setting, writes to a temp folder
+    python benchmarks/storage.py --config configs/smollm2.yaml --run-dir runs/smollm2 --ks 8 32 64 --no-synthetic \
+        --rows-per-task 100 --out benchmarks/results/storage_smollm2.json   # SmolLM2's experts, V = 49,152
 
 For k = 8, 32, 128 we write real Parquet shards with `rows_to_table` + `write_shard` (the soft-targets
 stage's format: top-k ids int32, log-probs float16, tail log-mass float32, plus the token ids of the example)
@@ -63,11 +65,14 @@ def shard_bytes(path: str, n_tokens: int) -> tuple[float, float]:
 def demo_teacher_logprobs(args, cfg, work: str):
     """[n, V] response-token log-probs of the demo teachers on their tasks' training rows, and the rows."""
     import torch
-    from dume_ray.data.encode import collate, response_positions
+    from dume_ray.data.encode import collate
+    from dume_ray.training import response_logits
     from dume_ray.model import create_initial_model, load_model, load_tokenizer
     from dume_ray.tasks import encode_rows, load_tasks
 
-    fresh = create_initial_model(cfg.model, 0, os.path.join(work, "fresh"))
+    run_base = os.path.join(args.run_dir, "base", "model") if args.run_dir else None
+    # A run's own base folder carries its tokenizer as the run used it (chat template or not); else build one.
+    fresh = run_base if run_base and os.path.isdir(run_base) else create_initial_model(cfg.model, 0, os.path.join(work, "fresh"), cfg.data)
     tokenizer = load_tokenizer(fresh)
     tasks = load_tasks(cfg.tasks, tokenizer, cfg.model.max_seq_len)
     all_lp, all_rows = [], []
@@ -77,9 +82,8 @@ def demo_teacher_logprobs(args, cfg, work: str):
         rows = encode_rows({name: tasks[name]}, tokenizer, "train", cfg.model.max_seq_len, {name: name})[:args.rows_per_task]
         batch = collate(rows, tokenizer.pad_token_id)
         with torch.no_grad():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        b_idx, t_idx = response_positions(batch["labels"])
-        all_lp.append(torch.log_softmax(logits[b_idx, t_idx].float(), dim=-1))
+            logits, _ = response_logits(model, batch)  # [n, V], the response positions only
+        all_lp.append(torch.log_softmax(logits, dim=-1))
         all_rows += rows
     return torch.cat(all_lp), all_rows, bool(args.run_dir)
 
@@ -100,11 +104,11 @@ def zipf_logprobs(n: int, vocab: int, s: float):
     return torch.stack([base[torch.randperm(vocab, generator=g)] for _ in range(n)])
 
 
-def measure(name: str, logprobs, rows, vocab: int, work: str) -> list[dict]:
+def measure(name: str, logprobs, rows, vocab: int, work: str, ks=KS) -> list[dict]:
     """Write one shard per k from these log-probs; bytes/token and KL per k."""
     from dume_ray.data.soft_targets import rows_to_table, write_shard
     out = []
-    for k in KS:
+    for k in ks:
         kl, (ids, lp, tail) = kl_full_vs_topk(logprobs, k)
         k_eff = ids.shape[1]
         shard_rows, offset = [], 0
@@ -130,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows-per-task", type=int, default=500)
     parser.add_argument("--big-vocab", type=int, default=150_000)
     parser.add_argument("--big-rows", type=int, default=64, help="synthetic examples (4 response tokens each)")
+    parser.add_argument("--ks", type=int, nargs="+", default=list(KS), help="top-k sizes to store")
+    parser.add_argument("--no-synthetic", action="store_true", help="only the config's teachers, no 150k-vocab Zipf rows")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -141,10 +147,12 @@ def main(argv: list[str] | None = None) -> int:
     work = tempfile.mkdtemp(prefix="bench-storage-")
 
     demo_lp, demo_rows, trained = demo_teacher_logprobs(args, cfg, work)
-    results = measure("demo (trained experts)" if trained else "demo (fresh weights)", demo_lp, demo_rows, demo_lp.shape[1], work)
+    label = f"{cfg.name} ({'trained experts' if trained else 'fresh weights'})"
+    results = measure(label, demo_lp, demo_rows, demo_lp.shape[1], work, args.ks)
     big_rows = synthetic_rows(args.big_rows, 4, args.big_vocab)
-    for s in (2.0, 1.1):
-        results += measure(f"synthetic Zipf s={s}", zipf_logprobs(4 * args.big_rows, args.big_vocab, s), big_rows, args.big_vocab, work)
+    for s in () if args.no_synthetic else (2.0, 1.1):
+        results += measure(f"synthetic Zipf s={s}", zipf_logprobs(4 * args.big_rows, args.big_vocab, s), big_rows, args.big_vocab,
+                           work, args.ks)
 
     rows = [[r["teacher"], f"{r['vocab']:,}", r["k"] if r["k"] == r["k_stored"] else f"{r['k']} (stored {r['k_stored']} = V)",
              f"{r['bytes_per_token_soft_columns']:.1f}", f"{r['bytes_per_token_file']:.1f}", f"{r['full_fp32_bytes_per_token']:,}",

@@ -24,7 +24,7 @@ from dume_ray.resources import ResourceShortage
 from dume_ray.manifest import StageInputError, write_text_atomic
 
 QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false",
-             "RAY_DEDUP_LOGS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+             "RAY_DEDUP_LOGS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1"}
 
 
 def _stages():
@@ -133,6 +133,8 @@ def wait_for_resources(cfg: PipelineConfig, stages: list[str], joined: bool) -> 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    for key, value in QUIET_ENV.items():  # before transformers is imported: it reads them once, at import
+        os.environ.setdefault(key, value)
     try:
         cfg = load_config(args.config, args.overrides)
         print(to_yaml(cfg), flush=True)

@@ -28,6 +28,7 @@ CHAR_TASK_NAMES = ["copy", "reverse", "sort", "shift", "add", "sub"]
 BUILTIN_TASK_NAMES = ["copy", "reverse", "sort", "shift", "add", "sub", "reverse_words", "sort_words", "upper_words", "rotate_words", "initials", "reverse_upper"]
 LOCAL_TASK_FORMATS = ("jsonl", "json", "parquet", "csv")
 TOO_LONG_POLICIES = ("error", "drop", "truncate")
+ROUTING_GRANULARITIES = ("token", "sequence_mean", "whole_sequence", "prompt")  # upcycle.routing
 
 
 class ConfigError(ValueError):
@@ -265,7 +266,10 @@ class UpcycleConfig:
     top_k: int = 1  # experts per token
     normalize_columns: bool = False  # unit-length router columns (bias scaled alike); eval reports both anyway
     routing: str = "whole_sequence"  # "token" (per-token top-k) | "sequence_mean" (causal running mean of the
-    #   scores) | "whole_sequence" (mean over the whole input so far, re-read at every generation step)
+    #   scores) | "whole_sequence" (mean over the prompt, then the running mean) | "prompt" (mean over the prompt,
+    #   kept for the whole response); see upcycle/moe.py
+    score_all_routings: bool = True  # eval scores every routing x router-column variant (a table in the report);
+    #   false: only the configured one (each variant is a full generation pass per task)
     stats_examples_per_task: int = 512  # training examples per task whose tokens feed the router statistics
     batch_size: int = 64  # examples per forward while gathering statistics
     random_seed: int = 0  # seed of the random-routing baseline
@@ -275,7 +279,7 @@ class UpcycleConfig:
     def __post_init__(self) -> None:
         _check(self.ridge_lambda >= 0, f"upcycle.ridge_lambda must be >= 0, got {self.ridge_lambda}")
         _check(self.top_k >= 1, f"upcycle.top_k must be >= 1, got {self.top_k}")
-        granularities = ("token", "sequence_mean", "whole_sequence")
+        granularities = ROUTING_GRANULARITIES
         _check(self.routing in granularities, f"upcycle.routing must be one of {granularities}, got {self.routing!r}")
         _check(self.stats_examples_per_task >= 1, f"upcycle.stats_examples_per_task must be >= 1, got {self.stats_examples_per_task}")
         _check(self.batch_size >= 1, f"upcycle.batch_size must be >= 1, got {self.batch_size}")

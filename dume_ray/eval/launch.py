@@ -17,7 +17,7 @@ import time
 import ray
 
 from dume_ray import manifest
-from dume_ray.config import PipelineConfig
+from dume_ray.config import ROUTING_GRANULARITIES, PipelineConfig
 from dume_ray.eval.report import build_report, plot_report, render_markdown
 from dume_ray.experts.launch import _require
 from dume_ray.model import load_model, load_tokenizer
@@ -42,12 +42,15 @@ def run_eval(cfg: PipelineConfig) -> dict:
     refs = {label: score.remote(model_dir, cfg.tasks, names, cfg.eval.split, cfg.eval.max_new_tokens, cfg.eval.batch_size,
                                 cfg.model.max_seq_len, "cuda" if cfg.eval.gpus_per_task > 0 else "cpu", label)
             for label, (model_dir, names, _) in models.items()}
-    score_moe = ray.remote(num_cpus=1, num_gpus=cfg.eval.gpus_per_task)(_score_moe)
+    score_moe = ray.remote(num_cpus=1, num_gpus=cfg.eval.gpus_per_task)(_score_moe_runs)
     expert_of = {t: i for i, names in enumerate(cfg.groups.values()) for t in names}  # task -> its expert column
-    refs.update({label: score_moe.remote(*spec, cfg.tasks, expert_of, cfg.eval.split, cfg.eval.max_new_tokens, cfg.eval.batch_size,
-                                         cfg.model.max_seq_len, "cuda" if cfg.eval.gpus_per_task > 0 else "cpu")
-                 for label, spec in moe_runs.items()})
+    # The MoE is loaded once per Ray task, which then scores a share of the routings (one share per CPU).
+    chunks = [score_moe.remote(moe_dir, router, runs, cfg.tasks, expert_of, cfg.eval.split, cfg.eval.max_new_tokens,
+                               cfg.eval.batch_size, cfg.model.max_seq_len, "cuda" if cfg.eval.gpus_per_task > 0 else "cpu")
+              for (moe_dir, router), runs in _moe_chunks(moe_runs, int(ray.cluster_resources().get("CPU", 1)))]
     results = {label: ray.get(ref) for label, ref in refs.items()}
+    for chunk in chunks:
+        results.update(ray.get(chunk))
     losses = {label: r["loss"] for label, r in results.items() if r["loss"]}
     per_model = {label: r["exact_match"] for label, r in results.items()}
     variants = {label: per_model.pop(label) for label in list(per_model) if label.startswith("dume[")}
@@ -102,8 +105,10 @@ def moe_runs_to_score(cfg: PipelineConfig) -> dict[str, tuple]:
     if not cfg.upcycle_active:
         return {}
     outputs = _require(f"{cfg.run_dir}/upcycle", "upcycle", pipeline_hashes(cfg)["upcycle"])["outputs"]
-    runs = {_variant_label(g, n): (outputs["moe"], outputs["router"], g, "normalized" if n else "raw", 0)
-            for g in ("token", "sequence_mean", "whole_sequence") for n in (False, True)}
+    u = cfg.upcycle
+    variants = [(g, n) for g in ROUTING_GRANULARITIES for n in (False, True)] if u.score_all_routings \
+        else [(u.routing, u.normalize_columns)]
+    runs = {_variant_label(g, n): (outputs["moe"], outputs["router"], g, "normalized" if n else "raw", 0) for g, n in variants}
     runs["oracle"] = (outputs["moe"], outputs["router"], "forced", None, 0)
     runs["random"] = (outputs["moe"], outputs["router"], "random", None, cfg.upcycle.random_seed)
     if "moe_plus" in outputs:  # DUME+: the fine-tuned routers, routed as configured
@@ -115,27 +120,44 @@ def _variant_label(granularity: str, normalized: bool) -> str:
     return f"dume[{granularity}{',normalized' if normalized else ''}]"
 
 
-def _score_moe(moe_dir: str, router_path: str, mode: str, variant, seed: int, tasks_cfg, expert_of: dict,
-               split: str, max_new_tokens: int, batch_size: int, max_seq_len: int, device: str = "cpu") -> dict:
-    """One routing of the MoE on every task; "forced" is the oracle: each task with its own group's expert.
-    Whole-sequence routing looks ahead within a full sequence, so its response loss is left out."""
+def _moe_chunks(moe_runs: dict[str, tuple], num_chunks: int) -> list[tuple[tuple[str, str], dict]]:
+    """[((moe_dir, router_path), {label: (mode, variant, seed)})]: the runs of each MoE folder dealt round-robin
+    into at most `num_chunks` shares, so each Ray task loads its MoE once."""
+    by_model: dict[tuple[str, str], list] = {}
+    for label, (moe_dir, router, mode, variant, seed) in moe_runs.items():
+        by_model.setdefault((moe_dir, router), []).append((label, (mode, variant, seed)))
+    chunks = []
+    for key, runs in by_model.items():
+        n = max(1, min(num_chunks, len(runs)))
+        chunks += [(key, dict(runs[i::n])) for i in range(n)]
+    return chunks
+
+
+def _score_moe_runs(moe_dir: str, router_path: str, runs: dict[str, tuple], tasks_cfg, expert_of: dict, split: str,
+                    max_new_tokens: int, batch_size: int, max_seq_len: int, device: str = "cpu") -> dict[str, dict]:
+    """Routings of one MoE on every task: {label: {"exact_match": ..., "loss": ...}}; "forced" is the oracle (each
+    task with its own group's expert). Whole-sequence and prompt routing look ahead within a full sequence, so
+    their response loss is left out."""
     import torch
     from transformers import AutoModelForCausalLM
     torch.set_num_threads(1)
     tokenizer = load_tokenizer(moe_dir, trust_remote_code=True)
     tasks = load_tasks(tasks_cfg, tokenizer, max_seq_len)
     model = AutoModelForCausalLM.from_pretrained(moe_dir, trust_remote_code=True).to(device)
-    if variant is not None:
-        model.set_router(torch.load(router_path)["routers"][variant].to(device))
-    scores: dict = {"exact_match": {}, "loss": {}}
-    for name in expert_of:
-        model.set_routing(mode, expert=expert_of[name] if mode == "forced" else None, seed=seed)
-        found = score_tasks(model, tokenizer, {name: tasks[name]}, split, max_new_tokens, batch_size,
-                            label=f"moe {mode}{'' if variant in (None, 'raw') else ' ' + variant}",
-                            with_loss=mode != "whole_sequence")
-        for metric in scores:
-            scores[metric].update(found[metric])
-    return scores
+    routers = torch.load(router_path)["routers"]
+    configured = [layer.mlp.router.detach().clone() for layer in model.model.layers]  # as saved (DUME+ folders)
+    results = {}
+    for label, (mode, variant, seed) in runs.items():
+        model.set_router(routers[variant].to(device) if variant is not None else torch.stack(configured))
+        scores: dict = {"exact_match": {}, "loss": {}}
+        for name in expert_of:
+            model.set_routing(mode, expert=expert_of[name] if mode == "forced" else None, seed=seed)
+            found = score_tasks(model, tokenizer, {name: tasks[name]}, split, max_new_tokens, batch_size, label=f"moe {label}",
+                                with_loss=mode not in ("whole_sequence", "prompt"))
+            for metric in scores:
+                scores[metric].update(found[metric])
+        results[label] = scores
+    return results
 
 
 def _upcycle_section(cfg: PipelineConfig, upcycle: dict, variants: dict) -> dict:

@@ -27,6 +27,11 @@ otherwise it continues the cached sequence. Padding (attention_mask 0) never cou
                      so from the second generated token on the output can differ from the uncached run's.
                      Either way the first tokens (bos, the start of the prompt), which carry no task signal, are
                      routed with the whole prompt's evidence
+    "prompt"         every position routed by the mean score over the prompt: the first forward of a sequence (the
+                     prompt) as "whole_sequence"; later (cached, generated) tokens keep the prompt's choice, so one
+                     expert answers the whole response. For instruction data, where the prompt says what to do, this
+                     is the routing that never switches expert mid-answer. Like "whole_sequence", a full-sequence
+                     forward routes by the whole input (it looks ahead): use it for generation
     "forced"         every token to expert `expert` (oracle routing, and the router statistics pass)
     "random"         every token to uniformly random experts (seeded baseline; per forward call, so cached and
                      uncached generation draw differently)
@@ -52,9 +57,9 @@ from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, P
 from transformers.models.llama.modeling_llama import LlamaMLP
 from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
 
-ROUTING_MODES = ("token", "sequence_mean", "whole_sequence", "forced", "random")
+ROUTING_MODES = ("token", "sequence_mean", "whole_sequence", "prompt", "forced", "random")
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")  # dense experts' config.model_type that can be upcycled
-_MEAN_MODES = ("sequence_mean", "whole_sequence")  # the modes that carry a running mean across cached forwards
+_MEAN_MODES = ("sequence_mean", "whole_sequence", "prompt")  # the modes that carry a mean across cached forwards
 
 
 def check_supported_model_type(model_type: str, where: str) -> None:
@@ -132,11 +137,13 @@ class MoEBlock(nn.Module):
         mask = self.padding_mask if self.padding_mask is not None else torch.ones(b, s, device=scores.device)
         mask = mask.to(scores.dtype)[..., None]  # [b, s, 1]
         past_sum, past_count = self.past_totals(scores)
+        if self.mode == "prompt" and not self.new_sequence:  # generated tokens keep the prompt's mean
+            return (past_sum / past_count.clamp_min(1.0))[:, None].expand_as(scores)
         sums = past_sum[:, None] + (scores * mask).cumsum(1)  # [b, s, E]: running sums including this chunk
         counts = past_count[:, None] + mask.cumsum(1)  # [b, s, 1]
         # Detached: the carry only feeds later (generation) calls and must not keep a training graph alive.
         self.carry = (sums[:, -1].detach(), counts[:, -1].detach())
-        if self.mode == "whole_sequence" and self.new_sequence:  # the whole input (the prompt) by its mean
+        if self.mode in ("whole_sequence", "prompt") and self.new_sequence:  # the whole input (the prompt) by its mean
             return (sums[:, -1:] / counts[:, -1:].clamp_min(1.0)).expand_as(scores)
         return sums / counts.clamp_min(1.0)
 
