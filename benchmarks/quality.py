@@ -3,6 +3,8 @@
     python benchmarks/quality.py                                  # demo.yaml + dume.yaml, seeds 0 1 2
     python benchmarks/quality.py --seeds 0 1 2 --dume-seeds 0 --matched-seeds 0
     python benchmarks/quality.py --tiny                           # smoke setting, writes to a temp folder
+    python benchmarks/quality.py --config configs/smollm2.yaml --extra --dume-config '' --matched-seeds \
+        --runs-dir runs/bench-smollm2 --out benchmarks/results/quality_smollm2.json      # SmolLM2, its own DUME rows
 
 For each seed S it runs the real pipeline, `python -m dume_ray run --config C seed=S name=bench-quality-sS
 runs_dir=R` (the CLI skips stages already done, so an interrupted benchmark resumes), and reads the run's
@@ -170,9 +172,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="tabulate the seeds (and matched runs) already finished; start no training")
     parser.add_argument("--tiny", action="store_true", help="smoke setting: tiny.yaml, 2 tasks, 2 steps, one seed")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--extra", nargs="*", default=["upcycle.enabled=false"],
+                        help="overrides of --config's runs (default switches its upcycle off: the DUME rows come from "
+                             "--dume-config); e.g. --extra with nothing keeps configs/smollm2.yaml's DUME MoE")
     args = parser.parse_args(argv)
     started = time.time()
-    extra = ["upcycle.enabled=false"]
+    extra = list(args.extra)
     dume_extra = ["experts.train_mlp_only=true", "upcycle.enabled=true"] if args.dume_overrides is None else args.dume_overrides
     if args.tiny:
         args.config, args.dume_config, args.seeds = "configs/smoke/tiny.yaml", "", [0]

@@ -255,3 +255,9 @@ def make_trainable(model: torch.nn.Module, train_mlp_only: bool = False, lora_ra
 def merge_adapters(model: torch.nn.Module) -> torch.nn.Module:
     """A LoRA (peft) model with its adapters merged into dense weights; any other model unchanged."""
     return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute activations in the backward pass. Non-reentrant, so it also works when the embeddings are frozen
+    (MLP-only and LoRA experts), where the reentrant variant would see no input that requires grad."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

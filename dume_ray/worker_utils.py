@@ -26,7 +26,7 @@ import torch
 from dume_ray.config import OptimConfig, from_dict
 from dume_ray.dashboards import ScalarLog
 from dume_ray.manifest import atomic_dir
-from dume_ray.model import load_model, load_tokenizer, make_trainable, merge_adapters
+from dume_ray.model import enable_gradient_checkpointing, load_model, load_tokenizer, make_trainable, merge_adapters
 from dume_ray.tasks.base import Example, Task
 from dume_ray.training import evaluate_tasks, load_training_state, make_optimizer, save_training_state, validation_loss
 
@@ -45,7 +45,7 @@ def training_run(config: dict, train_step: TrainStep) -> dict:
     tokenizer = load_tokenizer(config["init_dir"])
     model = make_trainable(load_model(config["init_dir"]), **config.get("trainable", {}))
     if config.get("gradient_checkpointing"):
-        model.gradient_checkpointing_enable()
+        enable_gradient_checkpointing(model)
     model = ray.train.torch.prepare_model(model) if config["num_workers"] > 0 else model.to(device)
     optimizer, scheduler = make_optimizer(model, optim)
     step = restore_checkpoint(model, optimizer, scheduler, config.get("local_checkpoint_dir"))

@@ -13,9 +13,10 @@ Test with::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, TypeVar
 
 SPLITS = ("train", "validation", "test")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -125,3 +126,25 @@ class Task:
         metric = METRICS[self.metric]
         total = sum(metric(pred, ex.response) for pred, ex in zip(predictions, examples))
         return total / len(examples)
+
+
+def draw_distinct(draw: Callable[[], T], key: Callable[[T], object], total: int, name: str, space: int,
+                  what: str) -> list[T]:
+    """`total` draws with distinct `key`s, in draw order (rejection sampling). Rejection is non-uniform over the
+    space (some inputs are likelier) and stalls near its size; a cap on draws turns that into a clear error."""
+    seen: set = set()
+    unique: list[T] = []
+    max_draws, draws = 100 * total + 1000, 0
+    while len(unique) < total:
+        if draws >= max_draws:
+            raise ValueError(
+                f"task {name!r}: only found {len(unique)} distinct {what} after {draws} draws "
+                f"but {total} were requested; the input space ({space}) is too small "
+                f"for these sizes, request fewer examples"
+            )
+        item = draw()
+        draws += 1
+        if key(item) not in seen:
+            seen.add(key(item))
+            unique.append(item)
+    return unique

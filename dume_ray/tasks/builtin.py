@@ -31,7 +31,7 @@ from __future__ import annotations
 import random
 from typing import Callable
 
-from dume_ray.tasks.base import Example, Task
+from dume_ray.tasks.base import Example, Task, draw_distinct
 from dume_ray.tasks.words import WORD_TASKS, make_word_task
 from dume_ray.tasks.words import input_space_size as word_input_space_size
 
@@ -217,25 +217,7 @@ def make_builtin_task(
         draw = generator
 
     rng = random.Random(f"{seed}:{name}")
-    seen: set[str] = set()
-    unique: list[Example] = []
-    # Rejection sampling is non-uniform over the space (short words are likelier),
-    # so near the space size it can stall; a cap turns that into a clear error.
-    max_draws = 100 * total + 1000
-    draws = 0
-    while len(unique) < total:
-        if draws >= max_draws:
-            raise ValueError(
-                f"task {name!r}: only found {len(unique)} distinct prompts after {draws} draws "
-                f"but {total} were requested; the input space ({space}) is too small "
-                f"for these sizes, request fewer examples"
-            )
-        example = draw(rng)
-        draws += 1
-        if example.prompt not in seen:
-            seen.add(example.prompt)
-            unique.append(example)
-
+    unique = draw_distinct(lambda: draw(rng), lambda e: e.prompt, total, name, space, "prompts")
     test = unique[:num_test]
     validation = unique[num_test : num_test + num_validation]
     train = unique[num_test + num_validation :]

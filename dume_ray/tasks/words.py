@@ -45,7 +45,7 @@ import math
 import random
 from typing import Callable, Sequence
 
-from dume_ray.tasks.base import Example, Task
+from dume_ray.tasks.base import Example, Task, draw_distinct
 
 #: Common lowercase English words, each one BPE token in GPT-2 and Qwen, with or without a leading space.
 WORDS: tuple[str, ...] = (
@@ -200,24 +200,7 @@ def make_word_task(
         )
 
     rng = random.Random(f"{seed}:words")
-    seen: set[tuple[str, ...]] = set()
-    inputs: list[tuple[str, ...]] = []
-    # Rejection sampling is non-uniform (each length is equally likely, so short inputs repeat more);
-    # near the space size it can stall, and a cap turns that into a clear error.
-    max_draws = 100 * total + 1000
-    draws = 0
-    while len(inputs) < total:
-        if draws >= max_draws:
-            raise ValueError(
-                f"task {name!r}: only found {len(inputs)} distinct inputs after {draws} draws "
-                f"but {total} were requested; the input space ({space}) is too small "
-                f"for these sizes, request fewer examples"
-            )
-        words = draw_words(rng, vocabulary)
-        draws += 1
-        if words not in seen:
-            seen.add(words)
-            inputs.append(words)
+    inputs = draw_distinct(lambda: draw_words(rng, vocabulary), lambda words: words, total, name, space, "inputs")
 
     examples = [make_example(name, words) for words in inputs]
     test = examples[:num_test]

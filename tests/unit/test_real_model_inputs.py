@@ -16,7 +16,8 @@ from dume_ray.cli import main
 from dume_ray.config import ModelConfig, TasksConfig
 from dume_ray.data.encode import encode_example
 from dume_ray.data.tokenizer import build_char_tokenizer
-from dume_ray.model import create_initial_model, load_model, make_trainable, merge_adapters, resolve_gguf
+from dume_ray.model import (create_initial_model, enable_gradient_checkpointing, load_model, make_trainable,
+                            merge_adapters, resolve_gguf)
 from dume_ray.tasks import load_tasks
 from dume_ray.training import ce_train_step, make_optimizer
 from dume_ray.config import OptimConfig
@@ -107,9 +108,12 @@ def _train_a_step(model, vocab: int = 80):
                       optimizer, scheduler, grad_clip=1.0)
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
 @pytest.mark.parametrize("mode", ["mlp_only", "lora_mlp", "lora"])
-def test_expert_modes_change_only_what_they_train_and_save_dense(tmp_path, mode):
+def test_expert_modes_change_only_what_they_train_and_save_dense(tmp_path, mode, checkpointing):
     base = _tiny(tmp_path)
+    if checkpointing:  # with frozen embeddings too (model.gradient_checkpointing)
+        enable_gradient_checkpointing(base)
     before = {k: v.clone() for k, v in base.state_dict().items()}
     keywords = {"mlp_only": {"train_mlp_only": True}, "lora_mlp": {"train_mlp_only": True, "lora_rank": 4, "lora_alpha": 8.0},
                 "lora": {"lora_rank": 4, "lora_alpha": 8.0}}[mode]

@@ -265,6 +265,11 @@ def test_mean_routing_carries_the_running_mean_across_cached_calls():
     for position, upto in [(0, 4), (3, 4), (4, 5), (5, 6)]:  # the prompt by its mean; later tokens, running mean
         want = by_mean(upto)
         assert torch.equal(idx[:, position], want[0]) and torch.allclose(weight[:, position], want[1], atol=1e-6)
+    idx, weight = route("prompt", [(0, 4), (4, 5), (5, 6)])
+    for position in range(6):  # every position, prompt and generated, by the prompt's mean
+        want = by_mean(4)
+        assert torch.equal(idx[:, position], want[0]) and torch.allclose(weight[:, position], want[1], atol=1e-6)
+    assert not torch.allclose(by_mean(4)[1], by_mean(6)[1], atol=1e-3)  # a running mean would weigh differently
     block.carry = None
     with pytest.raises(ValueError, match="holds no running mean"):
         route("sequence_mean", [(4, 5)])
@@ -326,3 +331,4 @@ def test_whole_sequence_generation_with_cache_routes_the_prompt_by_its_mean():
         prompt_x, block.capture = block.capture[0][0], None
         block.mode, block.expert = "forced", int(block.scores(prompt_x)[0, real].mean(0).argmax())
     assert torch.allclose(logits[:, 0], moe(**one, use_cache=False).logits[:, -1], atol=1e-5)
+
