@@ -156,13 +156,18 @@ def main() -> None:
                    "--threads", str(args.threads), "--lora-lr", str(args.lora_lr), "--routings", *args.routings] + (["--tiny"] if args.tiny else [])
             cmd += ["--override", *args.override] if args.override else []
             print(f"[expert_modes] {mode} ...", flush=True)
-            running[mode] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
-        mode, proc = next(iter(running.items()))
-        stdout, stderr = proc.communicate()
-        del running[mode]
+            log = open(os.path.join(args.work, f"{mode}.log"), "w")
+            running[mode] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+        mode = next((m for m, p in running.items() if p.poll() is not None), None)
+        if mode is None:  # none finished yet (output goes to <work>/<mode>.log, so no pipe can fill up)
+            time.sleep(2)
+            continue
+        proc = running.pop(mode)
+        with open(os.path.join(args.work, f"{mode}.log")) as f:
+            stdout = f.read()
         line = [l for l in stdout.splitlines() if l.startswith("MODE_RESULT ")]
         if proc.returncode != 0 or not line:
-            sys.exit(f"[expert_modes] {mode} failed:\n{stdout[-3000:]}\n{stderr[-3000:]}")
+            sys.exit(f"[expert_modes] {mode} failed (log {args.work}/{mode}.log):\n{stdout[-3000:]}")
         per_mode[mode] = json.loads(line[0][len("MODE_RESULT "):])
         print(f"[expert_modes] {mode} done ({time.time() - started:.0f} s)", flush=True)
     per_mode = {mode: per_mode[mode] for mode in args.modes}
