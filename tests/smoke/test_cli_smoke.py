@@ -19,6 +19,8 @@ import time
 
 import pytest
 
+from dume_ray.config import ROUTING_GRANULARITIES
+
 pytestmark = pytest.mark.smoke
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -51,7 +53,7 @@ def test_cli_survives_a_killed_driver_then_reruns_only_what_a_change_invalidates
     report = json.loads((run_dir / "eval" / "report.json").read_text())
     assert set(report["models"]) == {"base", "experts", "student", "multitask", "dume", "dume+", "oracle", "weight_average",
                                  "random"}
-    assert len(report["upcycle"]["variants"]) == 6 and report["upcycle"]["moe_active_parameters_per_token"] > 0
+    assert len(report["upcycle"]["variants"]) == 2 * len(ROUTING_GRANULARITIES) and report["upcycle"]["moe_active_parameters_per_token"] > 0
     assert "## DUME upcycling" in resumed.stdout
     assert all(0.0 <= v <= 1.0 for v in report["means"].values())
     for label, scored in report["scored_models"].items():  # the report scored exactly the finished artifacts
