@@ -158,3 +158,32 @@ def test_too_long_examples_are_dropped_or_truncated_and_counted(policy):
         assert task.truncated_rows["train"] > 0
         by_prompt = {e.prompt: e.response for e in original["reverse_words"].examples("train")}
         assert all(by_prompt[e.prompt].startswith(e.response) for e in kept)  # a cut response is a prefix
+
+
+def test_response_logits_through_the_lm_head_on_response_positions_only_equal_the_full_forward(tmp_path):
+    from dume_ray.training import response_logits
+
+    model = _tiny(tmp_path).eval()
+
+    class FullLogitsOnly(torch.nn.Module):  # a causal LM whose forward has no logits_to_keep
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+    ids = torch.randint(4, 80, (3, 10))
+    labels = torch.full_like(ids, -100)
+    labels[0, 6:] = ids[0, 6:]
+    labels[1, 3:8] = ids[1, 3:8]  # starts earliest: the kept window begins at position 2
+    labels[2, 9:] = ids[2, 9:]
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    with torch.no_grad():
+        kept, targets = response_logits(model, batch)
+        full, full_targets = response_logits(FullLogitsOnly(model), batch)
+    assert kept.shape == full.shape == (4 + 5 + 1, model.config.vocab_size)
+    assert torch.equal(targets, full_targets)
+    assert torch.allclose(kept, full, atol=1e-5)
