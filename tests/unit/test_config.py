@@ -12,7 +12,6 @@ import os
 import pytest
 
 from dume_ray.config import (
-    BUILTIN_TASK_NAMES,
     CHAR_TASK_NAMES,
     ConfigError,
     OptimConfig,
