@@ -1,0 +1,100 @@
+"""On-policy distillation (GKD, Agarwal et al. 2024): the student answers training prompts itself, the prompt's
+expert scores the student's own tokens, and the student is trained on a divergence between the two there.
+
+Off-policy distillation (the stored soft targets) trains the student on the gold responses only, so it never
+sees its own mistakes; on-policy steps train it where it will actually be at inference. The two are mixed by a
+ratio lambda of steps (`distill.on_policy_ratio`): step s is on-policy when floor((s+1)·λ) > floor(s·λ), so
+exactly a λ share of the steps is, deterministically (a resumed run makes the same choice at the same step).
+
+    rows = student_rollouts(student, prompt_rows, pad_id, eos_id, max_new_tokens, sample=True, seed=step)
+    batch = collate(rows, pad_id)                     # prompt + the student's own response, labels on the response
+    teacher = teacher_logprobs(expert, batch)         # [n, V], the expert's full distribution at those tokens
+    loss = on_policy_loss(student_logits, teacher, "reverse_kl")
+
+The loss is over the full vocabulary (the expert scores live, nothing is stored), at temperature 1, with the
+divergences of `losses.py` (reverse KL, mode-seeking, GKD's default for on-policy data; or generalized JSD with
+β). Pure torch: the experts' Ray actors that call `teacher_logprobs` live in `distill/launch.py`.
+Tested in tests/unit/test_on_policy.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from dume_ray.distill.losses import generalized_jsd, reverse_kl
+from dume_ray.training import response_logits
+
+ON_POLICY_DIVERGENCES = ("reverse_kl", "generalized_jsd")
+
+
+def is_on_policy_step(step: int, ratio: float) -> bool:
+    """Step `step` (0-based) is on-policy: exactly floor(n·λ) of the first n steps are, spread evenly."""
+    return math.floor((step + 1) * ratio + 1e-9) > math.floor(step * ratio + 1e-9)
+
+
+@torch.no_grad()
+def student_rollouts(model, rows: list[dict], pad_id: int, eos_id: int, max_new_tokens: int, sample: bool = True,
+                     seed: int = 0) -> list[dict]:
+    """The student's own responses to the rows' prompts (`input_ids[:response_start]`), as encoded rows.
+
+    Each response ends at the student's first eos (kept, as gold responses keep theirs) or after
+    `max_new_tokens`; an answer that is eos at once is one token long, never empty. Sampling uses a
+    generator seeded with `seed` (the step), so a resumed run draws the same responses.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    prompts = [list(map(int, row["input_ids"][: int(row["response_start"])])) for row in rows]
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for b, prompt in enumerate(prompts):  # left padding: every prompt ends where generation starts
+        input_ids[b, width - len(prompt):] = torch.tensor(prompt)
+        attention_mask[b, width - len(prompt):] = 1
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        generated = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                   max_new_tokens=max_new_tokens, do_sample=sample, top_k=0, top_p=1.0,
+                                   temperature=1.0, pad_token_id=pad_id, eos_token_id=eos_id)
+    finally:
+        torch.random.set_rng_state(generator_state)
+        model.train(was_training)
+    out = []
+    for prompt, new in zip(prompts, generated[:, width:].tolist()):
+        response = new[: new.index(eos_id) + 1] if eos_id in new else new
+        out.append({"input_ids": prompt + (response or [eos_id]), "response_start": len(prompt)})
+    return out
+
+
+@torch.no_grad()
+def teacher_logprobs(teacher, batch: dict) -> Tensor:
+    """The teacher's log-probabilities over the whole vocabulary at the batch's response tokens, [n, V]."""
+    teacher.eval()
+    logits, _ = response_logits(teacher, batch)
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def on_policy_loss(student_logits: Tensor, teacher_logp: Tensor, divergence: str = "reverse_kl",
+                   jsd_beta: float = 0.5) -> Tensor:
+    """Mean over tokens of D(teacher ‖ student) on the student's own tokens, full vocabulary, T = 1.
+
+    student_logits [n, V] (with grad), teacher_logp [n, V] (no grad). "reverse_kl" is KL(student ‖ teacher);
+    "generalized_jsd" is GKD's JSD(β). Zero when the student equals the teacher.
+    """
+    if divergence not in ON_POLICY_DIVERGENCES:
+        raise ValueError(f"on-policy divergence must be one of {ON_POLICY_DIVERGENCES}, got {divergence!r}")
+    if student_logits.shape != teacher_logp.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher log-probs "
+                         f"{tuple(teacher_logp.shape)} must cover the same tokens and vocabulary")
+    if student_logits.shape[0] == 0:
+        return student_logits.sum() * 0.0
+    student_logp = torch.log_softmax(student_logits.float(), dim=-1)
+    if divergence == "reverse_kl":
+        per_token = reverse_kl(teacher_logp, student_logp)
+    else:
+        per_token = generalized_jsd(teacher_logp, student_logp, jsd_beta)
+    return per_token.mean()
