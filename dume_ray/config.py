@@ -179,6 +179,8 @@ class BaseConfig:
     """Brief pretraining of the embedded base on the task mixture, so experts share a starting point."""
 
     enabled: bool = True  # false: use model.name_or_path as the base unchanged
+    tasks: list[str] = field(default_factory=list)  # tasks the base pretrains on; [] = every task. `add-task`
+    #   pins the run's old tasks here, so the base (and every expert trained from it) stays valid
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(steps=300))
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
 
@@ -389,6 +391,9 @@ class PipelineConfig:
             _check(not twice, f"experts.groups: task(s) {twice} appear in more than one group")
             missing = [t for t in names if t not in seen]
             _check(not missing, f"experts.groups: task(s) {missing} are in no group")
+        unknown_base = [t for t in self.base.tasks if t not in names and t not in BUILTIN_TASK_NAMES]
+        _check(not unknown_base, f"base.tasks names unknown task(s) {unknown_base}: neither configured ({names}) "
+                                 f"nor built in")
         if self.upcycle_active:
             _check(self.upcycle.top_k <= len(self.groups),
                    f"upcycle.top_k={self.upcycle.top_k} exceeds the number of experts ({len(self.groups)}, experts.groups)")

@@ -5,9 +5,12 @@ A stage is skipped on rerun only when its `DONE.json` holds the hash computed he
 `distill.temperature` -> `student` and `eval`; `experts.optim.lr` -> every expert, `soft_targets`, `student`,
 `multitask` and `eval`; `eval.max_new_tokens` -> `eval` only. The dependency graph is all in this file:
 
-    base ─► experts/<group> ─┬─► soft_targets ─► student ─┐
-                             │               └─► multitask ┼─► eval
-                             └─► upcycle ──────────────────┘
+    base ─► experts/<group> ─┬─► soft_targets/<group> ─► student ─┐
+                             │                       └─► multitask ┼─► eval
+                             └─► upcycle ──────────────────────────┘
+
+An expert and its group's soft targets depend on that group's own tasks only (`task_data`), so a run that
+gains or loses a task retrains one expert and rescores one group; the student reads the union of the groups.
 
     from dume_ray.stage_hashes import pipeline_hashes
     pipeline_hashes(cfg)   # {"base": ..., "experts/copy": ..., "soft_targets": ..., "student": ..., "eval": ...}
@@ -22,20 +25,46 @@ import dataclasses
 from dume_ray.config import PipelineConfig, config_hash
 
 
+def task_data(cfg: PipelineConfig, names: list[str]) -> dict:
+    """What the examples of `names` depend on, and nothing about the other tasks: each built-in task is generated
+    from its own name and the shared seed/sizes; each user task from its own source. Adding or removing a task
+    thus leaves every other task's experts and soft targets valid."""
+    t = cfg.tasks
+    sources = {s.name: s for s in t.sources}
+    return {"tasks": {n: sources[n] if n in sources else "builtin" for n in sorted(names)},
+            "builtin": (t.seed, t.num_train, t.num_validation, t.num_test), "rows": (t.skip_bad_rows, t.too_long),
+            "max_seq_len": cfg.model.max_seq_len}
+
+
+def base_tasks(cfg: PipelineConfig) -> list[str]:
+    """The tasks the base pretrains on: `base.tasks`, or every task (a run that gained a task keeps its base)."""
+    return list(cfg.base.tasks) or cfg.tasks.names
+
+
 def base_hash(cfg: PipelineConfig) -> str:
     # Not base.resources, nor gradient checkpointing: where and how memory-thrifty a job runs changes no weight.
+    # A base used as loaded (base.enabled=false) depends on no task.
     model = dataclasses.replace(cfg.model, gradient_checkpointing=False)
-    return config_hash("base", cfg.seed, model, cfg.data, cfg.tasks, cfg.base.enabled, cfg.base.optim)
+    data = task_data(cfg, base_tasks(cfg)) if cfg.base.enabled else None
+    return config_hash("base", cfg.seed, model, cfg.data, data, cfg.base.enabled, cfg.base.optim)
 
 
 def expert_hash(base: str, task_names: list[str], cfg: PipelineConfig) -> str:
-    """Content hash of (task group, base model, expert config): equal hashes mean reusable experts."""
+    """Content hash of (the group's own tasks' data, base model, expert config): equal hashes mean reusable
+    experts, whatever other groups the run has."""
     trainable = (cfg.experts.train_mlp_only, cfg.experts.lora_rank, cfg.experts.lora_alpha, cfg.experts.lora_dropout)
-    return config_hash("expert", base, sorted(task_names), cfg.experts.optim, trainable, cfg.tasks)
+    return config_hash("expert", base, task_data(cfg, task_names), cfg.experts.optim, trainable)
+
+
+def soft_target_group_hash(cfg: PipelineConfig, task_names: list[str], expert: str) -> str:
+    """One group's soft targets: its expert, its tasks' training rows, and k."""
+    return config_hash("soft_targets", expert, cfg.soft_targets.top_k, task_data(cfg, task_names))
 
 
 def soft_targets_hash(cfg: PipelineConfig, expert_hashes: dict[str, str]) -> str:
-    return config_hash("soft_targets", expert_hashes, cfg.soft_targets.top_k, cfg.tasks, cfg.model.max_seq_len)
+    """The union the student reads: every group's soft targets."""
+    return config_hash("soft_targets_union", sorted(soft_target_group_hash(cfg, cfg.groups[g], h)
+                                                    for g, h in expert_hashes.items()))
 
 
 def student_hash(cfg: PipelineConfig, stage: str, soft_targets: str) -> str:
@@ -51,14 +80,14 @@ def upcycle_hash(cfg: PipelineConfig, expert_hashes: dict[str, str]) -> str:
     u = cfg.upcycle
     knobs = (u.ridge_lambda, u.top_k, u.normalize_columns, u.routing, u.stats_examples_per_task, u.batch_size,
              u.dume_plus_steps, u.dume_plus_lr, cfg.seed)
-    return config_hash("upcycle", knobs, cfg.tasks, cfg.model.max_seq_len, expert_hashes)
+    return config_hash("upcycle", knobs, task_data(cfg, cfg.tasks.names), expert_hashes)
 
 
 def eval_hash(cfg: PipelineConfig, model_hashes: dict[str, str]) -> str:
     """`model_hashes`: {report label: the scored model's stage hash}, e.g. {"base": ..., "expert:copy": ...}.
     With the MoE in the report, which routings it shows (and the random-routing seed) count too."""
     scoring = dataclasses.replace(cfg.eval, gpus_per_task=0)  # where it runs does not change the scores
-    return config_hash("eval", scoring, cfg.tasks, model_hashes, cfg.upcycle if cfg.upcycle_active else None)
+    return config_hash("eval", scoring, task_data(cfg, cfg.tasks.names), model_hashes, cfg.upcycle if cfg.upcycle_active else None)
 
 
 def pipeline_hashes(cfg: PipelineConfig) -> dict[str, str]:
@@ -66,6 +95,7 @@ def pipeline_hashes(cfg: PipelineConfig) -> dict[str, str]:
     hashes = {"base": base_hash(cfg)}
     experts = {g: expert_hash(hashes["base"], names, cfg) for g, names in cfg.groups.items()}
     hashes.update({f"experts/{g}": h for g, h in experts.items()})
+    hashes.update({f"soft_targets/{g}": soft_target_group_hash(cfg, cfg.groups[g], h) for g, h in experts.items()})
     hashes["soft_targets"] = soft_targets_hash(cfg, experts)
     models = {"base": hashes["base"], **{f"expert:{g}": h for g, h in experts.items()}}
     if cfg.upcycle_active:

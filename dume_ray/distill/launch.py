@@ -111,13 +111,14 @@ def soft_target_stream(soft_targets: dict, cache_max_mb: float, seed: int) -> ra
     the object store, where `read_parquet` would re-run its read tasks each epoch). Larger streams are read
     from Parquet each epoch with the files in a new random order (`FileShuffleConfig`); rows then mix only
     within the workers' local shuffle buffer."""
-    shards = soft_targets["outputs"]["shards"]
+    paths = sorted(p for shards in soft_targets["outputs"]["shards"].values()
+                   for p in glob.glob(os.path.join(shards, "*.parquet")))
     if soft_targets["metrics"].get("bytes", float("inf")) <= cache_max_mb * 2**20:
-        table = pa.concat_tables([pq.read_table(path) for path in sorted(glob.glob(os.path.join(shards, "*.parquet")))])
+        table = pa.concat_tables([pq.read_table(path) for path in paths])
         table = table.take(training_order(list(range(table.num_rows)), seed))
         block = max(1, -(-table.num_rows // 16))
         return ray.data.from_arrow([table.slice(i, block) for i in range(0, table.num_rows, block)])
-    return ray.data.read_parquet(shards, shuffle=FileShuffleConfig(seed=seed, reseed_after_execution=True))
+    return ray.data.read_parquet(paths, shuffle=FileShuffleConfig(seed=seed, reseed_after_execution=True))
 
 
 def student_init(cfg: PipelineConfig, base_dir: str, out_dir: str) -> str:

@@ -3,8 +3,10 @@
     python -m dume_ray soft-targets --config configs/demo.yaml soft_targets.top_k=16
 
 A Ray Data pipeline per group: `from_items(encoded rows)` -> `map_batches(TeacherScorer, ...)` on an actor
-pool of that group's expert (CPUs/GPUs per actor from `soft_targets`), then one `union` written as Parquet
-shards. Shards are written into a temporary folder, every shard is validated (schema, ids, log-probs that sum
+pool of that group's expert (CPUs/GPUs per actor from `soft_targets`), written as that group's Parquet shards
+in `soft_targets/groups/<group>/shards` with the group's own manifest. A group whose expert and tasks are
+unchanged keeps its shards (a run that gains a task scores only the new group); the stage's own manifest lists
+every group's shards, the union the student reads. Shards are written into a temporary folder, every shard is validated (schema, ids, log-probs that sum
 to one with the tail), and only then is the folder renamed into place: a crash never leaves shards that look
 finished, and a bad shard is never trained on.
 """
@@ -13,7 +15,10 @@ from __future__ import annotations
 
 import glob
 import os
+import tempfile
 import time
+
+import pyarrow.parquet as pq
 
 import ray
 import ray.data
@@ -29,25 +34,51 @@ from dume_ray.tasks import encode_rows, load_tasks
 
 
 def run_soft_targets(cfg: PipelineConfig) -> dict:
+    """Score the groups whose soft targets are missing or stale, then record the union the student reads."""
     stage_dir = f"{cfg.run_dir}/soft_targets"
     hashes = pipeline_hashes(cfg)
-    experts = finished_experts(cfg)
     stage_hash = hashes["soft_targets"]
     if manifest.is_done(stage_dir, stage_hash):
         print(f"[soft_targets] done already ({stage_dir}), skipping", flush=True)
         return manifest.read_manifest(stage_dir)
     start = time.time()
+    experts = finished_experts(cfg)
     base_dir = _require(f"{cfg.run_dir}/base", "base", hashes["base"])["outputs"]["model"]
+    todo = [g for g in cfg.groups if not manifest.is_done(group_dir(cfg, g), hashes[f"soft_targets/{g}"])]
+    reused = [g for g in cfg.groups if g not in todo]
+    if reused:
+        print(f"[soft_targets] reusing the soft targets of {reused} (their expert and tasks are unchanged)", flush=True)
+    groups = score_groups(cfg, todo, experts, base_dir, hashes) if todo else {}
+    groups.update({g: manifest.read_manifest(group_dir(cfg, g)) for g in reused})
+    shards = {g: groups[g]["outputs"]["shards"] for g in cfg.groups}
+    rows = sum(groups[g]["metrics"]["rows"] for g in cfg.groups)
+    seconds = time.time() - start
+    print(f"[soft_targets] {rows} examples from {len(cfg.groups)} experts ({len(todo)} scored now) in {seconds:.1f} s",
+          flush=True)
+    return manifest.mark_done(stage_dir, stage_hash, {"shards": shards}, seconds=seconds,
+                              metrics={"rows": rows, "top_k": cfg.soft_targets.top_k, "scored": todo, "reused": reused,
+                                       "bytes": sum(groups[g]["metrics"]["bytes"] for g in cfg.groups)})
+
+
+def group_dir(cfg: PipelineConfig, group: str) -> str:
+    return f"{cfg.run_dir}/soft_targets/groups/{group}"
+
+
+def score_groups(cfg: PipelineConfig, groups: list[str], experts: dict, base_dir: str, hashes: dict) -> dict[str, dict]:
+    """One Ray Data pipeline per group on its own expert's actor pool, unioned so the groups score at once; the
+    Parquet files (one group each: union keeps blocks apart) are sorted into each group's shards folder, which is
+    validated, renamed into place and given its own manifest."""
+    start = time.time()
     tokenizer = load_tokenizer(base_dir)
     tasks = load_tasks(cfg.tasks, tokenizer, cfg.model.max_seq_len)
     group_of = {t: g for g, names in cfg.groups.items() for t in names}
-
-    # ---- one scoring pipeline per group, each on its own expert's actor pool --------------------------------
-    scored = []
-    for group, names in cfg.groups.items():
+    top_k = min(cfg.soft_targets.top_k, len(tokenizer))
+    scored, expected = [], {}
+    for group in groups:
         expert_dir = experts[group]["outputs"]["model"]
         check_same_vocab(expert_dir, base_dir)
-        rows = encode_rows({t: tasks[t] for t in names}, tokenizer, "train", cfg.model.max_seq_len, group_of)
+        rows = encode_rows({t: tasks[t] for t in cfg.groups[group]}, tokenizer, "train", cfg.model.max_seq_len, group_of)
+        expected[group] = len(rows)
         scored.append(ray.data.from_items(rows).map_batches(
             TeacherScorer, fn_constructor_kwargs={"model_dir": expert_dir, "top_k": cfg.soft_targets.top_k,
                                                   "dtype": cfg.model.dtype, "torch_threads": 1,
@@ -55,32 +86,55 @@ def run_soft_targets(cfg: PipelineConfig) -> dict:
             compute=ray.data.ActorPoolStrategy(size=cfg.soft_targets.num_actors), batch_size=cfg.soft_targets.batch_size,
             batch_format="numpy", num_cpus=cfg.soft_targets.cpus_per_actor, num_gpus=cfg.soft_targets.gpus_per_actor))
     dataset = scored[0].union(*scored[1:]) if len(scored) > 1 else scored[0]
+    os.makedirs(f"{cfg.run_dir}/soft_targets", exist_ok=True)
+    done = {}
+    with tempfile.TemporaryDirectory(dir=f"{cfg.run_dir}/soft_targets", prefix=".scoring-") as scratch:
+        dataset.write_parquet(scratch)
+        files = {group: [] for group in groups}
+        for path in sorted(glob.glob(os.path.join(scratch, "*.parquet"))):
+            files[_group_of_file(path)].append(path)
+        seconds = time.time() - start
+        for group in groups:
+            shards_dir = os.path.abspath(f"{group_dir(cfg, group)}/shards")
+            with manifest.atomic_dir(shards_dir) as tmp_dir:
+                for path in files[group]:
+                    os.replace(path, os.path.join(tmp_dir, os.path.basename(path)))
+                rows_written = validate_shards(tmp_dir, len(tokenizer), top_k, expected[group])
+            print(f"[soft_targets] {group}: {rows_written} examples -> {shards_dir}", flush=True)
+            done[group] = manifest.mark_done(
+                group_dir(cfg, group), hashes[f"soft_targets/{group}"], {"shards": shards_dir}, seconds=seconds,
+                inputs={"expert": experts[group]["outputs"]["model"], "tasks": cfg.groups[group]},
+                metrics={"rows": rows_written,
+                         "bytes": sum(os.path.getsize(p) for p in glob.glob(f"{shards_dir}/*.parquet"))})
+    return done
 
-    # ---- write into a temp folder, validate every shard, then rename into place ------------------------------
-    shards_dir = os.path.abspath(f"{stage_dir}/shards")
-    expected = sum(len(tasks[t].examples("train")) for t in group_of)
-    with manifest.atomic_dir(shards_dir) as tmp_dir:
-        dataset.write_parquet(tmp_dir)
-        rows_written = validate_shards(tmp_dir, len(tokenizer), min(cfg.soft_targets.top_k, len(tokenizer)), expected)
-    seconds = time.time() - start
-    print(f"[soft_targets] {rows_written} examples scored by {len(cfg.groups)} experts in {seconds:.1f} s -> {shards_dir}", flush=True)
-    return manifest.mark_done(stage_dir, stage_hash, {"shards": shards_dir}, seconds=seconds,
-                              metrics={"rows": rows_written, "top_k": cfg.soft_targets.top_k,
-                                       "bytes": sum(os.path.getsize(p) for p in glob.glob(f"{shards_dir}/*.parquet"))})
+
+def _group_of_file(path: str) -> str:
+    groups = pq.read_table(path, columns=["group"]).column("group").unique().to_pylist()
+    if len(groups) != 1:
+        raise SoftTargetError(f"{path}: a scored file holds rows of {len(groups)} groups {groups}, expected one")
+    return groups[0]
 
 
 def checked_soft_targets(cfg: PipelineConfig) -> dict:
-    """The soft-target manifest for this config, after validating every shard it lists. A missing,
-    truncated or corrupted shard is reported by file name and the shards are regenerated, never trained on."""
+    """The soft-target manifest for this config, after validating every group's shards. A missing, truncated or
+    corrupted shard is reported by file name and that group's shards are regenerated, never trained on."""
     stage_dir = f"{cfg.run_dir}/soft_targets"
     found = _require(stage_dir, "soft-targets", pipeline_hashes(cfg)["soft_targets"])
     vocab_size = len(load_tokenizer(_require(f"{cfg.run_dir}/base", "base")["outputs"]["model"]))
-    try:
-        validate_shards(found["outputs"]["shards"], vocab_size, min(cfg.soft_targets.top_k, vocab_size),
-                        found["metrics"]["rows"])
+    rejected = []
+    for group, shards in found["outputs"]["shards"].items():
+        try:
+            validate_shards(shards, vocab_size, min(cfg.soft_targets.top_k, vocab_size),
+                            manifest.read_manifest(group_dir(cfg, group))["metrics"]["rows"])
+        except (SoftTargetError, FileNotFoundError, TypeError) as exc:
+            print(f"[soft_targets] rejected: {exc}", flush=True)
+            rejected.append(group)
+    if not rejected:
         return found
-    except (SoftTargetError, FileNotFoundError) as exc:
-        print(f"[soft_targets] rejected: {exc}\n[soft_targets] regenerating the soft targets", flush=True)
+    print(f"[soft_targets] regenerating the soft targets of {rejected}", flush=True)
+    for group in rejected:
+        manifest.clear(group_dir(cfg, group))
     manifest.clear(stage_dir)
     return run_soft_targets(cfg)
 

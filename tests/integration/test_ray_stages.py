@@ -49,8 +49,11 @@ def test_soft_target_stream_mixes_the_groups_in_memory_and_streams_large_shards(
     for name in ("copy", "reverse", "sort"):
         rows = encode_rows({name: make_builtin_task(name, 0, 40, 4, 4)}, tokenizer, "train", 32, {name: name})
         write_shard(scorer({k: [r[k] for r in rows] for k in rows[0]}), str(tmp_path / f"{name}.parquet"))
-    manifest = {"outputs": {"shards": str(tmp_path)},
-                "metrics": {"bytes": sum(os.path.getsize(p) for p in glob.glob(str(tmp_path / "*.parquet")))}}
+    for name in ("copy", "reverse", "sort"):  # each group's shards in their own folder, as the stage writes them
+        os.makedirs(tmp_path / name)
+        os.replace(tmp_path / f"{name}.parquet", tmp_path / name / "part-0.parquet")
+    manifest = {"outputs": {"shards": {name: str(tmp_path / name) for name in ("copy", "reverse", "sort")}},
+                "metrics": {"bytes": sum(os.path.getsize(p) for p in glob.glob(str(tmp_path / "*" / "*.parquet")))}}
 
     in_memory = soft_target_stream(manifest, cache_max_mb=1.0, seed=0).take_all()
     streamed = soft_target_stream(manifest, cache_max_mb=0.0, seed=0).take_all()

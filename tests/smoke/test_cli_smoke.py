@@ -65,12 +65,13 @@ def test_cli_survives_a_killed_driver_then_reruns_only_what_a_change_invalidates
     for stage in ("student", "multitask"):
         assert math.isfinite(json.loads((run_dir / stage / "DONE.json").read_text())["metrics"]["final_loss"])
 
-    shard = sorted((run_dir / "soft_targets" / "shards").glob("*.parquet"))[0]
+    shard = sorted((run_dir / "soft_targets" / "groups" / "copy" / "shards").glob("*.parquet"))[0]
     with open(shard, "r+b") as f:
         f.truncate(shard.stat().st_size // 2)
     changed = _cli(*args, "distill.temperature=3.0", cwd=tmp_path)
     assert changed.returncode == 0, changed.stdout[-3000:] + changed.stderr[-3000:]
-    assert f"rejected: {shard}" in changed.stdout and "regenerating the soft targets" in changed.stdout
+    assert f"rejected: {shard}" in changed.stdout and "regenerating the soft targets of ['copy']" in changed.stdout
+    assert "(1 scored now)" in changed.stdout  # only the corrupted group is scored again
     # Skipped: base, 3 experts, upcycle, soft_targets (its manifest), multitask (does not use T).
     # Redone: student, eval.
     assert changed.stdout.count("done already") == 7, changed.stdout

@@ -11,7 +11,8 @@ from dume_ray.stage_hashes import pipeline_hashes
 
 TASKS = ["copy", "reverse", "add"]
 EXPERTS = {f"experts/{t}" for t in TASKS}
-BASE_ONWARDS = {"base", *EXPERTS, "upcycle", "soft_targets", "student", "multitask", "eval"}
+SOFT_TARGETS = {"soft_targets", *(f"soft_targets/{t}" for t in TASKS)}  # each group's, and the union
+BASE_ONWARDS = {"base", *EXPERTS, "upcycle", *SOFT_TARGETS, "student", "multitask", "eval"}
 
 
 def _hashes(*overrides):
@@ -24,9 +25,9 @@ def _hashes(*overrides):
     ("distill.anneal=true", {"student", "eval"}),
     ("distill.optim.steps=7", {"student", "multitask", "eval"}),
     ("distill.init=scratch", {"student", "multitask", "eval"}),
-    ("soft_targets.top_k=4", {"soft_targets", "student", "multitask", "eval"}),
-    ("experts.optim.lr=0.01", EXPERTS | {"upcycle", "soft_targets", "student", "multitask", "eval"}),
-    ("experts.train_mlp_only=true", EXPERTS | {"upcycle", "soft_targets", "student", "multitask", "eval"}),
+    ("soft_targets.top_k=4", SOFT_TARGETS | {"student", "multitask", "eval"}),
+    ("experts.optim.lr=0.01", EXPERTS | SOFT_TARGETS | {"upcycle", "student", "multitask", "eval"}),
+    ("experts.train_mlp_only=true", EXPERTS | SOFT_TARGETS | {"upcycle", "student", "multitask", "eval"}),
     ("upcycle.ridge_lambda=0.1", {"upcycle", "eval"}),
     ("upcycle.random_seed=3", {"eval"}),  # only the random-routing row of the report changes
     ("base.optim.steps=5", BASE_ONWARDS),

@@ -1,0 +1,80 @@
+"""Add tasks to, or remove tasks from, an existing run: its saved config, edited so that rerunning the pipeline
+retrains only what the change touches.
+
+    python -m dume_ray add-task --run runs/demo --task shift
+    python -m dume_ray add-task --run runs/demo --source '{name: faq, source: jsonl, data_files: {train: faq.jsonl, validation: faq_val.jsonl, test: faq_test.jsonl}}'
+    python -m dume_ray remove-task --run runs/demo --task sub
+
+An expert and its soft targets depend on their own group's tasks only (`stage_hashes.task_data`), so with the
+edited config the `run` that follows trains one new expert and scores one new group (adding), or drops one
+(removing); the others are reused from their manifests. The base stays as it was: its tasks are pinned in
+`base.tasks` (a base pretrained on the old mixture is still every old expert's starting point). The student,
+the multitask baseline and the report are redone, since their data changed. With `experts.groups` written out,
+an added task gets a group of its own and a removed one leaves its group. Pure: no Ray here; the CLI runs the
+stages. Tested in tests/unit/test_run_edit.py.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+from omegaconf import OmegaConf
+
+from dume_ray.config import BUILTIN_TASK_NAMES, ConfigError, PipelineConfig, load_config, to_dict
+
+
+def edited_config(run_dir: str, add_tasks: list[str] = (), add_sources: list[str] = (), remove: list[str] = (),
+                  overrides: list[str] = ()) -> PipelineConfig:
+    """The run's `config.yaml` with built-in tasks `add_tasks`, user task sources `add_sources` (each a YAML
+    mapping as in `tasks.sources`) added and the tasks named in `remove` removed; ConfigError naming the task or
+    file at fault, before anything is written."""
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{run_dir}: not a dume_ray run folder (no config.yaml); run the pipeline first")
+    cfg = load_config(path)
+    if os.path.abspath(cfg.run_dir) != os.path.abspath(run_dir):
+        raise ConfigError(f"{path}: this config belongs to the run folder {cfg.run_dir}, not {run_dir}")
+    if not (add_tasks or add_sources or remove):
+        raise ConfigError("nothing to do: name a task to add (--task / --source) or to remove (--task)")
+    names = cfg.tasks.names
+    new = to_dict(cfg)
+    sources = [_parse_source(text) for text in add_sources]
+    for name in list(add_tasks) + [s.get("name") for s in sources]:
+        if name in names:
+            raise ConfigError(f"{run_dir}: task {name!r} is already in this run (tasks: {names})")
+    for name in add_tasks:
+        if name not in BUILTIN_TASK_NAMES:
+            raise ConfigError(f"--task {name!r}: not a built-in task ({BUILTIN_TASK_NAMES}); a task of your own "
+                              f"goes in with --source")
+    for name in remove:
+        if name not in names:
+            raise ConfigError(f"{run_dir}: cannot remove task {name!r}: not in this run (tasks: {names})")
+    removed_sources = [s for s in cfg.tasks.sources if s.name in remove]
+    if removed_sources and cfg.base.enabled and not cfg.base.tasks:
+        raise ConfigError(f"cannot remove user task(s) {[s.name for s in removed_sources]}: the base was pretrained on "
+                          f"them and keeping the base needs their data; rerun from scratch with the task left out")
+    if cfg.base.enabled and not cfg.base.tasks:
+        new["base"]["tasks"] = names  # the base keeps the mixture it was trained on
+    new["tasks"]["builtin"] = [t for t in cfg.tasks.builtin if t not in remove] + list(add_tasks)
+    new["tasks"]["sources"] = [s for s in new["tasks"]["sources"] if s["name"] not in remove] + sources
+    if cfg.experts.groups:
+        kept = [[t for t in group if t not in remove] for group in cfg.experts.groups]
+        new["experts"]["groups"] = [g for g in kept if g] + [[t] for t in list(add_tasks) + [s["name"] for s in sources]]
+    if cfg.search.groupings:
+        new["search"]["groupings"] = []  # they partition the old task list
+    merged = OmegaConf.merge(OmegaConf.structured(PipelineConfig), OmegaConf.create(new))
+    with tempfile.TemporaryDirectory() as scratch:  # nothing is written into the run folder here
+        edited_path = os.path.join(scratch, f"{cfg.name}.edited.yaml")
+        OmegaConf.save(merged, edited_path)
+        return load_config(edited_path, list(overrides))
+
+
+def _parse_source(text: str) -> dict:
+    try:
+        source = OmegaConf.to_container(OmegaConf.create(text))
+    except Exception as exc:  # noqa: BLE001 - any YAML error names the argument
+        raise ConfigError(f"--source {text!r}: not a YAML mapping: {exc}") from exc
+    if not isinstance(source, dict) or "name" not in source:
+        raise ConfigError(f"--source {text!r}: must be a mapping with at least name and source, as in tasks.sources")
+    return source
