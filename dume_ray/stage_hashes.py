@@ -83,6 +83,15 @@ def upcycle_hash(cfg: PipelineConfig, expert_hashes: dict[str, str]) -> str:
     return config_hash("upcycle", knobs, task_data(cfg, cfg.tasks.names), expert_hashes)
 
 
+def router_stats_hash(cfg: PipelineConfig, expert_hashes: dict[str, str], group: str) -> str:
+    """One group's DUME router statistics (its expert forced over its tasks' examples, through the MoE's trunk).
+    With MLP-only experts every expert's trunk is the base's, so the statistics depend on that group's expert
+    alone and survive adding or removing another expert; otherwise the trunk is the average of all experts."""
+    trunk = None if cfg.experts.train_mlp_only else sorted(expert_hashes.values())
+    return config_hash("router_stats", trunk, expert_hashes[group], task_data(cfg, cfg.groups[group]),
+                       cfg.upcycle.stats_examples_per_task)
+
+
 def eval_hash(cfg: PipelineConfig, model_hashes: dict[str, str]) -> str:
     """`model_hashes`: {report label: the scored model's stage hash}, e.g. {"base": ..., "expert:copy": ...}.
     With the MoE in the report, which routings it shows (and the random-routing seed) count too."""

@@ -18,6 +18,7 @@ Skipped on rerun when its manifest matches (upcycle config + the experts' manife
 
 from __future__ import annotations
 
+import os
 import time
 
 import ray
@@ -28,11 +29,11 @@ from dume_ray import manifest
 from dume_ray.config import PipelineConfig, TasksConfig
 from dume_ray.data.encode import collate
 from dume_ray.experts.launch import finished_experts
-from dume_ray.stage_hashes import pipeline_hashes
+from dume_ray.stage_hashes import pipeline_hashes, router_stats_hash
 from dume_ray.model import check_same_vocab, load_model, load_tokenizer
 from dume_ray.tasks import encode_rows, load_tasks
 from dume_ray.upcycle.moe import average_weights, build_moe, count_active_parameters
-from dume_ray.upcycle.router import collect_group_stats, finetune_router, merge_stats, solve_router
+from dume_ray.upcycle.router import collect_group_stats, finetune_router, solve_router, stats_from_groups
 
 DUME_PLUS_TOKENS_PER_GROUP = 8192  # MLP inputs per group kept as DUME+ training features
 
@@ -53,13 +54,10 @@ def run_upcycle(cfg: PipelineConfig) -> dict:
     outputs = {"moe": f"{stage_dir}/moe", "weight_average": f"{stage_dir}/weight_average", "router": f"{stage_dir}/router.pt"}
     moe = build_and_save(expert_dirs, outputs, cfg)
 
-    # ---- router statistics: one Ray task per group, summed here ------------------------------------------
-    gather = ray.remote(num_cpus=1)(group_router_stats)
+    # ---- router statistics: one Ray task per group not already gathered, grown expert by expert -------------
     keep = DUME_PLUS_TOKENS_PER_GROUP if cfg.upcycle.dume_plus_steps > 0 else 0  # DUME+ also needs the inputs
-    refs = [gather.remote(outputs["moe"], cfg.tasks, names, i, len(cfg.groups), cfg.upcycle.stats_examples_per_task,
-                          cfg.upcycle.batch_size, cfg.model.max_seq_len, keep) for i, names in enumerate(cfg.groups.values())]
-    results = ray.get(refs)
-    stats = merge_stats([r[0] if keep else r for r in results])
+    parts, inputs = router_statistics(cfg, outputs["moe"], f"{stage_dir}/router_stats", keep)
+    stats = stats_from_groups([parts[g][:3] for g in cfg.groups])
 
     # ---- closed-form solve (both column modes, for the report), install the configured one, save ---------
     routers = {"raw": solve_router(stats, cfg.upcycle.ridge_lambda, normalize_columns=False),
@@ -69,7 +67,7 @@ def run_upcycle(cfg: PipelineConfig) -> dict:
     moe.save_pretrained(outputs["moe"])
     losses = []
     if keep:  # DUME+: a few steps of the routing objective from the closed-form solution
-        routers["plus"], losses = finetune_router(configured, [r[1] for r in results], cfg.upcycle.dume_plus_steps,
+        routers["plus"], losses = finetune_router(configured, [inputs[g] for g in cfg.groups], cfg.upcycle.dume_plus_steps,
                                                   cfg.upcycle.dume_plus_lr)
         outputs["moe_plus"] = f"{stage_dir}/moe_plus"
         moe.set_router(routers["plus"])
@@ -80,11 +78,42 @@ def run_upcycle(cfg: PipelineConfig) -> dict:
                 "expert_names": list(cfg.groups), "ridge_lambda": cfg.upcycle.ridge_lambda}, outputs["router"])
     total, active = count_active_parameters(moe)
     metrics = {"parameters": total, "active_parameters_per_token": active, "router_tokens": dict(zip(cfg.groups, stats.tokens)),
-               "experts_trained_mlp_only": cfg.experts.train_mlp_only, "dume_plus_losses": losses[:1] + losses[-1:]}
+               "experts_trained_mlp_only": cfg.experts.train_mlp_only, "dume_plus_losses": losses[:1] + losses[-1:],
+               "router_stats_gathered": sorted(inputs) if keep else [g for g in cfg.groups if parts[g][3]],
+               "router_stats_reused": [g for g in cfg.groups if not parts[g][3]]}
     print(f"[upcycle] MoE of {len(expert_dirs)} experts: {total:,} parameters, {active:,} active per token; "
           f"router from {sum(stats.tokens):,} tokens ({time.time() - start:.0f} s)", flush=True)
     return manifest.mark_done(stage_dir, stage_hash, outputs, metrics=metrics, inputs={"experts": expert_dirs},
                               seconds=time.time() - start)
+
+
+def router_statistics(cfg: PipelineConfig, moe_dir: str, stats_dir: str, keep: int) -> tuple[dict, dict]:
+    """{group: (gram, its column of B, tokens, gathered now?)} and, with keep > 0 (DUME+), {group: kept inputs}.
+    A group's statistics stored under the same `router_stats_hash` are reused (not with DUME+, which needs the
+    inputs themselves); the others are gathered, each in its own Ray task, and stored."""
+    hashes = pipeline_hashes(cfg)
+    expert_hashes = {g: hashes[f"experts/{g}"] for g in cfg.groups}
+    keys = {g: router_stats_hash(cfg, expert_hashes, g) for g in cfg.groups}
+    parts = {}
+    for group in cfg.groups if not keep else []:
+        path = f"{stats_dir}/{group}.pt"
+        if os.path.exists(path) and (stored := torch.load(path))["key"] == keys[group]:
+            parts[group] = (stored["gram"], stored["column"], stored["tokens"], False)
+    todo = [(i, g) for i, g in enumerate(cfg.groups) if g not in parts]
+    if parts:
+        print(f"[upcycle] router statistics reused for {list(parts)}; gathering {[g for _, g in todo]}", flush=True)
+    gather = ray.remote(num_cpus=1)(group_router_stats)
+    refs = [gather.remote(moe_dir, cfg.tasks, cfg.groups[g], i, len(cfg.groups), cfg.upcycle.stats_examples_per_task,
+                          cfg.upcycle.batch_size, cfg.model.max_seq_len, keep) for i, g in todo]
+    inputs = {}
+    os.makedirs(stats_dir, exist_ok=True)
+    for (i, group), result in zip(todo, ray.get(refs)):
+        stats, inputs[group] = result if keep else (result, None)
+        parts[group] = (stats.gram, stats.cross[..., i], stats.tokens[i], True)
+        path, tmp = f"{stats_dir}/{group}.pt", f"{stats_dir}/.{group}.pt.tmp-{os.getpid()}"
+        torch.save({"key": keys[group], "gram": stats.gram, "column": stats.cross[..., i], "tokens": stats.tokens[i]}, tmp)
+        os.replace(tmp, path)  # a crash never leaves a half-written file under the final name
+    return parts, inputs
 
 
 def build_and_save(expert_dirs: dict[str, str], outputs: dict, cfg: PipelineConfig) -> torch.nn.Module:

@@ -95,6 +95,19 @@ def add_expert(stats: RouterStats, new: RouterStats) -> RouterStats:
     return RouterStats(stats.gram + new.gram, cross, stats.tokens + [new.tokens[-1]])
 
 
+def stats_from_groups(parts: list[tuple[torch.Tensor, torch.Tensor, int]]) -> RouterStats:
+    """Router statistics of E groups gathered (and stored) one group at a time: each part is (gram [L, h+1, h+1],
+    that group's column of B [L, h+1], its token count), in expert order. Grown one expert at a time with
+    `add_expert`, so an expert added to a finished run costs its own statistics only."""
+    gram, column, tokens = parts[0]
+    stats = RouterStats(gram, column[..., None], [tokens])
+    for gram, column, tokens in parts[1:]:
+        cross = torch.zeros(*column.shape, stats.num_experts + 1, dtype=column.dtype)
+        cross[..., -1] = column
+        stats = add_expert(stats, RouterStats(gram, cross, [0] * stats.num_experts + [tokens]))
+    return stats
+
+
 def solve_router(stats: RouterStats, ridge_lambda: float = 1e-2, normalize_columns: bool = False) -> torch.Tensor:
     """W_l = (A_l + lambda I)^-1 B_l for every layer, in float64.
 

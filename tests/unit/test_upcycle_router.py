@@ -6,7 +6,8 @@
 import pytest
 import torch
 
-from dume_ray.upcycle.router import add_expert, finetune_router, group_stats, merge_stats, solve_router, with_bias
+from dume_ray.upcycle.router import (add_expert, finetune_router, group_stats, merge_stats, solve_router, stats_from_groups,
+                                    with_bias)
 
 
 def _groups(seed=0, n=200, h=6, num_groups=3, spread=0.3):
@@ -74,3 +75,23 @@ def test_dume_plus_refines_the_ridge_router_on_the_routing_objective():
         return float(((x @ w[0]).argmax(-1) == labels).float().mean())
 
     assert accuracy(refined) >= accuracy(weights)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_statistics_stored_per_group_and_grown_expert_by_expert_equal_a_full_refit(normalize):
+    """What `run_upcycle` does when a task is added to a finished run: each group's (gram, column, tokens) as
+    stored, the router grown with `add_expert`, equals the solve from statistics gathered all at once (1e-5)."""
+    torch.manual_seed(0)
+    layers = [[torch.randn(40 + 7 * g, 6) + g for _ in range(3)] for g in range(4)]  # 4 groups x 3 layers of [n, h]
+    full = merge_stats([group_stats(x, g, 4) for g, x in enumerate(layers)])
+    stored = []
+    for g, x in enumerate(layers):  # gathered as the stage gathers them: group g of 4, keep its own column
+        s = group_stats(x, g, 4)
+        stored.append((s.gram, s.cross[..., g], s.tokens[g]))
+    grown = stats_from_groups(stored)
+    assert grown.tokens == full.tokens
+    assert torch.allclose(solve_router(grown, 1e-2, normalize), solve_router(full, 1e-2, normalize), atol=1e-5)
+    three = stats_from_groups(stored[:3])  # the run before the fourth task: its router is the 3-group solve
+    assert torch.allclose(solve_router(three, 1e-2, normalize),
+                          solve_router(merge_stats([group_stats(x, g, 3) for g, x in enumerate(layers[:3])]), 1e-2,
+                                       normalize), atol=1e-5)
