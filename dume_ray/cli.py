@@ -60,7 +60,33 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("--config", default=None, help="YAML config (default: the embedded demo defaults)")
         p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. distill.temperature=4")
+    for name, text in EDIT_HELP.items():
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("--run", required=True, help="the run folder to change, e.g. runs/demo (its config.yaml)")
+        p.add_argument("--task", action="append", default=[], help="a built-in task name (repeatable)")
+        if name == "add-task":
+            p.add_argument("--source", action="append", default=[],
+                           help="a task of your own, as a YAML mapping like an entry of tasks.sources (repeatable)")
+        p.add_argument("overrides", nargs="*", help="key=value overrides on top of the run's config")
     return parser.parse_args(argv)
+
+
+EDIT_HELP = {
+    "add-task": "add task(s) to a run, then rerun it: trains one new expert per added task and scores its soft "
+                "targets only; the others are reused",
+    "remove-task": "remove task(s) from a run, then rerun it: the other experts and soft targets are reused",
+}
+
+
+def resolve_config(args: argparse.Namespace) -> PipelineConfig:
+    """The config the command runs with: the YAML plus overrides, or for add-task / remove-task the run's own
+    config edited (`run_edit.py`)."""
+    if args.stage in EDIT_HELP:
+        from dume_ray.run_edit import edited_config
+        adding = args.stage == "add-task"
+        return edited_config(args.run, add_tasks=args.task if adding else [], add_sources=getattr(args, "source", []),
+                             remove=[] if adding else args.task, overrides=args.overrides)
+    return load_config(args.config, args.overrides)
 
 
 def preflight(cfg: PipelineConfig) -> None:
@@ -136,14 +162,14 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in QUIET_ENV.items():  # before transformers is imported: it reads them once, at import
         os.environ.setdefault(key, value)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = resolve_config(args)
         print(to_yaml(cfg), flush=True)
         preflight(cfg)  # before anything is written: bad input leaves the run folder as it was
         write_text_atomic(f"{cfg.run_dir}/config.yaml", to_yaml(cfg))
     except (ConfigError, ValueError, KeyError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.stage == "run":
+    if args.stage in ("run", *EDIT_HELP):
         order = (["base", "experts"] + (["upcycle"] if cfg.upcycle_active else [])
                  + ["soft-targets", "distill+multitask" if cfg.multitask.enabled else "distill", "eval"])
     else:

@@ -189,11 +189,21 @@ def _settings(cfg: PipelineConfig) -> dict:
     d = cfg.distill
     base_steps = cfg.base.optim.steps if cfg.base.enabled else "off (the model as loaded)"
     model = cfg.model.gguf or cfg.model.name_or_path
-    return {"model": model + (f" (first {cfg.model.keep_layers} layers)" if cfg.model.keep_layers else ""),
-            "chat template": cfg.data.chat_template, "groups": " | ".join(cfg.groups), "temperature": d.temperature,
-            "alpha": d.alpha, "divergence": d.divergence, "teacher annealing": d.anneal, "top_k": cfg.soft_targets.top_k,
-            "steps (base / each expert / student = multitask)": f"{base_steps} / {cfg.experts.optim.steps} / {d.optim.steps}",
-            "batch size (student = multitask)": d.optim.batch_size, "experts train": cfg.experts.mode}
+    settings = {"model": model + (f" (first {cfg.model.keep_layers} layers)" if cfg.model.keep_layers else ""),
+                "chat template": cfg.data.chat_template, "groups": " | ".join(cfg.groups), "temperature": d.temperature,
+                "alpha": d.alpha, "divergence": d.divergence, "teacher annealing": d.anneal, "top_k": cfg.soft_targets.top_k,
+                "steps (base / each expert / student = multitask)": f"{base_steps} / {cfg.experts.optim.steps} / {d.optim.steps}",
+                "batch size (student = multitask)": d.optim.batch_size, "experts train": cfg.experts.mode}
+    if cfg.base.tasks and cfg.base.enabled:  # a run that gained or lost tasks keeps its base
+        settings["base pretrained on"] = " ".join(cfg.base.tasks)
+    soft = (manifest.read_manifest(f"{cfg.run_dir}/soft_targets") or {}).get("metrics", {})
+    if soft.get("reused"):  # what `add-task` / `remove-task` (or a rerun) did not redo
+        settings["soft targets reused / scored in the last run"] = (f"{' '.join(soft['reused'])} / "
+                                                                    f"{' '.join(soft.get('scored', [])) or 'none'}")
+    upcycle = (manifest.read_manifest(f"{cfg.run_dir}/upcycle") or {}).get("metrics", {})
+    if cfg.upcycle_active and upcycle.get("router_stats_reused"):
+        settings["router statistics reused"] = " ".join(upcycle["router_stats_reused"])
+    return settings
 
 
 def _faults(cfg: PipelineConfig) -> dict:
