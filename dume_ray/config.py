@@ -237,6 +237,10 @@ class DistillConfig:
     divergence: str = "forward_kl"  # "forward_kl" | "reverse_kl" | "generalized_jsd"
     jsd_beta: float = 0.5  # generalized_jsd only
     anneal: bool = False  # BAM! teacher annealing: KD weight decays linearly from alpha to 0
+    on_policy_ratio: float = 0.0  # lambda: share of the student's steps that are on-policy (it answers the batch's
+    #   prompts itself and the prompt's expert scores its tokens, GKD); 0 = off-policy only (the stored soft targets)
+    on_policy_divergence: str = "reverse_kl"  # on-policy loss: "reverse_kl" | "generalized_jsd" (with jsd_beta)
+    on_policy_sample: bool = True  # on-policy answers sampled (temperature 1) rather than greedy
     init: str = "base"  # "base" (student starts from the base) or "scratch" (fresh init of student_model)
     student_model: Optional[ModelConfig] = None  # a smaller embedded config for init=scratch; None = base's
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(steps=600))
@@ -249,6 +253,10 @@ class DistillConfig:
         _check(self.divergence in divergences, f"distill.divergence must be one of {divergences}, got {self.divergence!r}")
         _check(0.0 <= self.jsd_beta <= 1.0, f"distill.jsd_beta must be in [0, 1], got {self.jsd_beta}")
         _check(self.init in ("base", "scratch"), f"distill.init must be 'base' or 'scratch', got {self.init!r}")
+        _check(0.0 <= self.on_policy_ratio <= 1.0, f"distill.on_policy_ratio must be in [0, 1], got {self.on_policy_ratio}")
+        on_policy = ("reverse_kl", "generalized_jsd")
+        _check(self.on_policy_divergence in on_policy,
+               f"distill.on_policy_divergence must be one of {on_policy}, got {self.on_policy_divergence!r}")
 
 
 @dataclass

@@ -72,6 +72,8 @@ def student_hash(cfg: PipelineConfig, stage: str, soft_targets: str) -> str:
     (it trains with alpha = 0), so tuning T or alpha never retrains it."""
     d = cfg.distill
     kd = (d.alpha, d.temperature, d.divergence, d.jsd_beta, d.anneal) if stage == "student" else None
+    if stage == "student" and d.on_policy_ratio > 0:  # (off-policy runs keep the hashes they had before)
+        kd += (d.on_policy_ratio, d.on_policy_divergence, d.on_policy_sample)
     return config_hash(stage, soft_targets, d.optim, d.init, d.student_model, cfg.seed, kd)
 
 

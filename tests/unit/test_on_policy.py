@@ -90,3 +90,15 @@ def test_bad_divergence_or_shapes_are_named():
         on_policy_loss(torch.zeros(2, 3), torch.zeros(2, 3), "forward_kl")
     with pytest.raises(ValueError, match="same tokens"):
         on_policy_loss(torch.zeros(2, 3), torch.zeros(3, 3))
+
+
+@pytest.mark.parametrize("override,key", [("distill.on_policy_ratio=1.5", "distill.on_policy_ratio"),
+                                          ("distill.on_policy_ratio=-0.1", "distill.on_policy_ratio"),
+                                          ("distill.on_policy_divergence=forward_kl", "distill.on_policy_divergence"),
+                                          ("distill.temperature=0", "distill.temperature"),
+                                          ("distill.alpha=1.01", "distill.alpha"),
+                                          ("distill.divergence=kl", "distill.divergence")])
+def test_bad_distillation_settings_are_config_errors_naming_the_key(override, key):
+    from dume_ray.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config("configs/demo.yaml", [override])

@@ -23,6 +23,7 @@ def _hashes(*overrides):
     ("distill.temperature=3.0", {"student", "eval"}),
     ("distill.alpha=0.3", {"student", "eval"}),
     ("distill.anneal=true", {"student", "eval"}),
+    ("distill.on_policy_ratio=0.5", {"student", "eval"}),
     ("distill.optim.steps=7", {"student", "multitask", "eval"}),
     ("distill.init=scratch", {"student", "multitask", "eval"}),
     ("soft_targets.top_k=4", SOFT_TARGETS | {"student", "multitask", "eval"}),
