@@ -25,7 +25,7 @@ from dume_ray.config import PipelineConfig, to_dict
 from dume_ray.dashboards import mlflow_tracking_uri, tensorboard_dir
 from dume_ray.data.encode import training_order
 from dume_ray.distill.worker import train_fn_per_worker
-from dume_ray.experts.launch import _require, fit_concurrently, history_path, local_checkpoint_dir
+from dume_ray.experts.launch import fit_concurrently, history_path, local_checkpoint_dir
 from dume_ray.model import build_embedded_model, check_same_vocab, load_tokenizer
 from dume_ray.soft_targets.launch import checked_soft_targets
 from dume_ray.stage_hashes import pipeline_hashes, student_hash
@@ -49,8 +49,8 @@ def run_students(cfg: PipelineConfig, stages: list[str]) -> dict[str, dict]:
     """Train the given stages ("student": alpha = distill.alpha; "multitask": alpha = 0) concurrently, skipping
     those already done; {stage: manifest}."""
     hashes = pipeline_hashes(cfg)
-    base_dir = _require(f"{cfg.run_dir}/base", "base", hashes["base"])["outputs"]["model"]
-    soft_targets = _require(f"{cfg.run_dir}/soft_targets", "soft-targets", hashes["soft_targets"])
+    base_dir = manifest.require(f"{cfg.run_dir}/base", "base", hashes["base"])["outputs"]["model"]
+    soft_targets = manifest.require(f"{cfg.run_dir}/soft_targets", "soft-targets", hashes["soft_targets"])
     stage_hashes = {stage: student_hash(cfg, stage, soft_targets["config_hash"]) for stage in stages}
     done = {}
     for stage in stages:

@@ -55,7 +55,7 @@ def run_base(cfg: PipelineConfig) -> dict:
 
 
 def run_experts(cfg: PipelineConfig) -> dict[str, dict]:
-    base = _require(f"{cfg.run_dir}/base", "base", base_hash(cfg))
+    base = manifest.require(f"{cfg.run_dir}/base", "base", base_hash(cfg))
     base_dir = base["outputs"]["model"]
     tokenizer = load_tokenizer(base_dir)
     tasks = load_tasks(cfg.tasks, tokenizer, cfg.model.max_seq_len)
@@ -181,11 +181,7 @@ def history_path(job_dir: str, config_hash: str) -> str:
 def finished_experts(cfg: PipelineConfig) -> dict[str, dict]:
     """{group: manifest} of every expert of this config; StageInputError when one is missing or stale."""
     hashes = pipeline_hashes(cfg)
-    return {g: _require(f"{cfg.run_dir}/experts/{g}", "experts", hashes[f"experts/{g}"]) for g in cfg.groups}
-
-
-def _require(stage_dir: str, stage: str, expected_hash: str | None = None) -> dict:
-    return manifest.require(stage_dir, stage, expected_hash)
+    return {g: manifest.require(f"{cfg.run_dir}/experts/{g}", "experts", hashes[f"experts/{g}"]) for g in cfg.groups}
 
 
 def _mean(scores: dict) -> float:

@@ -21,7 +21,7 @@ import ray.data
 from dume_ray import manifest
 from dume_ray.config import PipelineConfig
 from dume_ray.data.soft_targets import SoftTargetError, validate_shard
-from dume_ray.experts.launch import _require, finished_experts
+from dume_ray.experts.launch import finished_experts
 from dume_ray.model import check_same_vocab, load_tokenizer
 from dume_ray.soft_targets.teacher_scoring import TeacherScorer
 from dume_ray.stage_hashes import pipeline_hashes
@@ -37,7 +37,7 @@ def run_soft_targets(cfg: PipelineConfig) -> dict:
         print(f"[soft_targets] done already ({stage_dir}), skipping", flush=True)
         return manifest.read_manifest(stage_dir)
     start = time.time()
-    base_dir = _require(f"{cfg.run_dir}/base", "base", hashes["base"])["outputs"]["model"]
+    base_dir = manifest.require(f"{cfg.run_dir}/base", "base", hashes["base"])["outputs"]["model"]
     tokenizer = load_tokenizer(base_dir)
     tasks = load_tasks(cfg.tasks, tokenizer, cfg.model.max_seq_len)
     group_of = {t: g for g, names in cfg.groups.items() for t in names}
@@ -73,8 +73,8 @@ def checked_soft_targets(cfg: PipelineConfig) -> dict:
     """The soft-target manifest for this config, after validating every shard it lists. A missing,
     truncated or corrupted shard is reported by file name and the shards are regenerated, never trained on."""
     stage_dir = f"{cfg.run_dir}/soft_targets"
-    found = _require(stage_dir, "soft-targets", pipeline_hashes(cfg)["soft_targets"])
-    vocab_size = len(load_tokenizer(_require(f"{cfg.run_dir}/base", "base")["outputs"]["model"]))
+    found = manifest.require(stage_dir, "soft-targets", pipeline_hashes(cfg)["soft_targets"])
+    vocab_size = len(load_tokenizer(manifest.require(f"{cfg.run_dir}/base", "base")["outputs"]["model"]))
     try:
         validate_shards(found["outputs"]["shards"], vocab_size, min(cfg.soft_targets.top_k, vocab_size),
                         found["metrics"]["rows"])
