@@ -3,7 +3,7 @@
 Each row holds the full token sequence (prompt + response) and, for every
 response token, the teacher's top-k token ids, their log-probs at
 temperature 1, and the log of the probability mass outside the top k (the
-"tail"); see ``dume_ray.distill.losses`` for how they are consumed.
+"tail"); see ``dume_ray.losses`` for how they are consumed.
 
 Storage choice for log-probs: ``topk_logprobs`` is a native Parquet
 ``list<float16>`` (Arrow ``halffloat``, Parquet FLOAT16 logical type).
