@@ -16,17 +16,17 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from dume_ray.config import ModelConfig, OptimConfig  # noqa: E402
+from dume_ray.config import OptimConfig  # noqa: E402
 from dume_ray.data.encode import collate, shuffled_batches, soft_target_batch, to_columns  # noqa: E402
 from dume_ray.losses import annealed_alpha  # noqa: E402
-from dume_ray.model import create_initial_model, load_model, load_tokenizer  # noqa: E402
+from dume_ray.model import load_model, load_tokenizer  # noqa: E402
 from dume_ray.soft_targets.teacher_scoring import score_rows  # noqa: E402
 from dume_ray.tasks import encode_rows  # noqa: E402
 from dume_ray.tasks.builtin import make_builtin_task  # noqa: E402
 from dume_ray.training import (ce_step, ce_train_step, distill_train_step, kd_step, make_optimizer,  # noqa: E402
                                train_loop)
 
-TINY = ModelConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, max_seq_len=32)
+MAX_SEQ_LEN = 32
 OPTIM = OptimConfig(lr=1e-2, warmup_steps=1, steps=5, batch_size=4, checkpoint_every=2)
 TOP_K = 4
 
@@ -34,8 +34,8 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> str:
-    return create_initial_model(TINY, seed=0, out_dir=str(tmp_path_factory.mktemp("base")))
+def model_dir(tiny_model_dir) -> str:
+    return tiny_model_dir  # tests/conftest.py: the tiny embedded Llama (32 wide, 2 layers)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def tokenizer(model_dir):
 @pytest.fixture(scope="module")
 def rows(tokenizer) -> list[dict]:
     task = make_builtin_task("copy", 0, 16, 4, 4)
-    return encode_rows({"copy": task}, tokenizer, "train", TINY.max_seq_len, {"copy": "copy"})
+    return encode_rows({"copy": task}, tokenizer, "train", MAX_SEQ_LEN, {"copy": "copy"})
 
 
 @pytest.fixture(scope="module")
