@@ -156,6 +156,30 @@ def stage_walls(log: str) -> dict[str, float]:
     return {name: float(t1 - t0) for (name, t0), (_, t1) in zip(marks, marks[1:])}
 
 
+def summarize(runs: list[dict]) -> tuple[str, str, dict]:
+    """The per-stage table (medians over rounds), the verdict line, and the median totals and ratio."""
+    def med(get) -> float:
+        return statistics.median(get(r) for r in runs)
+
+    rows = [[s, f"{med(lambda r: r['ray']['stages'][s]):.1f}", f"{med(lambda r: r['plain']['stages'].get(s.split(' ')[0], float('nan'))):.1f}"]
+            for s in runs[0]["ray"]["stages"]]
+    walls = runs[0]["ray"]["cli_stage_walls"]
+    if "experts" in walls:
+        rows.insert(2, ["experts (stage wall, jobs concurrent)", f"{med(lambda r: r['ray']['cli_stage_walls']['experts']):.1f}",
+                        f"{med(lambda r: r['plain']['stages']['experts']):.1f}"])
+    if "distill+multitask" in walls:  # `run` trains the two side by side; the plain loop one after the other
+        rows.append(["student + multitask (stage wall, side by side)", f"{med(lambda r: r['ray']['cli_stage_walls']['distill+multitask']):.1f}",
+                     f"{med(lambda r: r['plain']['stages']['student'] + r['plain']['stages']['multitask']):.1f}"])
+    ray_total, plain_total = med(lambda r: r["ray"]["total_seconds"]), med(lambda r: r["plain"]["total_seconds"])
+    ratio = med(lambda r: r["ray_over_plain"])
+    rows.append(["**total wall** (Ray: process start to end, incl. Ray start)", f"{ray_total:.1f}", f"{plain_total:.1f}"])
+    table = markdown_table([f"stage (median of {len(runs)} rounds)", "Ray pipeline, s", "plain process, s"], rows)
+    per_round = ", ".join(f"{r['ray_over_plain']:.2f}" for r in runs)
+    verdict = (f"Ray / plain = {ratio:.2f}, median of the rounds' ratios {per_round} "
+               f"(target <= 1.5: {'met' if ratio <= 1.5 else 'NOT met'})")
+    return table, verdict, {"ray_seconds": ray_total, "plain_seconds": plain_total, "ray_over_plain": ratio}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="configs/demo.yaml")
@@ -192,30 +216,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[end_to_end] round {repeat + 1}/{args.repeats}: Ray {ray_total:.1f} s, plain {plain_total:.1f} s, "
               f"ratio {ray_total / plain_total:.2f}; load average (1, 5, 15 min) {load[-1]}", flush=True)
 
-    def med(get) -> float:
-        return statistics.median(get(r) for r in runs)
-
-    rows = [[s, f"{med(lambda r: r['ray']['stages'][s]):.1f}", f"{med(lambda r: r['plain']['stages'].get(s.split(' ')[0], float('nan'))):.1f}"]
-            for s in runs[0]["ray"]["stages"]]
-    walls = runs[0]["ray"]["cli_stage_walls"]
-    if "experts" in walls:
-        rows.insert(2, ["experts (stage wall, jobs concurrent)", f"{med(lambda r: r['ray']['cli_stage_walls']['experts']):.1f}",
-                        f"{med(lambda r: r['plain']['stages']['experts']):.1f}"])
-    if "distill+multitask" in walls:  # `run` trains the two side by side; the plain loop one after the other
-        rows.append(["student + multitask (stage wall, side by side)", f"{med(lambda r: r['ray']['cli_stage_walls']['distill+multitask']):.1f}",
-                     f"{med(lambda r: r['plain']['stages']['student'] + r['plain']['stages']['multitask']):.1f}"])
-    ray_total, plain_total = med(lambda r: r["ray"]["total_seconds"]), med(lambda r: r["plain"]["total_seconds"])
-    ratio = med(lambda r: r["ray_over_plain"])
-    rows.append(["**total wall** (Ray: process start to end, incl. Ray start)", f"{ray_total:.1f}", f"{plain_total:.1f}"])
-    table = markdown_table([f"stage (median of {len(runs)} rounds)", "Ray pipeline, s", "plain process, s"], rows)
-    per_round = ", ".join(f"{r['ray_over_plain']:.2f}" for r in runs)
-    verdict = (f"Ray / plain = {ratio:.2f}, median of the rounds' ratios {per_round} "
-               f"(target <= 1.5: {'met' if ratio <= 1.5 else 'NOT met'})")
+    table, verdict, median = summarize(runs)
     print(f"\n{table}\n\n{verdict}", flush=True)
     write_result(result_path("end_to_end", args.out, args.tiny), "end_to_end", command_line(), started,
                  {"config": args.config, "overrides": overrides, "plain_torch_threads": torch.get_num_threads(),
-                  "rounds": runs, "median": {"ray_seconds": ray_total, "plain_seconds": plain_total, "ray_over_plain": ratio},
-                  "ray_over_plain": ratio, "target_met": ratio <= 1.5, "loadavg": load}, f"{table}\n\n{verdict}")
+                  "rounds": runs, "median": median, "ray_over_plain": median["ray_over_plain"],
+                  "target_met": median["ray_over_plain"] <= 1.5, "loadavg": load}, f"{table}\n\n{verdict}")
     return 0
 
 
