@@ -7,10 +7,12 @@ Layers, lowest first (a module may import from its own layer and every layer lis
     data          data/ (tokenizer, encoding, batches, soft-target format), tasks/
     model         model.py (build/load/adapt Hugging Face models), losses.py (pure loss functions)
     training      training.py: the one training loop, its steps, evaluation, training state on disk
-    worker        worker_utils.py: the Ray Train worker around the training loop
+    jobs          the Ray Train edge: worker_utils.py (worker side, around the training loop) and
+                  training_jobs.py (driver side: a job's config, fit_concurrently)
     stages        one layer per stage package, in pipeline order: experts, upcycle, soft_targets, distill,
                   search, eval; a stage may use an earlier stage's public functions (distill reads the
-                  soft targets' manifest, search trains the base), never a later one's
+                  soft targets' manifest, search trains the base), never a later one's; what several stages
+                  share goes down a layer instead (training_jobs.py, manifest.require)
     cli           cli.py, __main__.py
 
 A new module fails `test_every_module_has_a_layer` until it is placed here, and a new upward import or
@@ -37,7 +39,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("data", ("dume_ray.data", "dume_ray.tasks")),
     ("model", ("dume_ray.model", "dume_ray.losses")),
     ("training", ("dume_ray.training",)),
-    ("worker", ("dume_ray.worker_utils",)),
+    ("jobs", ("dume_ray.worker_utils", "dume_ray.training_jobs")),
     ("stage experts", ("dume_ray.experts",)),
     ("stage upcycle", ("dume_ray.upcycle",)),
     ("stage soft_targets", ("dume_ray.soft_targets",)),
