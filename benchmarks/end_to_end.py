@@ -14,7 +14,8 @@
 The ratio Ray / plain is the cost of the orchestration (target <= 1.5 on a 2-core machine). The upcycle stage
 is left out of both (`upcycle.enabled=false`) by default: its work is the same pure functions in both and
 its report rows would need the whole MoE evaluation duplicated here; `--with-upcycle` is not offered.
-The reference loop exists only here, to measure against; the package never uses it.
+The plain run uses the package's own loop (`training.train_loop` with `ce_step` / `kd_step`, as the workers do);
+what exists only here is the order it calls the stages in, and the plain shuffled batches in place of Ray Data.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import shutil
 import statistics
 import subprocess
@@ -42,34 +42,26 @@ TINY_OVERRIDES = ["tasks.builtin=[copy,reverse]", "tasks.num_train=32", "tasks.n
 # The plain-process reference: the stages' pure functions, in order, no Ray.
 # ---------------------------------------------------------------------------------------------------------
 
-def _batches(rows: list, batch_size: int, seed: int):
-    """Endless batches of rows, reshuffled every epoch (as the workers' local shuffle does)."""
-    epoch = 0
-    while True:
-        order = list(range(len(rows)))
-        random.Random(seed + epoch).shuffle(order)
-        for start in range(0, len(order), batch_size):
-            yield [rows[i] for i in order[start:start + batch_size]]
-        epoch += 1
-
-
-def _train(init_dir: str, out_dir: str, rows: list, optim, step_fn, validation: dict, max_new_tokens: int,
+def _train(init_dir: str, out_dir: str, rows: list, optim, train_step, validation: dict, max_new_tokens: int,
            seed: int, mlp_only: bool = False) -> None:
-    """One training job as the workers run it: pure steps, a checkpoint every `checkpoint_every`, then
-    save_pretrained and validation exact-match."""
+    """One training job as the workers run it: the package's `train_loop` and step, a checkpoint every
+    `checkpoint_every`, then save_pretrained and validation exact-match."""
     import torch
+    from dume_ray.data.encode import shuffled_batches
     from dume_ray.model import freeze_non_mlp, load_model, load_tokenizer
-    from dume_ray.training import evaluate_tasks, make_optimizer, save_training_state
+    from dume_ray.training import evaluate_tasks, make_optimizer, save_training_state, train_loop
     torch.manual_seed(seed)
     tokenizer, model = load_tokenizer(init_dir), load_model(init_dir)
     if mlp_only:
         freeze_non_mlp(model)
     optimizer, scheduler = make_optimizer(model, optim)
-    batches = _batches(rows, optim.batch_size, seed)
-    for step in range(1, optim.steps + 1):
-        step_fn(model, next(batches), optimizer, scheduler, tokenizer.pad_token_id)
-        if step % optim.checkpoint_every == 0 or step == optim.steps:
-            save_training_state(f"{out_dir}-checkpoint", model, optimizer, scheduler, step)
+
+    def checkpoint(step: int, _metrics: dict) -> None:
+        save_training_state(f"{out_dir}-checkpoint", model, optimizer, scheduler, step)
+
+    train_loop(model, optimizer, scheduler, shuffled_batches(rows, optim.batch_size, seed), train_step,
+               tokenizer.pad_token_id, start_step=0, total_steps=optim.steps, checkpoint_every=optim.checkpoint_every,
+               on_checkpoint=checkpoint)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     evaluate_tasks(model, tokenizer, validation, "validation", max_new_tokens)
@@ -77,18 +69,13 @@ def _train(init_dir: str, out_dir: str, rows: list, optim, step_fn, validation: 
 
 def reference_pipeline(cfg, out: str) -> dict[str, float]:
     """base -> experts -> soft targets -> student -> multitask -> eval in this process; seconds per stage."""
-    import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from dume_ray.data.encode import collate
     from dume_ray.data.soft_targets import write_shard
     from dume_ray.model import create_initial_model, load_model, load_tokenizer
-    from dume_ray.soft_targets.teacher_scoring import TeacherScorer
+    from dume_ray.soft_targets.teacher_scoring import score_rows
     from dume_ray.tasks import encode_rows, load_tasks
-    from dume_ray.training import ce_train_step, distill_train_step, evaluate_tasks
-
-    def ce_step(model, rows, optimizer, scheduler, pad_id):
-        return ce_train_step(model, collate(rows, pad_id), optimizer, scheduler, cfg.base.optim.grad_clip, cfg.model.dtype)
+    from dume_ray.training import ce_step, evaluate_tasks, kd_step
 
     seconds, t = {}, time.time()
     init = create_initial_model(cfg.model, cfg.seed, f"{out}/base/init")
@@ -96,39 +83,30 @@ def reference_pipeline(cfg, out: str) -> dict[str, float]:
     tasks = load_tasks(cfg.tasks, tokenizer, cfg.model.max_seq_len)
     mx = cfg.eval.max_new_tokens
     _train(init, f"{out}/base/model", encode_rows(tasks, tokenizer, "train", cfg.model.max_seq_len, {n: "base" for n in tasks}),
-           cfg.base.optim, ce_step, tasks, mx, cfg.seed)
+           cfg.base.optim, ce_step(cfg.base.optim.grad_clip, cfg.model.dtype), tasks, mx, cfg.seed)
     seconds["base"], t = time.time() - t, time.time()
 
     group_of = {n: g for g, names in cfg.groups.items() for n in names}
     for group, names in cfg.groups.items():  # one after another
         rows = encode_rows({n: tasks[n] for n in names}, tokenizer, "train", cfg.model.max_seq_len, group_of)
-        _train(f"{out}/base/model", f"{out}/experts/{group}", rows, cfg.experts.optim, ce_step, {n: tasks[n] for n in names},
-               mx, cfg.seed, mlp_only=cfg.experts.train_mlp_only)
+        _train(f"{out}/base/model", f"{out}/experts/{group}", rows, cfg.experts.optim,
+               ce_step(cfg.experts.optim.grad_clip, cfg.model.dtype), {n: tasks[n] for n in names}, mx, cfg.seed,
+               mlp_only=cfg.experts.train_mlp_only)
     seconds["experts"], t = time.time() - t, time.time()
 
     for group, names in cfg.groups.items():  # each expert scores its own group's rows
-        scorer = TeacherScorer(f"{out}/experts/{group}", cfg.soft_targets.top_k)
         rows = encode_rows({n: tasks[n] for n in names}, tokenizer, "train", cfg.model.max_seq_len, group_of)
-        tables = []
-        for start in range(0, len(rows), cfg.soft_targets.batch_size):
-            part = rows[start:start + cfg.soft_targets.batch_size]
-            tables.append(scorer({k: [r[k] for r in part] for k in part[0]}))
-        write_shard(pa.concat_tables(tables), f"{out}/soft_targets/{group}.parquet")
+        table = score_rows(f"{out}/experts/{group}", rows, cfg.soft_targets.top_k, cfg.soft_targets.batch_size)
+        write_shard(table, f"{out}/soft_targets/{group}.parquet")
     seconds["soft_targets"], t = time.time() - t, time.time()
 
-    table = pa.concat_tables([pq.read_table(f"{out}/soft_targets/{g}.parquet") for g in cfg.groups])
-    stream = [dict(zip(table.column_names, values)) for values in zip(*(table.column(c).to_pylist() for c in table.column_names))]
+    stream = pa.concat_tables([pq.read_table(f"{out}/soft_targets/{g}.parquet") for g in cfg.groups]).to_pylist()
     k = min(cfg.soft_targets.top_k, len(tokenizer))
     d = cfg.distill
     for stage, alpha in (("student", d.alpha), ("multitask", 0.0)):
-        def kd_step(model, rows, optimizer, scheduler, pad_id, alpha=alpha):
-            batch = collate([{"input_ids": r["input_ids"], "response_start": r["response_start"]} for r in rows], pad_id)
-            batch["topk_ids"] = torch_from(np.concatenate([r["topk_ids"] for r in rows]), "int64").view(-1, k)
-            batch["topk_logprobs"] = torch_from(np.concatenate([r["topk_logprobs"] for r in rows]), "float32").view(-1, k)
-            batch["tail_logmass"] = torch_from(np.concatenate([r["tail_logmass"] for r in rows]), "float32")
-            return distill_train_step(model, batch, optimizer, scheduler, d.optim.grad_clip, alpha, d.temperature,
-                                      d.divergence, d.jsd_beta, cfg.model.dtype)
-        _train(f"{out}/base/model", f"{out}/{stage}", stream, d.optim, kd_step, tasks, mx, cfg.seed)
+        step = kd_step(d.optim.grad_clip, k, alpha, d.optim.steps, d.anneal, d.temperature, d.divergence, d.jsd_beta,
+                       cfg.model.dtype)
+        _train(f"{out}/base/model", f"{out}/{stage}", stream, d.optim, step, tasks, mx, cfg.seed)
         seconds[stage], t = time.time() - t, time.time()
 
     models = {"base": (f"{out}/base/model", list(tasks)), "student": (f"{out}/student", list(tasks)),
@@ -137,11 +115,6 @@ def reference_pipeline(cfg, out: str) -> dict[str, float]:
         evaluate_tasks(load_model(model_dir), tokenizer, {n: tasks[n] for n in names}, cfg.eval.split, mx, cfg.eval.batch_size)
     seconds["eval"] = time.time() - t
     return seconds
-
-
-def torch_from(array, dtype: str):
-    import torch
-    return torch.from_numpy(array.astype(dtype))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -183,6 +156,30 @@ def stage_walls(log: str) -> dict[str, float]:
     return {name: float(t1 - t0) for (name, t0), (_, t1) in zip(marks, marks[1:])}
 
 
+def summarize(runs: list[dict]) -> tuple[str, str, dict]:
+    """The per-stage table (medians over rounds), the verdict line, and the median totals and ratio."""
+    def med(get) -> float:
+        return statistics.median(get(r) for r in runs)
+
+    rows = [[s, f"{med(lambda r: r['ray']['stages'][s]):.1f}", f"{med(lambda r: r['plain']['stages'].get(s.split(' ')[0], float('nan'))):.1f}"]
+            for s in runs[0]["ray"]["stages"]]
+    walls = runs[0]["ray"]["cli_stage_walls"]
+    if "experts" in walls:
+        rows.insert(2, ["experts (stage wall, jobs concurrent)", f"{med(lambda r: r['ray']['cli_stage_walls']['experts']):.1f}",
+                        f"{med(lambda r: r['plain']['stages']['experts']):.1f}"])
+    if "distill+multitask" in walls:  # `run` trains the two side by side; the plain loop one after the other
+        rows.append(["student + multitask (stage wall, side by side)", f"{med(lambda r: r['ray']['cli_stage_walls']['distill+multitask']):.1f}",
+                     f"{med(lambda r: r['plain']['stages']['student'] + r['plain']['stages']['multitask']):.1f}"])
+    ray_total, plain_total = med(lambda r: r["ray"]["total_seconds"]), med(lambda r: r["plain"]["total_seconds"])
+    ratio = med(lambda r: r["ray_over_plain"])
+    rows.append(["**total wall** (Ray: process start to end, incl. Ray start)", f"{ray_total:.1f}", f"{plain_total:.1f}"])
+    table = markdown_table([f"stage (median of {len(runs)} rounds)", "Ray pipeline, s", "plain process, s"], rows)
+    per_round = ", ".join(f"{r['ray_over_plain']:.2f}" for r in runs)
+    verdict = (f"Ray / plain = {ratio:.2f}, median of the rounds' ratios {per_round} "
+               f"(target <= 1.5: {'met' if ratio <= 1.5 else 'NOT met'})")
+    return table, verdict, {"ray_seconds": ray_total, "plain_seconds": plain_total, "ray_over_plain": ratio}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="configs/demo.yaml")
@@ -219,30 +216,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[end_to_end] round {repeat + 1}/{args.repeats}: Ray {ray_total:.1f} s, plain {plain_total:.1f} s, "
               f"ratio {ray_total / plain_total:.2f}; load average (1, 5, 15 min) {load[-1]}", flush=True)
 
-    def med(get) -> float:
-        return statistics.median(get(r) for r in runs)
-
-    rows = [[s, f"{med(lambda r: r['ray']['stages'][s]):.1f}", f"{med(lambda r: r['plain']['stages'].get(s.split(' ')[0], float('nan'))):.1f}"]
-            for s in runs[0]["ray"]["stages"]]
-    walls = runs[0]["ray"]["cli_stage_walls"]
-    if "experts" in walls:
-        rows.insert(2, ["experts (stage wall, jobs concurrent)", f"{med(lambda r: r['ray']['cli_stage_walls']['experts']):.1f}",
-                        f"{med(lambda r: r['plain']['stages']['experts']):.1f}"])
-    if "distill+multitask" in walls:  # `run` trains the two side by side; the plain loop one after the other
-        rows.append(["student + multitask (stage wall, side by side)", f"{med(lambda r: r['ray']['cli_stage_walls']['distill+multitask']):.1f}",
-                     f"{med(lambda r: r['plain']['stages']['student'] + r['plain']['stages']['multitask']):.1f}"])
-    ray_total, plain_total = med(lambda r: r["ray"]["total_seconds"]), med(lambda r: r["plain"]["total_seconds"])
-    ratio = med(lambda r: r["ray_over_plain"])
-    rows.append(["**total wall** (Ray: process start to end, incl. Ray start)", f"{ray_total:.1f}", f"{plain_total:.1f}"])
-    table = markdown_table([f"stage (median of {len(runs)} rounds)", "Ray pipeline, s", "plain process, s"], rows)
-    per_round = ", ".join(f"{r['ray_over_plain']:.2f}" for r in runs)
-    verdict = (f"Ray / plain = {ratio:.2f}, median of the rounds' ratios {per_round} "
-               f"(target <= 1.5: {'met' if ratio <= 1.5 else 'NOT met'})")
+    table, verdict, median = summarize(runs)
     print(f"\n{table}\n\n{verdict}", flush=True)
     write_result(result_path("end_to_end", args.out, args.tiny), "end_to_end", command_line(), started,
                  {"config": args.config, "overrides": overrides, "plain_torch_threads": torch.get_num_threads(),
-                  "rounds": runs, "median": {"ray_seconds": ray_total, "plain_seconds": plain_total, "ray_over_plain": ratio},
-                  "ray_over_plain": ratio, "target_met": ratio <= 1.5, "loadavg": load}, f"{table}\n\n{verdict}")
+                  "rounds": runs, "median": median, "ray_over_plain": median["ray_over_plain"],
+                  "target_met": median["ray_over_plain"] <= 1.5, "loadavg": load}, f"{table}\n\n{verdict}")
     return 0
 
 

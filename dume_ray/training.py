@@ -1,9 +1,15 @@
-"""Pure training and evaluation steps shared by the base, expert, student and multitask stages.
+"""The one training loop, its steps, and the evaluation used by every stage that trains or scores a model.
 
-Nothing here knows about Ray or ranks: the Ray workers (`experts/worker.py`, `distill/worker.py`) loop
-over these functions and do the reporting. Loss is taken on response tokens only.
+Nothing here knows about Ray or ranks. `train_loop` runs pure steps and hands each step's metrics and every
+checkpoint boundary to callbacks: the Ray Train workers (`worker_utils.training_run`, for base, experts,
+student and multitask) report and checkpoint there, the search proxy (`search/proxy.py`) reports to Tune,
+and `benchmarks/end_to_end.py` saves plain checkpoints. The steps come from `ce_step` (cross-entropy on the
+response tokens) and `kd_step` (top-k distillation + CE), both over columnar batches (a Ray Data numpy batch
+or `data.encode.shuffled_batches`' dict of lists).
 
-    step_metrics = ce_train_step(model, batch, optimizer, scheduler, grad_clip=1.0)
+    optimizer, scheduler = make_optimizer(model, optim)
+    step, metrics = train_loop(model, optimizer, scheduler, batches, ce_step(optim.grad_clip, "float32"),
+                               pad_id, start_step=0, total_steps=optim.steps, on_step=print)
     predictions = greedy_generate(model, tokenizer, prompts, max_new_tokens=12)
 
 Tested in tests/unit/test_model_and_training.py.
@@ -16,13 +22,18 @@ import inspect
 import math
 import os
 import time
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
 from dume_ray.config import OptimConfig
-from dume_ray.data.encode import collate, encode_example, encode_prompt, response_positions
-from dume_ray.distill.losses import cross_entropy, distill_objective
+from dume_ray.data.encode import (batch_rows, collate, encode_example, encode_prompt, response_positions,
+                                  soft_target_batch)
+from dume_ray.losses import annealed_alpha, cross_entropy, distill_objective
+
+# train_step(model, columnar_batch, optimizer, scheduler, step, pad_id, device) -> metrics (floats, "loss" among them);
+# `step` is the number of steps taken before this one.
+TrainStep = Callable[..., dict]
 
 
 def make_optimizer(model: torch.nn.Module, optim: OptimConfig):
@@ -110,6 +121,49 @@ def distill_train_step(model, batch: dict, optimizer, scheduler, grad_clip: floa
     grad_norm = _optimizer_step(model, out["loss"], optimizer, scheduler, grad_clip)
     return {"loss": out["loss"].item(), "kd_loss": float(out["kd_loss"]), "ce_loss": float(out["ce_loss"]),
             "grad_norm": grad_norm, "tokens": int(targets.numel())}
+
+
+def ce_step(grad_clip: float, dtype: str = "float32") -> TrainStep:
+    """The step of base, experts and the proxy's experts: collate the batch, `ce_train_step`."""
+    def train_step(model, batch, optimizer, scheduler, step, pad_id, device) -> dict:
+        tensors = {k: v.to(device) for k, v in collate(batch_rows(batch), pad_id).items()}
+        return ce_train_step(model, tensors, optimizer, scheduler, grad_clip, dtype)
+    return train_step
+
+
+def kd_step(grad_clip: float, top_k: int, alpha: float, total_steps: int, anneal: bool, temperature: float,
+            divergence: str, jsd_beta: float, dtype: str = "float32") -> TrainStep:
+    """The step of student, multitask (alpha = 0) and the search proxy: `soft_target_batch`, then
+    `distill_train_step` with the KD weight annealed over `total_steps` (BAM!) when `anneal`."""
+    def train_step(model, batch, optimizer, scheduler, step, pad_id, device) -> dict:
+        tensors = {k: v.to(device) for k, v in soft_target_batch(batch, pad_id, top_k).items()}
+        step_alpha = annealed_alpha(alpha, step, total_steps, anneal)
+        metrics = distill_train_step(model, tensors, optimizer, scheduler, grad_clip, step_alpha, temperature,
+                                     divergence, jsd_beta, dtype)
+        return {**metrics, "alpha": step_alpha}
+    return train_step
+
+
+def train_loop(model, optimizer, scheduler, batches: Iterator[dict], train_step: TrainStep, pad_id: int,
+               start_step: int, total_steps: int, checkpoint_every: int = 0, device: Optional[torch.device] = None,
+               on_step: Optional[Callable[[int, dict], None]] = None,
+               on_checkpoint: Optional[Callable[[int, dict], None]] = None) -> tuple[int, dict]:
+    """Steps `start_step + 1 .. total_steps`, one batch from `batches` each; returns (last step, its metrics).
+
+    After every step `on_step(step, metrics)`; after every `checkpoint_every`-th step and the last one
+    `on_checkpoint(step, metrics)` (where callers save, report or validate). `device` defaults to the
+    model's. A run already at `total_steps` takes no step and returns `(start_step, {})`.
+    """
+    device = device if device is not None else next(model.parameters()).device
+    step, metrics = start_step, {}
+    while step < total_steps:
+        metrics = train_step(model, next(batches), optimizer, scheduler, step, pad_id, device)
+        step += 1
+        if on_step:
+            on_step(step, metrics)
+        if on_checkpoint and (step == total_steps or (checkpoint_every and step % checkpoint_every == 0)):
+            on_checkpoint(step, metrics)
+    return step, metrics
 
 
 @torch.no_grad()

@@ -1,8 +1,9 @@
 """What every Ray Train worker of ours does the same way: the training loop with its device, data stream,
 checkpoints, progress, step history, dashboards and final save + validation.
 
-`training_run(config, train_step)` is the whole loop; `experts/worker.py` (base and experts, CE) and
-`distill/worker.py` (student and multitask baseline, distillation loss) only supply the step.
+`training_run(config, train_step)` is one training job around `training.train_loop` (the loop the search
+proxy and the benchmarks run too); `experts/worker.py` (base and experts, `training.ce_step`) and
+`distill/worker.py` (student and multitask baseline, `training.kd_step`) only choose the step.
 Checkpoints go through Ray Train: rank 0 writes the training state and passes it to `ray.train.report`,
 and on a restart (worker failure, or the same run rerun after a driver crash) `ray.train.get_checkpoint()`
 hands it back. Ray Train's local mode (`num_workers=0`) keeps checkpoints in memory only, so there we
@@ -16,7 +17,7 @@ import os
 import random
 import tempfile
 import time
-from typing import Callable, Iterator, Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import ray.train
@@ -28,10 +29,8 @@ from dume_ray.dashboards import ScalarLog
 from dume_ray.manifest import atomic_dir
 from dume_ray.model import enable_gradient_checkpointing, load_model, load_tokenizer, make_trainable, merge_adapters
 from dume_ray.tasks.base import Example, Task
-from dume_ray.training import evaluate_tasks, load_training_state, make_optimizer, save_training_state, validation_loss
-
-# train_step(model, numpy_batch, optimizer, scheduler, step, pad_id, device) -> metrics (floats, "loss" among them)
-TrainStep = Callable[..., dict]
+from dume_ray.training import (TrainStep, evaluate_tasks, load_training_state, make_optimizer, save_training_state,
+                               train_loop, validation_loss)
 
 
 def training_run(config: dict, train_step: TrainStep) -> dict:
@@ -53,20 +52,23 @@ def training_run(config: dict, train_step: TrainStep) -> dict:
     progress = Progress(config["label"], optim.steps, every=max(1, optim.steps // 10))
     batches = batch_stream("train", per_worker_batch_size(optim.batch_size), seed=config["seed"] + step)
     dashboards = open_dashboards(config, step)  # rank 0: TensorBoard (+ MLflow when configured)
-    start, metrics = time.time(), {}
+    start = time.time()
 
-    # ---- training loop: pure steps, Ray only for reporting and checkpoints --------------------------------
-    while step < optim.steps:
-        metrics = train_step(model, next(batches), optimizer, scheduler, step, tokenizer.pad_token_id, device)
-        step += 1
+    def on_step(step: int, metrics: dict) -> None:
         history.append(step, metrics)
         progress(step, metrics)
         if dashboards:
             dashboards.log(step, {**metrics, "lr": scheduler.get_last_lr()[0]}, "train")
-        if step % optim.checkpoint_every == 0 or step == optim.steps:
-            if dashboards:
-                dashboards.log(step, validation_loss(unwrap(model), tokenizer, config["validation"]), "val_loss")
-            report_checkpoint({**metrics, "step": step}, model, optimizer, scheduler, step, config.get("local_checkpoint_dir"))
+
+    def on_checkpoint(step: int, metrics: dict) -> None:
+        if dashboards:
+            dashboards.log(step, validation_loss(unwrap(model), tokenizer, config["validation"]), "val_loss")
+        report_checkpoint({**metrics, "step": step}, model, optimizer, scheduler, step, config.get("local_checkpoint_dir"))
+
+    # ---- the shared training loop: pure steps; Ray only in the reporting and checkpoint callbacks ---------
+    step, metrics = train_loop(model, optimizer, scheduler, batches, train_step, tokenizer.pad_token_id,
+                               start_step=step, total_steps=optim.steps, checkpoint_every=optim.checkpoint_every,
+                               device=device, on_step=on_step, on_checkpoint=on_checkpoint)
 
     # ---- save the Hugging Face model and score it on validation (rank 0) ---------------------------------
     result = save_and_validate(model, tokenizer, config, step, metrics, start, history)

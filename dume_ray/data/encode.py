@@ -22,8 +22,9 @@ Test with::
 from __future__ import annotations
 
 import random
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
+import numpy as np
 import torch
 
 #: Label value ignored by ``torch.nn.functional.cross_entropy``.
@@ -149,6 +150,43 @@ def collate(rows: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
         attention_mask[b, :length] = 1
         labels[b, start:length] = ids[start:]
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def soft_target_batch(batch: dict, pad_id: int, top_k: int) -> dict[str, torch.Tensor]:
+    """A columnar batch of soft-target rows -> :func:`collate`'s LM batch + the flattened teacher targets.
+
+    The one soft-target batch builder: the Ray workers pass Ray Data numpy batches (list columns as object
+    arrays), the plain loops dicts of lists (:func:`shuffled_batches`). Teacher targets are concatenated row
+    by row, which is the order :func:`response_positions` gathers logits in.
+
+    Returns:
+        ``input_ids``, ``attention_mask``, ``labels`` as :func:`collate`, plus ``topk_ids`` int64 [n, k],
+        ``topk_logprobs`` float32 [n, k] and ``tail_logmass`` float32 [n], n = response tokens in the batch.
+    """
+    out = collate(batch_rows(batch), pad_id)
+    out["topk_ids"] = torch.from_numpy(np.concatenate(batch["topk_ids"]).astype(np.int64)).view(-1, top_k)  # [n, k]
+    out["topk_logprobs"] = torch.from_numpy(np.concatenate(batch["topk_logprobs"]).astype(np.float32)).view(-1, top_k)
+    out["tail_logmass"] = torch.from_numpy(np.concatenate(batch["tail_logmass"]).astype(np.float32))  # [n]
+    return out
+
+
+def to_columns(rows: Sequence[dict]) -> dict[str, list]:
+    """Row dicts -> one dict of lists, the columnar shape of a Ray Data batch (keys of the first row)."""
+    return {key: [row[key] for row in rows] for key in rows[0]}
+
+
+def shuffled_batches(rows: list[dict], batch_size: int, seed: int) -> Iterator[dict[str, list]]:
+    """Endless columnar batches of `rows` for the loops that run without Ray Data (search proxy, benchmarks).
+
+    Reshuffled every epoch from one generator seeded with `seed` (deterministic); the last incomplete batch
+    of an epoch is dropped unless there are fewer rows than `batch_size`, then each batch is all rows.
+    """
+    rng = random.Random(seed)
+    order = list(range(len(rows)))
+    while True:
+        rng.shuffle(order)
+        for start in range(0, len(order) - batch_size + 1 if len(order) >= batch_size else 1, batch_size):
+            yield to_columns([rows[i] for i in order[start:start + batch_size]])
 
 
 def response_positions(batch_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

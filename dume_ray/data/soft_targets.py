@@ -3,7 +3,7 @@
 Each row holds the full token sequence (prompt + response) and, for every
 response token, the teacher's top-k token ids, their log-probs at
 temperature 1, and the log of the probability mass outside the top k (the
-"tail"); see ``dume_ray.distill.losses`` for how they are consumed.
+"tail"); see ``dume_ray.losses`` for how they are consumed.
 
 Storage choice for log-probs: ``topk_logprobs`` is a native Parquet
 ``list<float16>`` (Arrow ``halffloat``, Parquet FLOAT16 logical type).
@@ -20,7 +20,7 @@ Pure pyarrow/numpy/torch, no Ray. Test with:
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Mapping, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -251,6 +251,23 @@ def validate_shard(path: str, vocab_size: int, top_k: int, atol: float = 2e-2) -
         SoftTargetError: On the first violation; the message names the file
             and, for row-level problems, the row index, example_id and field.
     """
+    table = _read_shard(path, top_k)
+    if table.num_rows == 0:
+        return 0
+    fail = _row_error(path, table)
+    _check_no_nulls(table, fail)
+    lists = {name: _flat_list(table.column(name)) for name in _LIST_DTYPES}  # (values, offsets) per list column
+    _check_lengths(table, lists, top_k, fail)
+    _check_ids(lists, vocab_size, fail)
+    _check_distributions(lists, top_k, atol, fail)
+    return table.num_rows
+
+
+RowError = Callable[[int, str, str], SoftTargetError]
+
+
+def _read_shard(path: str, top_k: int) -> pa.Table:
+    """The shard's table, after checking that it reads and has the expected schema and metadata top_k."""
     try:
         table = pq.read_table(path)
     except (OSError, pa.ArrowException) as e:
@@ -266,23 +283,31 @@ def validate_shard(path: str, vocab_size: int, top_k: int, atol: float = 2e-2) -
     meta_k = (table.schema.metadata or {}).get(b"top_k")
     if meta_k != str(int(top_k)).encode():
         raise SoftTargetError(f"{path}: metadata top_k={meta_k!r}, expected {top_k}")
+    return table
 
-    n_rows = table.num_rows
-    if n_rows == 0:
-        return 0
+
+def _row_error(path: str, table: pa.Table) -> RowError:
+    """fail(row, field, msg): the error naming the file, row index, example_id and field."""
     example_ids = table.column("example_id")
 
     def fail(row: int, field: str, msg: str) -> SoftTargetError:
         eid = example_ids[row].as_py()
         return SoftTargetError(f"{path}: row {row} (example_id={eid!r}): {field} {msg}")
 
+    return fail
+
+
+def _check_no_nulls(table: pa.Table, fail: RowError) -> None:
     for name in SOFT_TARGET_COLUMNS:
         col = table.column(name)
         if col.null_count:
             row = int(np.flatnonzero(pc.is_null(col).to_numpy(zero_copy_only=False))[0])
             raise fail(row, name, "is null")
 
-    lists = {name: _flat_list(table.column(name)) for name in _LIST_DTYPES}
+
+def _check_lengths(table: pa.Table, lists: Dict[str, Tuple[np.ndarray, np.ndarray]], top_k: int,
+                   fail: RowError) -> None:
+    """0 < response_start < len(input_ids), and n_resp * k top-k values and n_resp tail values per row."""
     seq_len = np.diff(lists["input_ids"][1])  # [rows]
     start = table.column("response_start").to_numpy().astype(np.int64)  # [rows]
     bad = np.flatnonzero((start <= 0) | (start >= seq_len))
@@ -301,6 +326,8 @@ def validate_shard(path: str, vocab_size: int, top_k: int, atol: float = 2e-2) -
                 f"(n_resp={n_resp[r]} x {per_pos})"
             )
 
+
+def _check_ids(lists: Dict[str, Tuple[np.ndarray, np.ndarray]], vocab_size: int, fail: RowError) -> None:
     for name in ("input_ids", "topk_ids"):
         values, offsets = lists[name]
         bad = np.flatnonzero((values < 0) | (values >= vocab_size))
@@ -311,6 +338,10 @@ def validate_shard(path: str, vocab_size: int, top_k: int, atol: float = 2e-2) -
             )
             raise fail(r, name, f"has {problem}")
 
+
+def _check_distributions(lists: Dict[str, Tuple[np.ndarray, np.ndarray]], top_k: int, atol: float,
+                         fail: RowError) -> None:
+    """Top-k log-probs finite and <= atol, tail finite or -inf, each position's buckets logsumexp to 0."""
     logps, lp_offsets = lists["topk_logprobs"]
     logps = logps.astype(np.float64)  # [positions * k]
     bad = np.flatnonzero(~np.isfinite(logps) | (logps > atol))
@@ -325,7 +356,7 @@ def validate_shard(path: str, vocab_size: int, top_k: int, atol: float = 2e-2) -
         r = _row_of(tail_offsets, bad[0])
         raise fail(r, "tail_logmass", f"has value {tail[bad[0]]}, expected finite or -inf")
 
-    # Lengths are consistent now, so positions line up across columns.
+    # Lengths are consistent (checked first), so positions line up across columns.
     buckets = np.concatenate([logps.reshape(-1, top_k), tail[:, None]], axis=1)  # [positions, k+1]
     peak = buckets.max(axis=1, keepdims=True)  # [positions, 1], finite: top-k finite
     total = peak[:, 0] + np.log(np.exp(buckets - peak).sum(axis=1))  # [positions]
@@ -337,7 +368,6 @@ def validate_shard(path: str, vocab_size: int, top_k: int, atol: float = 2e-2) -
             r, "topk_logprobs+tail_logmass",
             f"logsumexp at response position {pos} is {total[bad[0]]:.4f}, expected 0 ± {atol}",
         )
-    return n_rows
 
 
 def _flat_list(col: pa.ChunkedArray) -> Tuple[np.ndarray, np.ndarray]:

@@ -21,15 +21,14 @@ import ray.data
 from ray.data.datasource import FileShuffleConfig
 
 from dume_ray import manifest
-from dume_ray.config import PipelineConfig, to_dict
-from dume_ray.dashboards import mlflow_tracking_uri, tensorboard_dir
+from dume_ray.config import PipelineConfig
 from dume_ray.data.encode import training_order
 from dume_ray.distill.worker import train_fn_per_worker
-from dume_ray.experts.launch import _require, fit_concurrently, history_path, local_checkpoint_dir
 from dume_ray.model import build_embedded_model, check_same_vocab, load_tokenizer
 from dume_ray.soft_targets.launch import checked_soft_targets
 from dume_ray.stage_hashes import pipeline_hashes, student_hash
 from dume_ray.tasks import load_tasks
+from dume_ray.training_jobs import fit_concurrently, job_config, validation_pairs
 
 
 def run_distill(cfg: PipelineConfig) -> dict:
@@ -49,8 +48,8 @@ def run_students(cfg: PipelineConfig, stages: list[str]) -> dict[str, dict]:
     """Train the given stages ("student": alpha = distill.alpha; "multitask": alpha = 0) concurrently, skipping
     those already done; {stage: manifest}."""
     hashes = pipeline_hashes(cfg)
-    base_dir = _require(f"{cfg.run_dir}/base", "base", hashes["base"])["outputs"]["model"]
-    soft_targets = _require(f"{cfg.run_dir}/soft_targets", "soft-targets", hashes["soft_targets"])
+    base_dir = manifest.require(f"{cfg.run_dir}/base", "base", hashes["base"])["outputs"]["model"]
+    soft_targets = manifest.require(f"{cfg.run_dir}/soft_targets", "soft-targets", hashes["soft_targets"])
     stage_hashes = {stage: student_hash(cfg, stage, soft_targets["config_hash"]) for stage in stages}
     done = {}
     for stage in stages:
@@ -83,23 +82,13 @@ def run_students(cfg: PipelineConfig, stages: list[str]) -> dict[str, dict]:
 
 def _loop_config(cfg: PipelineConfig, stage: str, stage_hash: str, init_dir: str, tasks: dict, vocab_size: int) -> dict:
     """What `distill/worker.py` needs, as plain data; the baseline is the same loop with alpha = 0."""
-    stage_dir = f"{cfg.run_dir}/{stage}"
     alpha = cfg.distill.alpha if stage == "student" else 0.0
     return {
-        "label": stage, "init_dir": init_dir, "output_dir": f"{stage_dir}/model", "optim": to_dict(cfg.distill.optim),
+        **job_config(cfg, stage, init_dir, f"{cfg.run_dir}/{stage}/model", cfg.distill.optim, cfg.distill.resources,
+                     stage_hash, validation_pairs(tasks), stage),
         "alpha": alpha, "temperature": cfg.distill.temperature, "divergence": cfg.distill.divergence,
         "jsd_beta": cfg.distill.jsd_beta, "anneal": cfg.distill.anneal and alpha > 0,
         "top_k": min(cfg.soft_targets.top_k, vocab_size),
-        "seed": cfg.seed, "torch_threads": cfg.distill.resources.torch_threads,
-        "num_workers": cfg.distill.resources.num_workers, "dtype": cfg.model.dtype,
-        "gradient_checkpointing": cfg.model.gradient_checkpointing,
-        "max_new_tokens": cfg.eval.max_new_tokens,
-        "validation": {n: [(e.prompt, e.response) for e in t.examples("validation")] for n, t in tasks.items()},
-        "local_checkpoint_dir": local_checkpoint_dir(stage_dir, stage_hash, cfg.distill.resources),
-        "history_path": history_path(stage_dir, stage_hash),
-        "run_name": f"{stage}-{stage_hash}",  # Ray Train resumes a run of this name: never one of another config
-        "experiment": cfg.name, "tensorboard_dir": tensorboard_dir(cfg.run_dir, stage, stage),
-        "mlflow_tracking_uri": mlflow_tracking_uri(cfg.mlflow_tracking_uri),
     }
 
 

@@ -24,7 +24,7 @@ import math
 import torch
 from torch import Tensor
 
-from dume_ray.distill.losses import generalized_jsd, reverse_kl
+from dume_ray.losses import generalized_jsd, reverse_kl
 from dume_ray.training import response_logits
 
 ON_POLICY_DIVERGENCES = ("reverse_kl", "generalized_jsd")

@@ -19,7 +19,6 @@ import ray
 from dume_ray import manifest
 from dume_ray.config import ROUTING_GRANULARITIES, PipelineConfig
 from dume_ray.eval.report import build_report, plot_report, render_markdown
-from dume_ray.experts.launch import _require
 from dume_ray.model import load_model, load_tokenizer
 from dume_ray.stage_hashes import eval_hash, pipeline_hashes
 from dume_ray.tasks import load_tasks
@@ -84,18 +83,18 @@ def models_to_score(cfg: PipelineConfig) -> dict[str, tuple[str, list[str], str]
     """Every finished model of the run: base, student/multitask and the experts' weight average on all tasks,
     each expert on its group."""
     hashes = pipeline_hashes(cfg)
-    base = _require(f"{cfg.run_dir}/base", "base", hashes["base"])
+    base = manifest.require(f"{cfg.run_dir}/base", "base", hashes["base"])
     models = {"base": (base["outputs"]["model"], cfg.tasks.names, base["config_hash"])}
     for group, names in cfg.groups.items():
-        found = _require(f"{cfg.run_dir}/experts/{group}", "experts", hashes[f"experts/{group}"])
+        found = manifest.require(f"{cfg.run_dir}/experts/{group}", "experts", hashes[f"experts/{group}"])
         models[f"expert:{group}"] = (found["outputs"]["model"], names, found["config_hash"])
     for stage, command in (("student", "distill"), ("multitask", "multitask")):
         if stage == "multitask" and not cfg.multitask.enabled:
             continue
-        found = _require(f"{cfg.run_dir}/{stage}", command, hashes[stage])
+        found = manifest.require(f"{cfg.run_dir}/{stage}", command, hashes[stage])
         models[stage] = (found["outputs"]["model"], cfg.tasks.names, found["config_hash"])
     if cfg.upcycle_active:
-        found = _require(f"{cfg.run_dir}/upcycle", "upcycle", hashes["upcycle"])
+        found = manifest.require(f"{cfg.run_dir}/upcycle", "upcycle", hashes["upcycle"])
         models["weight_average"] = (found["outputs"]["weight_average"], cfg.tasks.names, found["config_hash"])
     return models
 
@@ -104,7 +103,7 @@ def moe_runs_to_score(cfg: PipelineConfig) -> dict[str, tuple]:
     """The upcycled models: DUME in 3 granularities x 2 column modes, oracle and random routing (+ DUME+)."""
     if not cfg.upcycle_active:
         return {}
-    outputs = _require(f"{cfg.run_dir}/upcycle", "upcycle", pipeline_hashes(cfg)["upcycle"])["outputs"]
+    outputs = manifest.require(f"{cfg.run_dir}/upcycle", "upcycle", pipeline_hashes(cfg)["upcycle"])["outputs"]
     u = cfg.upcycle
     variants = [(g, n) for g in ROUTING_GRANULARITIES for n in (False, True)] if u.score_all_routings \
         else [(u.routing, u.normalize_columns)]

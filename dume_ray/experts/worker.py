@@ -1,7 +1,7 @@
 """Ray Train worker for plain cross-entropy fine-tuning: the `base` and `experts` stages.
 
 `train_fn_per_worker(config)` is what `TorchTrainer` runs on each worker. It gets plain data (a dict from
-`experts/launch.py`) and runs `worker_utils.training_run` with the pure `training.ce_train_step` on its
+`experts/launch.py`) and runs `worker_utils.training_run` with the pure `training.ce_step` on its
 Ray Data shard "train" of encoded rows: checkpoints through Ray Train, and on rank 0 the final model saved
 with `save_pretrained` and scored on the validation split. The return value reaches the driver as
 `Result.return_value`.
@@ -10,17 +10,10 @@ with `save_pretrained` and scored on the validation split. The return value reac
 from __future__ import annotations
 
 from dume_ray.config import OptimConfig, from_dict
-from dume_ray.data.encode import batch_rows, collate
-from dume_ray.training import ce_train_step
+from dume_ray.training import ce_step
 from dume_ray.worker_utils import training_run
 
 
 def train_fn_per_worker(config: dict) -> dict:
     optim = from_dict(OptimConfig, config["optim"])
-
-    def train_step(model, batch, optimizer, scheduler, step, pad_id, device) -> dict:
-        batch = {k: v.to(device) for k, v in collate(batch_rows(batch), pad_id).items()}
-        return ce_train_step(model, batch, optimizer, scheduler, optim.grad_clip, config["dtype"])
-
-    return training_run(config, train_step)
-
+    return training_run(config, ce_step(optim.grad_clip, config["dtype"]))

@@ -23,7 +23,7 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
-from dume_ray.distill.losses import cross_entropy
+from dume_ray.losses import cross_entropy
 from dume_ray.search.partitions import RGS, iter_rgs
 from dume_ray.training import response_logits
 

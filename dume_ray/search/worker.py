@@ -40,13 +40,7 @@ def search_trial(config: dict, setup: dict) -> None:
     start = time.time()
 
     # ---- experts for this grouping: from the cache, or trained once and cached ---------------------------
-    soft_rows, hits = [], 0
-    for group in groups:
-        key = expert_cache_key(setup["base_hash"], group, cfg)
-        rows = encode_rows({t: tasks[t] for t in group}, tokenizer, "train", cfg.model.max_seq_len, {t: "+".join(group) for t in group})
-        entry, hit = cached_expert(setup["cache_dir"], key, lambda tmp: _build_expert(cfg, base_dir, tokenizer, rows, tmp))
-        hits += hit
-        soft_rows += read_soft_targets(os.path.join(entry, SOFT_TARGETS))
+    soft_rows, hits = grouping_soft_targets(cfg, setup, groups, tokenizer, tasks)
     expert_seconds = time.time() - start
 
     # ---- proxy distillation from the base, reporting validation every report_every steps ------------------
@@ -54,29 +48,42 @@ def search_trial(config: dict, setup: dict) -> None:
     optim = dataclasses.replace(cfg.distill.optim, steps=s.proxy_steps,
                                 warmup_steps=min(cfg.distill.optim.warmup_steps, s.proxy_steps))
     student = load_model(base_dir)
-    optimizer = scheduler = None
+    optimizer, scheduler = make_optimizer(student, optim)
     step = 0
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:  # Tuner.restore of an interrupted trial, or a retried one
-        optimizer, scheduler = make_optimizer(student, optim)
         with checkpoint.as_directory() as directory:
             step, _ = load_training_state(directory, student, optimizer, scheduler)
     fixed = {"grouping": readable(groups), "num_groups": len(groups), "cache_hits": hits,
              "cache_misses": len(groups) - hits, "expert_seconds": round(expert_seconds, 1)}
-    for step, metrics, optimizer, scheduler in proxy_distill(
-            student, tokenizer, soft_rows, optim, top_k=min(cfg.soft_targets.top_k, len(tokenizer)),
-            alpha=config["alpha"], temperature=config["temperature"], divergence=cfg.distill.divergence,
-            jsd_beta=cfg.distill.jsd_beta, anneal=cfg.distill.anneal, seed=cfg.seed, start_step=step,
-            optimizer=optimizer, scheduler=scheduler):
-        if step % s.report_every and step != optim.steps:
-            continue
+
+    def report(step: int, metrics: dict) -> None:
         scores = evaluate_tasks(student, tokenizer, tasks, "validation", cfg.eval.max_new_tokens, cfg.eval.batch_size)
-        report = {"val_mean": sum(scores.values()) / len(scores), **{f"val_{t}": v for t, v in scores.items()},
+        result = {"val_mean": sum(scores.values()) / len(scores), **{f"val_{t}": v for t, v in scores.items()},
                   "step": step, "loss": metrics["loss"], "kd_loss": metrics["kd_loss"], "ce_loss": metrics["ce_loss"],
                   "trial_seconds": round(time.time() - start, 1), **fixed}
         with tempfile.TemporaryDirectory() as tmp:
             state_dir = save_training_state(os.path.join(tmp, "state"), student, optimizer, scheduler, step)
-            tune.report(report, checkpoint=tune.Checkpoint.from_directory(state_dir))
+            tune.report(result, checkpoint=tune.Checkpoint.from_directory(state_dir))
+
+    proxy_distill(student, tokenizer, soft_rows, optim, optimizer, scheduler, top_k=min(cfg.soft_targets.top_k, len(tokenizer)),
+                  alpha=config["alpha"], temperature=config["temperature"], divergence=cfg.distill.divergence,
+                  jsd_beta=cfg.distill.jsd_beta, anneal=cfg.distill.anneal, seed=cfg.seed, start_step=step,
+                  report_every=s.report_every, on_report=report)
+
+
+def grouping_soft_targets(cfg: PipelineConfig, setup: dict, groups: list[list[str]], tokenizer,
+                          tasks: dict) -> tuple[list[dict], int]:
+    """The soft-target rows of every group's expert (cached by content hash; trained here on a miss), and
+    how many of the experts came from the cache."""
+    soft_rows, hits = [], 0
+    for group in groups:
+        key = expert_cache_key(setup["base_hash"], group, cfg)
+        rows = encode_rows({t: tasks[t] for t in group}, tokenizer, "train", cfg.model.max_seq_len, {t: "+".join(group) for t in group})
+        entry, hit = cached_expert(setup["cache_dir"], key, lambda tmp: _build_expert(cfg, setup["base_dir"], tokenizer, rows, tmp))
+        hits += hit
+        soft_rows += read_soft_targets(os.path.join(entry, SOFT_TARGETS))
+    return soft_rows, hits
 
 
 def expert_cache_key(base_hash: str, group: list[str], cfg: PipelineConfig) -> str:

@@ -26,7 +26,7 @@ import ray.data
 from dume_ray import manifest
 from dume_ray.config import PipelineConfig
 from dume_ray.data.soft_targets import SoftTargetError, validate_shard
-from dume_ray.experts.launch import _require, finished_experts
+from dume_ray.experts.launch import finished_experts
 from dume_ray.model import check_same_vocab, load_tokenizer
 from dume_ray.soft_targets.teacher_scoring import TeacherScorer
 from dume_ray.stage_hashes import pipeline_hashes
@@ -43,7 +43,7 @@ def run_soft_targets(cfg: PipelineConfig) -> dict:
         return manifest.read_manifest(stage_dir)
     start = time.time()
     experts = finished_experts(cfg)
-    base_dir = _require(f"{cfg.run_dir}/base", "base", hashes["base"])["outputs"]["model"]
+    base_dir = manifest.require(f"{cfg.run_dir}/base", "base", hashes["base"])["outputs"]["model"]
     todo = [g for g in cfg.groups if not manifest.is_done(group_dir(cfg, g), hashes[f"soft_targets/{g}"])]
     reused = [g for g in cfg.groups if g not in todo]
     if reused:
@@ -120,8 +120,8 @@ def checked_soft_targets(cfg: PipelineConfig) -> dict:
     """The soft-target manifest for this config, after validating every group's shards. A missing, truncated or
     corrupted shard is reported by file name and that group's shards are regenerated, never trained on."""
     stage_dir = f"{cfg.run_dir}/soft_targets"
-    found = _require(stage_dir, "soft-targets", pipeline_hashes(cfg)["soft_targets"])
-    vocab_size = len(load_tokenizer(_require(f"{cfg.run_dir}/base", "base")["outputs"]["model"]))
+    found = manifest.require(stage_dir, "soft-targets", pipeline_hashes(cfg)["soft_targets"])
+    vocab_size = len(load_tokenizer(manifest.require(f"{cfg.run_dir}/base", "base")["outputs"]["model"]))
     rejected = []
     for group, shards in found["outputs"]["shards"].items():
         try:

@@ -6,7 +6,8 @@ A plain callable class over dicts of numpy arrays, so Ray Data can run it on an 
 never leave this class: per response token it keeps the top-k ids (int32), their log-probs (float16)
 and the log of the mass outside the top k, in the schema of `data/soft_targets.py`.
 
-Pure: no Ray here. Tested in tests/unit/test_model_and_training.py.
+`score_rows` runs it in this process over a list of rows, for the loops without Ray Data (the search
+proxy, benchmarks/end_to_end.py). Pure: no Ray here. Tested in tests/unit/test_model_and_training.py.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from dume_ray.data.encode import batch_rows, collate
+from dume_ray.data.encode import batch_rows, collate, to_columns
 from dume_ray.data.soft_targets import encode_top_k, rows_to_table
 from dume_ray.model import load_model, load_tokenizer
 from dume_ray.training import response_logits
@@ -53,3 +54,11 @@ class TeacherScorer:
                         "tail_logmass": tail_logmass[offset:offset + n_resp]})
             offset += n_resp
         return rows_to_table(out, k)
+
+
+def score_rows(model_dir: str, rows: list[dict], top_k: int, batch_size: int = 256) -> pa.Table:
+    """The expert's soft targets for encoded `rows`, `batch_size` rows at a time, as one table in the
+    schema of `data/soft_targets.py`: what the soft_targets stage's actor pool computes, in one process."""
+    scorer = TeacherScorer(model_dir, top_k)
+    return pa.concat_tables([scorer(to_columns(rows[start:start + batch_size]))
+                             for start in range(0, len(rows), batch_size)])

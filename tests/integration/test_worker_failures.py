@@ -65,7 +65,7 @@ def _kill_rank_zero_after_two_checkpoints(history_path, timeout=300):
 def test_killed_train_workers_resume_from_their_checkpoints(ray_session, tiny_model_dir, tmp_path):
     import ray.data
     from dume_ray.distill.worker import train_fn_per_worker as student_fn
-    from dume_ray.experts.launch import fit_concurrently
+    from dume_ray.training_jobs import fit_concurrently
     from dume_ray.experts.worker import train_fn_per_worker as expert_fn
 
     task = make_builtin_task("copy", 0, 64, 8, 8)

@@ -7,7 +7,7 @@ temperature resumed the old run's final step and trained nothing).
 import os
 
 from dume_ray.config import ResourcesConfig
-from dume_ray.experts.launch import local_checkpoint_dir
+from dume_ray.training_jobs import local_checkpoint_dir
 
 
 def test_local_checkpoint_dir_is_keyed_by_config_hash_and_drops_other_hashes(tmp_path):

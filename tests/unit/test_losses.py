@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dume_ray.data.soft_targets import encode_top_k
-from dume_ray.distill.losses import (
+from dume_ray.losses import (
     DIVERGENCES,
     annealed_alpha,
     cross_entropy,

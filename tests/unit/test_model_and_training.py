@@ -18,11 +18,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from dume_ray.config import ModelConfig, OptimConfig  # noqa: E402
-from dume_ray.data.encode import collate, response_positions  # noqa: E402
+from dume_ray.data.encode import collate, response_positions, soft_target_batch  # noqa: E402
 from dume_ray.data.soft_targets import soft_target_schema, validate_shard, write_shard  # noqa: E402
 from dume_ray.data.tokenizer import build_char_tokenizer  # noqa: E402
-from dume_ray.distill.losses import cross_entropy  # noqa: E402
-from dume_ray.distill.worker import soft_target_batch  # noqa: E402  (imports ray.train; does not start Ray)
+from dume_ray.losses import cross_entropy  # noqa: E402
 from dume_ray.model import (  # noqa: E402
     check_model_path,
     check_same_vocab,

@@ -83,7 +83,9 @@ Caveats of the choice:
 * With k == 1 and T != 1 the renormalised support has a single token, so the
   KD term is identically 0 (no signal); use k ≥ 2 with T != 1.
 
-Everything is pure torch (no Ray), so it runs inside any training worker.
+Everything is pure torch (no Ray), so it runs inside any training worker. It sits below the stages
+(next to model.py and training.py, which builds its steps on it): the distill workers, the search proxy and
+the affinity search all reach it through `training` or directly, never through a stage package.
 Test with:
 
     .venv/bin/python -m pytest tests/unit/test_losses.py -q

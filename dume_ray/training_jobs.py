@@ -1,0 +1,115 @@
+"""Driver side of every Ray Train job of ours (base, experts, student, multitask): the plain-data config a
+worker's `worker_utils.training_run` reads, its checkpoint and step-log paths, and `fit_concurrently`, which
+runs one `TorchTrainer.fit()` per job in its own Ray task so jobs train side by side.
+
+    pending = {label: (job_config(cfg, label, init_dir, output_dir, optim, resources, job_hash, validation, stage),
+                       dataset)}
+    fit_concurrently(train_fn_per_worker, pending, resources, storage_path, stage, on_finish=mark_done)
+
+The stage launchers (`experts/launch.py`, `distill/launch.py`) decide which jobs to run and what each one
+adds to the config (what it trains, its distillation settings); everything every job needs is set here once.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from typing import Callable
+
+import ray
+from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from dume_ray.config import OptimConfig, PipelineConfig, ResourcesConfig, to_dict
+from dume_ray.dashboards import mlflow_tracking_uri, tensorboard_dir
+
+
+def job_config(cfg: PipelineConfig, label: str, init_dir: str, output_dir: str, optim: OptimConfig,
+               resources: ResourcesConfig, job_hash: str, validation: dict, stage: str) -> dict:
+    """What `worker_utils.training_run` reads, as plain data: train `init_dir` into `output_dir` with `optim`
+    on `resources`, score on `validation` ({task: [(prompt, response)]}); checkpoints, step log and the Ray
+    Train run name are keyed by `job_hash`, so a changed config never resumes a stale run."""
+    job_dir = os.path.dirname(output_dir)
+    return {
+        "label": label, "init_dir": init_dir, "output_dir": output_dir, "optim": to_dict(optim), "seed": cfg.seed,
+        "torch_threads": resources.torch_threads, "num_workers": resources.num_workers, "dtype": cfg.model.dtype,
+        "gradient_checkpointing": cfg.model.gradient_checkpointing, "validation": validation,
+        "max_new_tokens": cfg.eval.max_new_tokens,
+        "local_checkpoint_dir": local_checkpoint_dir(job_dir, job_hash, resources),
+        "history_path": history_path(job_dir, job_hash),
+        "run_name": f"{label}-{job_hash}",  # Ray Train resumes a run of this name: never one of another config
+        "experiment": cfg.name, "mlflow_tracking_uri": mlflow_tracking_uri(cfg.mlflow_tracking_uri),
+        "tensorboard_dir": tensorboard_dir(cfg.run_dir, stage, label),
+    }
+
+
+def validation_pairs(tasks: dict) -> dict[str, list[tuple[str, str]]]:
+    """{task: [(prompt, response)] of its validation split}: what a job scores its final model on."""
+    return {n: [(e.prompt, e.response) for e in t.examples("validation")] for n, t in tasks.items()}
+
+
+def fit_concurrently(train_fn: Callable, pending: dict[str, tuple[dict, object]], resources: ResourcesConfig,
+                     storage_path: str, stage: str, on_finish: Callable[[str, dict], None] | None = None) -> dict[str, dict]:
+    """Run `trainer.fit()` for each (loop_config, dataset) in its own Ray task; at most
+    `resources.max_concurrent_jobs` at once (0 = let the cluster's free resources decide)."""
+    limit = resources.max_concurrent_jobs or len(pending) or 1
+    # In local mode the training runs inside the task, so the task holds the CPUs; otherwise it only drives.
+    task_cpus = resources.cpus_per_worker if resources.num_workers == 0 else 0
+    # A died task (its node lost, its process killed) is retried; the rerun resumes from the checkpoint.
+    fit = ray.remote(num_cpus=task_cpus, max_retries=resources.max_failures)(_fit)
+    queue, running, results, start = list(pending.items()), {}, {}, time.time()
+    total = len(queue)
+    while queue or running:
+        while queue and len(running) < limit:
+            label, (loop_config, dataset) = queue.pop(0)
+            ref = fit.remote(train_fn, loop_config, to_dict(resources), dataset, storage_path, loop_config["run_name"])
+            running[ref] = label
+        done, _ = ray.wait(list(running), num_returns=1)
+        label = running.pop(done[0])
+        results[label] = ray.get(done[0])
+        scores = results[label].get("validation", {})
+        print(f"[{stage}] {len(results)}/{total} finished: {label} validation exact-match "
+              f"{mean_score(scores):.3f} ({time.time() - start:.0f} s since stage start)", flush=True)
+        if on_finish:
+            on_finish(label, results[label])
+    return results
+
+
+def _fit(train_fn: Callable, loop_config: dict, resources: dict, dataset, storage_path: str, name: str) -> dict:
+    trainer = TorchTrainer(
+        train_fn,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=resources["num_workers"], use_gpu=resources["use_gpu"],
+                                     resources_per_worker={"CPU": resources["cpus_per_worker"]}),
+        run_config=RunConfig(name=name, storage_path=storage_path,
+                             failure_config=FailureConfig(max_failures=resources["max_failures"])),
+        datasets={"train": dataset},
+    )
+    return trainer.fit().return_value
+
+
+def local_checkpoint_dir(job_dir: str, config_hash: str, resources: ResourcesConfig):
+    """Local mode keeps its checkpoint in the job folder, keyed by config hash (older ones are removed)."""
+    if resources.num_workers > 0:
+        return None
+    keep = f"checkpoint-{config_hash}"
+    if os.path.isdir(job_dir):
+        for name in os.listdir(job_dir):
+            if name.startswith("checkpoint-") and name != keep:
+                shutil.rmtree(os.path.join(job_dir, name), ignore_errors=True)
+    return os.path.join(job_dir, keep)
+
+
+def history_path(job_dir: str, config_hash: str) -> str:
+    """The job's step log (see worker_utils.StepHistory), keyed by config hash like its checkpoints."""
+    keep = f"history-{config_hash}.jsonl"
+    if os.path.isdir(job_dir):
+        for name in os.listdir(job_dir):
+            if name.startswith("history-") and name != keep:
+                os.remove(os.path.join(job_dir, name))
+    return os.path.join(job_dir, keep)
+
+
+def mean_score(scores: dict) -> float:
+    return sum(scores.values()) / len(scores) if scores else float("nan")
