@@ -85,7 +85,7 @@ def _takes_logits_to_keep(model: torch.nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
-def _optimizer_step(model, loss, optimizer, scheduler, grad_clip: float) -> float:
+def optimizer_step(model, loss, optimizer, scheduler, grad_clip: float) -> float:
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
@@ -100,7 +100,7 @@ def ce_train_step(model, batch: dict, optimizer, scheduler, grad_clip: float, dt
     with autocast(batch["input_ids"].device, dtype):
         logits, targets = response_logits(model, batch)
     loss = cross_entropy(logits, targets)
-    grad_norm = _optimizer_step(model, loss, optimizer, scheduler, grad_clip)
+    grad_norm = optimizer_step(model, loss, optimizer, scheduler, grad_clip)
     return {"loss": loss.item(), "ce_loss": loss.item(), "grad_norm": grad_norm, "tokens": int(targets.numel())}
 
 
@@ -118,7 +118,7 @@ def distill_train_step(model, batch: dict, optimizer, scheduler, grad_clip: floa
         raise ValueError(f"soft targets cover {batch['topk_ids'].shape[0]} tokens but the batch has {targets.shape[0]} response tokens")
     out = distill_objective(logits, targets, batch["topk_ids"], batch["topk_logprobs"], batch["tail_logmass"],
                             alpha=alpha, temperature=temperature, divergence=divergence, jsd_beta=jsd_beta)
-    grad_norm = _optimizer_step(model, out["loss"], optimizer, scheduler, grad_clip)
+    grad_norm = optimizer_step(model, out["loss"], optimizer, scheduler, grad_clip)
     return {"loss": out["loss"].item(), "kd_loss": float(out["kd_loss"]), "ce_loss": float(out["ce_loss"]),
             "grad_norm": grad_norm, "tokens": int(targets.numel())}
 

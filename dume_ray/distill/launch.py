@@ -23,7 +23,9 @@ from ray.data.datasource import FileShuffleConfig
 from dume_ray import manifest
 from dume_ray.config import PipelineConfig
 from dume_ray.data.encode import training_order
+from dume_ray.distill.on_policy import ExpertTeacher
 from dume_ray.distill.worker import train_fn_per_worker
+from dume_ray.experts.launch import finished_experts
 from dume_ray.model import build_embedded_model, check_same_vocab, load_tokenizer
 from dume_ray.soft_targets.launch import checked_soft_targets
 from dume_ray.stage_hashes import pipeline_hashes, student_hash
@@ -69,15 +71,41 @@ def run_students(cfg: PipelineConfig, stages: list[str]) -> dict[str, dict]:
         inits[stage] = student_init(cfg, base_dir, f"{cfg.run_dir}/{stage}/init")
         check_same_vocab(base_dir, inits[stage])
         pending[stage] = (_loop_config(cfg, stage, stage_hashes[stage], inits[stage], tasks, len(tokenizer)), stream)
+    teachers = start_teachers(cfg, tokenizer, pending) if "student" in pending and cfg.distill.on_policy_ratio > 0 else {}
 
     def finish(stage: str, result: dict) -> None:  # each job's manifest as soon as it finishes
+        if stage == "student" and teachers:  # the experts' scoring throughput, for the record
+            result = {**result, "on_policy_teachers": {g: ray.get(t.throughput.remote()) for g, t in teachers.items()}}
+            print(f"[student] on-policy teachers: {result['on_policy_teachers']}", flush=True)
         done[stage] = manifest.mark_done(f"{cfg.run_dir}/{stage}", stage_hashes[stage], {"model": f"{cfg.run_dir}/{stage}/model"},
                                          metrics=result, inputs={"soft_targets": soft_targets["outputs"]["shards"], "init": inits[stage]},
                                          seconds=time.time() - start)
 
-    fit_concurrently(train_fn_per_worker, pending, cfg.distill.resources,
-                     os.path.abspath(f"{cfg.run_dir}/ray_train"), stage=" + ".join(todo), on_finish=finish)
+    try:
+        fit_concurrently(train_fn_per_worker, pending, cfg.distill.resources,
+                         os.path.abspath(f"{cfg.run_dir}/ray_train"), stage=" + ".join(todo), on_finish=finish)
+    finally:
+        for actor in teachers.values():
+            ray.kill(actor)
     return {stage: done[stage] for stage in stages}
+
+
+def start_teachers(cfg: PipelineConfig, tokenizer, pending: dict) -> dict:
+    """On-policy distillation: one `ExpertTeacher` actor per group, their handles added to the student's loop
+    config. They ask for no CPU of their own: the student waits while they score, so they run in its time (on
+    a GPU cluster they take `soft_targets.gpus_per_actor`)."""
+    experts = finished_experts(cfg)
+    device = "cuda" if cfg.soft_targets.gpus_per_actor > 0 else "cpu"
+    serve = ray.remote(num_cpus=0, num_gpus=cfg.soft_targets.gpus_per_actor)(ExpertTeacher)
+    teachers = {g: serve.remote(experts[g]["outputs"]["model"], cfg.model.dtype, device) for g in cfg.groups}
+    d = cfg.distill
+    pending["student"][0]["on_policy"] = {
+        "teachers": teachers, "ratio": d.on_policy_ratio, "divergence": d.on_policy_divergence,
+        "sample": d.on_policy_sample, "max_new_tokens": cfg.eval.max_new_tokens,
+        "pad_id": tokenizer.pad_token_id, "eos_id": tokenizer.eos_token_id}
+    print(f"[student] on-policy on {d.on_policy_ratio:.0%} of the steps ({d.on_policy_divergence}), "
+          f"{len(teachers)} expert actors", flush=True)
+    return teachers
 
 
 def _loop_config(cfg: PipelineConfig, stage: str, stage_hash: str, init_dir: str, tasks: dict, vocab_size: int) -> dict:

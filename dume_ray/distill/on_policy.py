@@ -13,19 +13,25 @@ exactly a λ share of the steps is, deterministically (a resumed run makes the s
 
 The loss is over the full vocabulary (the expert scores live, nothing is stored), at temperature 1, with the
 divergences of `losses.py` (reverse KL, mode-seeking, GKD's default for on-policy data; or generalized JSD with
-β). Pure torch: the experts' Ray actors that call `teacher_logprobs` live in `distill/launch.py`.
+β). `on_policy_step` wraps the off-policy step (`training.kd_step`) into the mixed one; `ExpertTeacher` is an
+expert ready to score rows (a Ray actor per group in `distill/launch.py`, called from `distill/worker.py`).
+Pure torch, no Ray here.
 Tested in tests/unit/test_on_policy.py.
 """
 
 from __future__ import annotations
 
 import math
+import time
+from typing import Callable
 
 import torch
 from torch import Tensor
 
+from dume_ray.data.encode import batch_rows, collate
 from dume_ray.losses import generalized_jsd, reverse_kl
-from dume_ray.training import response_logits
+from dume_ray.model import load_model
+from dume_ray.training import TrainStep, autocast, optimizer_step, response_logits
 
 ON_POLICY_DIVERGENCES = ("reverse_kl", "generalized_jsd")
 
@@ -98,3 +104,71 @@ def on_policy_loss(student_logits: Tensor, teacher_logp: Tensor, divergence: str
     else:
         per_token = generalized_jsd(teacher_logp, student_logp, jsd_beta)
     return per_token.mean()
+
+
+class ExpertTeacher:
+    """One expert, loaded once, scoring the student's rollouts: full-vocabulary log-probs at their response
+    tokens. `distill/launch.py` serves one per group as a Ray actor for the student's on-policy steps."""
+
+    def __init__(self, model_dir: str, dtype: str = "float32", device: str = "cpu", threads: int = 1):
+        torch.set_num_threads(threads)
+        self.device, self.dtype = torch.device(device), dtype
+        self.model = load_model(model_dir).to(self.device).eval()
+        self.tokens, self.seconds = 0, 0.0
+
+    def logprobs(self, rows: list[dict], pad_id: int) -> Tensor:
+        """[n, V] float32 on the CPU, n = the rows' response tokens, row-major (as `response_logits`)."""
+        start = time.time()
+        batch = {k: v.to(self.device) for k, v in collate(rows, pad_id).items()}
+        with autocast(self.device, self.dtype):
+            out = teacher_logprobs(self.model, batch).float().cpu()
+        self.tokens += int(batch["attention_mask"].sum())
+        self.seconds += time.time() - start
+        return out
+
+    def throughput(self) -> dict:
+        """Tokens scored (prompt and response, the forward's work) and seconds spent, since loading."""
+        return {"tokens": self.tokens, "seconds": round(self.seconds, 3),
+                "tokens_per_s": round(self.tokens / self.seconds, 1) if self.seconds else None}
+
+
+TeacherFn = Callable[[list[dict], list[str]], Tensor]  # (rows, each row's group) -> [n, V] log-probs, row-major
+
+
+def on_policy_step(off_policy: TrainStep, score: TeacherFn, ratio: float, divergence: str, jsd_beta: float,
+                   sample: bool, max_new_tokens: int, eos_id: int, grad_clip: float, dtype: str) -> TrainStep:
+    """The student's step with a `ratio` share of on-policy steps: on those, the student answers the batch's
+    prompts, `score(rows, groups)` returns each row's own expert's log-probs at the answer's tokens ([n, V],
+    row-major), and the step descends `on_policy_loss`; the other steps are `off_policy` unchanged."""
+    def train_step(model, batch, optimizer, scheduler, step, pad_id, device) -> dict:
+        if not is_on_policy_step(step, ratio):
+            return {**off_policy(model, batch, optimizer, scheduler, step, pad_id, device), "on_policy": 0.0}
+        generator = getattr(model, "module", model)  # generate on the model inside a DDP wrapper
+        rows = student_rollouts(generator, batch_rows(batch), pad_id, eos_id, max_new_tokens, sample, seed=step)
+        teacher = score(rows, [str(g) for g in batch["group"]]).to(device)
+        tensors = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
+        model.train()
+        with autocast(device, dtype):
+            logits, targets = response_logits(model, tensors)
+        loss = on_policy_loss(logits, teacher, divergence, jsd_beta)
+        grad_norm = optimizer_step(model, loss, optimizer, scheduler, grad_clip)
+        return {"loss": loss.item(), "on_policy_loss": loss.item(), "grad_norm": grad_norm,
+                "tokens": int(targets.numel()), "on_policy": 1.0}
+    return train_step
+
+
+def score_by_group(rows: list[dict], groups: list[str],
+                   score_groups: Callable[[dict[str, list[dict]]], dict[str, Tensor]]) -> Tensor:
+    """Each row scored by its own group's teacher, put back in the rows' order: [n, V], n = response tokens,
+    row-major. `score_groups({group: its rows})` gets every group at once (the worker sends them to the groups'
+    actors together, so the experts score in parallel) and returns {group: [n_g, V]}."""
+    index = {group: [i for i, g in enumerate(groups) if g == group] for group in dict.fromkeys(groups)}
+    scored = score_groups({group: [rows[i] for i in where] for group, where in index.items()})
+    per_row: list[Tensor] = [torch.empty(0)] * len(rows)
+    for group, where in index.items():
+        counts = [len(rows[i]["input_ids"]) - int(rows[i]["response_start"]) for i in where]
+        if scored[group].shape[0] != sum(counts):
+            raise ValueError(f"teacher {group!r} scored {scored[group].shape[0]} tokens for {sum(counts)} response tokens")
+        for i, part in zip(where, torch.split(scored[group], counts)):
+            per_row[i] = part
+    return torch.cat(per_row)

@@ -193,6 +193,9 @@ def _settings(cfg: PipelineConfig) -> dict:
                 "alpha": d.alpha, "divergence": d.divergence, "teacher annealing": d.anneal, "top_k": cfg.soft_targets.top_k,
                 "steps (base / each expert / student = multitask)": f"{base_steps} / {cfg.experts.optim.steps} / {d.optim.steps}",
                 "batch size (student = multitask)": d.optim.batch_size, "experts train": cfg.experts.mode}
+    if d.on_policy_ratio > 0:
+        settings["on-policy (student only)"] = (f"{d.on_policy_ratio:.0%} of the steps, {d.on_policy_divergence}, "
+                                                f"{'sampled' if d.on_policy_sample else 'greedy'} answers")
     if cfg.base.tasks and cfg.base.enabled:  # a run that gained or lost tasks keeps its base
         settings["base pretrained on"] = " ".join(cfg.base.tasks)
     soft = (manifest.read_manifest(f"{cfg.run_dir}/soft_targets") or {}).get("metrics", {})

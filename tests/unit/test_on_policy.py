@@ -14,7 +14,8 @@ import torch
 from dume_ray.config import ModelConfig
 from dume_ray.data.encode import collate, encode_example
 from dume_ray.data.tokenizer import build_char_tokenizer
-from dume_ray.distill.on_policy import (is_on_policy_step, on_policy_loss, student_rollouts, teacher_logprobs)
+from dume_ray.distill.on_policy import (is_on_policy_step, on_policy_loss, on_policy_step, score_by_group,
+                                       student_rollouts, teacher_logprobs)
 from dume_ray.model import build_embedded_model
 from dume_ray.training import greedy_generate, response_logits
 
@@ -70,7 +71,7 @@ def test_loss_is_zero_for_a_student_equal_to_its_teacher_and_positive_otherwise(
     same = on_policy_loss(logits, teacher_logprobs(copy.deepcopy(student), batch), divergence)
     assert abs(float(same.detach())) <= 1e-5
     other = on_policy_loss(logits, teacher_logprobs(tiny(7), batch), divergence)
-    assert float(other) > 1e-3
+    assert float(other.detach()) > 1e-3
     other.backward()
     grads = [p.grad for p in student.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
@@ -102,3 +103,47 @@ def test_bad_distillation_settings_are_config_errors_naming_the_key(override, ke
     from dume_ray.config import ConfigError, load_config
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config("configs/demo.yaml", [override])
+
+
+def test_score_by_group_puts_each_rows_teacher_tokens_back_in_row_order():
+    rows = [{"input_ids": list(range(5)), "response_start": 3}, {"input_ids": list(range(4)), "response_start": 1},
+            {"input_ids": list(range(6)), "response_start": 5}]
+    groups = ["a", "b", "a"]
+    calls = []
+
+    def score_groups(by_group):  # each group's tokens tagged with the group and the row's own position
+        calls.append(sorted(by_group))
+        return {g: torch.cat([torch.full((len(r["input_ids"]) - r["response_start"], 2), float(len(r["input_ids"])))
+                              for r in group_rows]) + (100.0 if g == "b" else 0.0)
+                for g, group_rows in by_group.items()}
+
+    out = score_by_group(rows, groups, score_groups)
+    assert calls == [["a", "b"]]  # every group in one call, so the experts score in parallel
+    assert out[:, 0].tolist() == [5.0, 5.0, 104.0, 104.0, 104.0, 6.0]
+
+
+def test_on_policy_step_trains_on_its_rollouts_on_its_share_of_steps_only():
+    from dume_ray.training import make_optimizer
+    from dume_ray.config import OptimConfig
+
+    student, teacher = tiny(0), tiny(5)
+    batch = {"input_ids": [r["input_ids"] for r in rows()], "response_start": [r["response_start"] for r in rows()],
+             "group": ["cp", "rv", "cp"]}
+    seen = []
+
+    def off_policy(model, batch, optimizer, scheduler, step, pad_id, device):
+        seen.append(step)
+        return {"loss": 0.0}
+
+    def score(rollouts, groups):
+        assert groups == ["cp", "rv", "cp"]
+        return teacher_logprobs(teacher, collate(rollouts, TOKENIZER.pad_token_id))
+
+    step_fn = on_policy_step(off_policy, score, 0.5, "reverse_kl", 0.5, True, 4, TOKENIZER.eos_token_id, 1.0, "float32")
+    optimizer, scheduler = make_optimizer(student, OptimConfig(steps=4, lr=1e-2, warmup_steps=0))
+    before = [p.detach().clone() for p in student.parameters()]
+    metrics = [step_fn(student, batch, optimizer, scheduler, s, TOKENIZER.pad_token_id, torch.device("cpu"))
+               for s in range(4)]
+    assert [m["on_policy"] for m in metrics] == [0.0, 1.0, 0.0, 1.0] and seen == [0, 2]
+    assert all(m["on_policy_loss"] > 0 and m["tokens"] > 0 for m in metrics if m["on_policy"])
+    assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))  # the on-policy steps moved it
