@@ -80,12 +80,12 @@ def test_cli_survives_a_killed_driver_then_reruns_only_what_a_change_invalidates
     # Add a fourth task to the finished run: exactly one expert trains and one soft-target group is scored.
     kept = ["base", "experts/copy", "experts/reverse", "experts/add", *(f"soft_targets/groups/{g}" for g in ("copy", "reverse", "add"))]
     before = {stage: (run_dir / stage / "DONE.json").read_text() for stage in kept}
-    added = _cli("add-task", "--run", str(run_dir), "--task", "sort", "experts.optim.steps=40", cwd=tmp_path)
+    added = _cli("add-task", "--run", str(run_dir), "--task", "sort", cwd=tmp_path)
     assert added.returncode == 0, added.stdout[-3000:] + added.stderr[-3000:]
     assert {stage: (run_dir / stage / "DONE.json").read_text() for stage in kept} == before  # untouched manifests
     soft = json.loads((run_dir / "soft_targets" / "DONE.json").read_text())["metrics"]
     assert soft["scored"] == ["sort"] and soft["reused"] == ["copy", "reverse", "add"]
-    assert json.loads((run_dir / "experts" / "sort" / "DONE.json").read_text())["metrics"]["steps"] == 40
+    assert json.loads((run_dir / "experts" / "sort" / "DONE.json").read_text())["metrics"]["steps"] == 400
     report = json.loads((run_dir / "eval" / "report.json").read_text())
     assert "sort" in report["tasks"] and "sort" in report["scores"]["student"]
     # ... and remove it again: nothing is trained but the student and the baseline, nothing is scored.
