@@ -453,12 +453,12 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
     parsed = []
     for override in overrides or []:  # each parsed alone, so an error can always name its key
         if "=" not in override:
-            raise ConfigError(f"{where}: overrides must look like key=value, got {override!r}")
+            raise ConfigError(f"override {override!r}: overrides must look like key=value")
         key, value = override.split("=", 1)
         try:
             parsed.append((override, key, OmegaConf.from_dotlist([override])))
         except Exception as exc:  # noqa: BLE001 - the YAML parser raises ValueError/KeyError/... on odd scalars
-            raise ConfigError(f"{where}: override {override!r}: key '{key}': cannot parse the value "
+            raise ConfigError(f"override {override!r}: key '{key}': cannot parse the value "
                               f"{value!r}: {_problem(exc)}") from exc
     try:  # one merge is ~20x faster than one per override; on an error, redo them one at a time to name it
         merged = OmegaConf.merge(merged, *(one for _, _, one in parsed))
@@ -468,8 +468,8 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
                 merged = OmegaConf.merge(merged, one)
             except Exception as exc:  # noqa: BLE001 - schema errors, and e.g. OverflowError for a huge int
                 problem = _problem(exc)
-                raise ConfigError(f"{where}: " + (problem if key in problem else
-                                                  f"override {override!r}: key '{key}': {problem}")) from exc
+                raise ConfigError(f"override {override!r}: " + (problem if key in problem else
+                                                                  f"key '{key}': {problem}")) from exc
     try:
         if merged.grouping == "from_search":
             best_path = search_best_path(merged.runs_dir, merged.search.best_path)
@@ -482,11 +482,18 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
                                   f"{_problem(exc)}") from exc
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
-        raise ConfigError(f"{where}: {_short(exc)}") from exc
+        raise ConfigError(_blame(_short(exc), where, parsed)) from exc
     except ConfigError as exc:
-        raise ConfigError(f"{where}: {_qualify(_failing_section(merged), str(exc))}") from exc
+        raise ConfigError(_blame(_qualify(_failing_section(merged), str(exc)), where, parsed)) from exc
     assert isinstance(cfg, PipelineConfig)
     return cfg
+
+
+def _blame(message: str, where: str, parsed: list) -> str:
+    """Prefix a validation error with its source: the override whose key it names (the longest such key),
+    else the YAML file (or <defaults>)."""
+    named = [(len(key), override) for override, key, _ in parsed if key and key in message]
+    return f"override {max(named)[1]!r}: {message}" if named else f"{where}: {message}"
 
 
 def _problem(exc: Exception) -> str:
