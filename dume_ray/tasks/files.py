@@ -117,8 +117,6 @@ def _load_local(
     Each split is loaded on its own so that a schema difference between files
     cannot break the others, and errors can name the offending file.
     """
-    import datasets  # heavy import, only needed when user tasks are used
-
     if splits is not None:
         raise ValueError(
             f"task {name!r}: `splits` only applies to Hub sources; for local {source!r} "
@@ -144,18 +142,23 @@ def _load_local(
     for split, path in paths.items():
         if not os.path.isfile(path):
             raise FileNotFoundError(f"task {name!r}: {split} data file {path!r} does not exist")
-
-    loaded: dict[str, tuple[Any, str]] = {}
     for split, path in paths.items():
-        where = f"{split} file {path!r}"
-        empty_error = ValueError(f"task {name!r}: split {split!r} is empty ({where} has no rows)")
         # datasets fails on row-less files with unrelated-looking errors (a bare
         # StopIteration, "corresponds to no data", a generation error for
         # Parquet), so recognise the empty case before and after loading.
         if _has_no_rows(builder, path):
-            raise empty_error
+            raise _empty_error(name, split, path)
         if builder == "json":
             _check_json_rows(name, path, source)
+        elif builder == "parquet":
+            _check_parquet(name, path)
+
+    import datasets  # heavy import (seconds): after the checks above, so a bad file fails at once
+
+    loaded: dict[str, tuple[Any, str]] = {}
+    for split, path in paths.items():
+        where = f"{split} file {path!r}"
+        empty_error = _empty_error(name, split, path)
         try:
             dataset = datasets.load_dataset(
                 builder, data_files={split: path}, split=split, cache_dir=cache_dir, **kwargs
@@ -170,6 +173,10 @@ def _load_local(
             raise ValueError(f"task {name!r}: cannot read {where}: {_root_cause(exc)}") from exc
         loaded[split] = (dataset, where)
     return loaded
+
+
+def _empty_error(name: str, split: str, path: str) -> ValueError:
+    return ValueError(f"task {name!r}: split {split!r} is empty ({split} file {path!r} has no rows)")
 
 
 def _check_json_rows(name: str, path: str, source: str) -> None:
@@ -199,6 +206,16 @@ def _check_json_rows(name: str, path: str, source: str) -> None:
         if not isinstance(row, dict):
             raise ValueError(f"task {name!r}: {path}:{number}: each line must be a JSON object "
                              f"{{\"prompt\": ..., \"response\": ...}}, got {type(row).__name__}") from None
+
+
+def _check_parquet(name: str, path: str) -> None:
+    """A file that is not Parquet is named here: ``datasets`` logs a traceback for it before failing."""
+    import pyarrow.parquet as pq
+
+    try:
+        pq.read_metadata(path)
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises ArrowInvalid, OSError, ... for a bad file
+        raise ValueError(f"task {name!r}: cannot read {path!r} as Parquet: {_root_cause(exc)}") from None
 
 
 def _root_cause(exc: BaseException) -> str:
