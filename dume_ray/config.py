@@ -513,8 +513,9 @@ def _parse_location(path: str, exc: Exception) -> str:
     but its scalar constructors raise bare errors (`0b_` -> ValueError), so build the scalars one by one and
     report the one that fails with the same error (else the first that fails)."""
     mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-    if mark is not None:
-        return f", line {mark.line + 1}"
+    if mark is not None:  # an unclosed bracket or quote is noticed lines later: say where it began too
+        began = getattr(exc, "context_mark", None)
+        return f", line {mark.line + 1}" + (f" (started on line {began.line + 1})" if began and began.line != mark.line else "")
     try:
         import yaml  # OmegaConf's own loader is private; the scalar constructors that fail are SafeLoader's
 
