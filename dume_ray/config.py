@@ -503,7 +503,12 @@ def _problem(exc: Exception) -> str:
         return _short(exc)
     problem = getattr(exc, "problem", None)
     if problem:  # yaml.MarkedYAMLError
-        return f"{exc.context}: {problem}" if getattr(exc, "context", None) else problem
+        if not getattr(exc, "context", None):
+            return problem
+        # An unclosed bracket or quote is noticed lines later (the line reported): say where it began too.
+        began, ended = getattr(exc, "context_mark", None), getattr(exc, "problem_mark", None)
+        where = f" (line {began.line + 1})" if began and ended and began.line != ended.line else ""
+        return f"{exc.context}{where}: {problem}"
     text = str(exc).splitlines()[0] if str(exc) else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
@@ -513,9 +518,8 @@ def _parse_location(path: str, exc: Exception) -> str:
     but its scalar constructors raise bare errors (`0b_` -> ValueError), so build the scalars one by one and
     report the one that fails with the same error (else the first that fails)."""
     mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-    if mark is not None:  # an unclosed bracket or quote is noticed lines later: say where it began too
-        began = getattr(exc, "context_mark", None)
-        return f", line {mark.line + 1}" + (f" (started on line {began.line + 1})" if began and began.line != mark.line else "")
+    if mark is not None:
+        return f", line {mark.line + 1}"
     try:
         import yaml  # OmegaConf's own loader is private; the scalar constructors that fail are SafeLoader's
 

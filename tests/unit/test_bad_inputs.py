@@ -63,7 +63,7 @@ CASES = [
     ("override-unknown-task", "experts", GOOD, {}, ["tasks.builtin=[copy,nosuch]"], 2, ["tasks.builtin", "nosuch"]),
     ("override-group-unknown-task", "run", GOOD, {}, ["experts.groups=[[copy],[zz]]"], 2, ["zz"]),
     # ---- the YAML file ---------------------------------------------------------------------------------------
-    ("yaml-syntax-error", "run", "seed: 1\ntasks: {builtin: [copy,\nname: x\n", {}, [], 2, ["cfg.yaml, line 4 (started on line 2)", "flow sequence"]),
+    ("yaml-syntax-error", "run", "seed: 1\ntasks: {builtin: [copy,\nname: x\n", {}, [], 2, ["cfg.yaml, line 4: ", "flow sequence (line 2)"]),
     ("yaml-unknown-key", "run", GOOD + "experts:\n  optim:\n    stepz: 3\n", {}, [], 2, ["cfg.yaml", "experts.optim.stepz"]),
     ("yaml-missing-file", "run", None, {}, [], 2, ["config file not found", "nope.yaml"]),
     # ---- user data -------------------------------------------------------------------------------------------
