@@ -466,12 +466,12 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
     parsed = []
     for override in overrides or []:  # each parsed alone, so an error can always name its key
         if "=" not in override:
-            raise ConfigError(f"{where}: overrides must look like key=value, got {override!r}")
+            raise ConfigError(f"override {override!r}: overrides must look like key=value")
         key, value = override.split("=", 1)
         try:
             parsed.append((override, key, OmegaConf.from_dotlist([override])))
         except Exception as exc:  # noqa: BLE001 - the YAML parser raises ValueError/KeyError/... on odd scalars
-            raise ConfigError(f"{where}: override {override!r}: key '{key}': cannot parse the value "
+            raise ConfigError(f"override {override!r}: key '{key}': cannot parse the value "
                               f"{value!r}: {_problem(exc)}") from exc
     try:  # one merge is ~20x faster than one per override; on an error, redo them one at a time to name it
         merged = OmegaConf.merge(merged, *(one for _, _, one in parsed))
@@ -481,8 +481,8 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
                 merged = OmegaConf.merge(merged, one)
             except Exception as exc:  # noqa: BLE001 - schema errors, and e.g. OverflowError for a huge int
                 problem = _problem(exc)
-                raise ConfigError(f"{where}: " + (problem if key in problem else
-                                                  f"override {override!r}: key '{key}': {problem}")) from exc
+                raise ConfigError(f"override {override!r}: " + (problem if key in problem else
+                                                                  f"key '{key}': {problem}")) from exc
     try:
         if merged.grouping == "from_search":
             best_path = search_best_path(merged.runs_dir, merged.search.best_path)
@@ -495,11 +495,18 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
                                   f"{_problem(exc)}") from exc
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
-        raise ConfigError(f"{where}: {_short(exc)}") from exc
+        raise ConfigError(_blame(_short(exc), where, parsed)) from exc
     except ConfigError as exc:
-        raise ConfigError(f"{where}: {_qualify(_failing_section(merged), str(exc))}") from exc
+        raise ConfigError(_blame(_qualify(_failing_section(merged), str(exc)), where, parsed)) from exc
     assert isinstance(cfg, PipelineConfig)
     return cfg
+
+
+def _blame(message: str, where: str, parsed: list) -> str:
+    """Prefix a validation error with its source: the override whose key it names (the longest such key),
+    else the YAML file (or <defaults>)."""
+    named = [(len(key), override) for override, key, _ in parsed if key and key in message]
+    return f"override {max(named)[1]!r}: {message}" if named else f"{where}: {message}"
 
 
 def _problem(exc: Exception) -> str:
@@ -509,7 +516,12 @@ def _problem(exc: Exception) -> str:
         return _short(exc)
     problem = getattr(exc, "problem", None)
     if problem:  # yaml.MarkedYAMLError
-        return f"{exc.context}: {problem}" if getattr(exc, "context", None) else problem
+        if not getattr(exc, "context", None):
+            return problem
+        # An unclosed bracket or quote is noticed lines later (the line reported): say where it began too.
+        began, ended = getattr(exc, "context_mark", None), getattr(exc, "problem_mark", None)
+        where = f" (line {began.line + 1})" if began and ended and began.line != ended.line else ""
+        return f"{exc.context}{where}: {problem}"
     text = str(exc).splitlines()[0] if str(exc) else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 

@@ -117,8 +117,6 @@ def _load_local(
     Each split is loaded on its own so that a schema difference between files
     cannot break the others, and errors can name the offending file.
     """
-    import datasets  # heavy import, only needed when user tasks are used
-
     if splits is not None:
         raise ValueError(
             f"task {name!r}: `splits` only applies to Hub sources; for local {source!r} "
@@ -144,16 +142,23 @@ def _load_local(
     for split, path in paths.items():
         if not os.path.isfile(path):
             raise FileNotFoundError(f"task {name!r}: {split} data file {path!r} does not exist")
-
-    loaded: dict[str, tuple[Any, str]] = {}
     for split, path in paths.items():
-        where = f"{split} file {path!r}"
-        empty_error = ValueError(f"task {name!r}: split {split!r} is empty ({where} has no rows)")
         # datasets fails on row-less files with unrelated-looking errors (a bare
         # StopIteration, "corresponds to no data", a generation error for
         # Parquet), so recognise the empty case before and after loading.
         if _has_no_rows(builder, path):
-            raise empty_error
+            raise _empty_error(name, split, path)
+        if builder == "json":
+            _check_json_rows(name, path, source)
+        elif builder == "parquet":
+            _check_parquet(name, path)
+
+    import datasets  # heavy import (seconds): after the checks above, so a bad file fails at once
+
+    loaded: dict[str, tuple[Any, str]] = {}
+    for split, path in paths.items():
+        where = f"{split} file {path!r}"
+        empty_error = _empty_error(name, split, path)
         try:
             dataset = datasets.load_dataset(
                 builder, data_files={split: path}, split=split, cache_dir=cache_dir, **kwargs
@@ -163,13 +168,62 @@ def _load_local(
         except ValueError as exc:
             if "corresponds to no data" in str(exc):
                 raise empty_error from exc
-            exc.add_note(f"while loading task {name!r} {where}")
-            raise
-        except Exception as exc:
-            exc.add_note(f"while loading task {name!r} {where}")
-            raise
+            raise ValueError(f"task {name!r}: cannot read {where}: {_root_cause(exc)}") from exc
+        except Exception as exc:  # e.g. DatasetGenerationError: its message says nothing, its cause does
+            raise ValueError(f"task {name!r}: cannot read {where}: {_root_cause(exc)}") from exc
         loaded[split] = (dataset, where)
     return loaded
+
+
+def _empty_error(name: str, split: str, path: str) -> ValueError:
+    return ValueError(f"task {name!r}: split {split!r} is empty ({split} file {path!r} has no rows)")
+
+
+def _check_json_rows(name: str, path: str, source: str) -> None:
+    """Names the first line that is not a JSON object as ``file:line:column``.
+
+    ``datasets`` reports a bad row as a generic generation error with a traceback;
+    this reads the file once more, which costs far less than the tokenization that
+    follows. A ``json`` source holding one whole JSON document is left to ``datasets``.
+    """
+    import json
+
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    if source == "json":
+        try:
+            json.loads(text)
+            return  # one JSON document (a list of rows, or a {"data": [...]} object)
+        except ValueError:
+            pass  # JSON Lines, or broken: check it line by line
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"task {name!r}: {path}:{number}:{exc.colno}: not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"task {name!r}: {path}:{number}: each line must be a JSON object "
+                             f"{{\"prompt\": ..., \"response\": ...}}, got {type(row).__name__}") from None
+
+
+def _check_parquet(name: str, path: str) -> None:
+    """A file that is not Parquet is named here: ``datasets`` logs a traceback for it before failing."""
+    import pyarrow.parquet as pq
+
+    try:
+        pq.read_metadata(path)
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises ArrowInvalid, OSError, ... for a bad file
+        raise ValueError(f"task {name!r}: cannot read {path!r} as Parquet: {_root_cause(exc)}") from None
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost cause's message on one line: what went wrong, not where the wrapper noticed it."""
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return f"{type(exc).__name__}: {text[:300]}"
 
 
 def _has_no_rows(builder: str, path: str) -> bool:
@@ -208,9 +262,8 @@ def _load_hub(
         dataset_dict = datasets.load_dataset(
             source, config, data_files=data_files, cache_dir=cache_dir
         )
-    except Exception as exc:
-        exc.add_note(f"while loading task {name!r} from dataset {source!r}")
-        raise
+    except Exception as exc:  # a missing dataset, no network, a broken folder: name the task and source
+        raise ValueError(f"task {name!r}: cannot load dataset {source!r}: {_root_cause(exc)}") from exc
 
     available = list(dataset_dict.keys())
     loaded: dict[str, tuple[Any, str]] = {}
@@ -262,7 +315,7 @@ def _to_examples(
         else:
             raise ValueError(
                 f"task {name!r}: {where} row {index} (0-based): {problem} "
-                f"(pass skip_bad_rows=True to drop such rows)"
+                f"(set tasks.skip_bad_rows=true to drop such rows)"
             )
     if not examples:
         raise ValueError(

@@ -12,6 +12,7 @@ import glob
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -46,6 +47,12 @@ def test_cli_survives_a_killed_driver_then_reruns_only_what_a_change_invalidates
     resumed = _cli(*args, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "[base] done already" in resumed.stdout and "[experts] copy: done already" in resumed.stdout
+    # Quiet by default: Ray's own output is in the run folder, the terminal has each stage's wall time.
+    assert "Started a local Ray instance" not in resumed.stdout + resumed.stderr
+    assert "Started a local Ray instance" in (run_dir / "logs" / "driver.log").read_text()
+    assert "] step " in (run_dir / "logs" / "workers.log").read_text()  # the experts' step lines
+    stage_lines = re.findall(r"^=== \[\d/6\] \S+ done, wall time \d+ s", resumed.stdout, re.M)
+    assert len(stage_lines) == 6 and "[ray] started a local Ray" in resumed.stdout and resumed.stderr == ""
     starts = [json.loads(line)["start"] for line in open(killed_history) if '"start"' in line]
     assert len(starts) == 2 and starts[1] > 0 and starts[1] % 20 == 0, starts  # resumed from a checkpoint
     for stage in ("base", "experts/copy", "experts/reverse", "experts/add", "upcycle", "soft_targets", "student", "multitask", "eval"):
