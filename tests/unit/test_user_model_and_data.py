@@ -1,6 +1,9 @@
 """Your own model and data, through the config keys README documents: a Hugging Face model + tokenizer saved
-with `save_pretrained` in a folder is the base by path, and JSONL/Parquet task files with your own column
-names are the tasks. Bad input (missing model folder, missing column) stops the CLI before Ray starts. The
+with `save_pretrained` in a folder is the base by path (same weights; its tokenizer encodes the rows), and
+JSONL/Parquet task files with your own column names are the tasks; so are a `DatasetDict.save_to_disk` folder
+and a folder laid out like a Hub dataset repo (data/train-00000-of-00001.parquet, train.jsonl + README.md),
+row for row. Bad input (missing model folder, missing column, split or folder) stops with an error naming the
+folder, split and column, the CLI before Ray starts. The
 shipped real-work config (Hub model, bf16, GPUs) loads and validates without downloading anything.
 
     .venv/bin/python -m pytest -q tests/unit/test_user_model_and_data.py
@@ -83,8 +86,13 @@ def test_saved_model_folder_is_the_base_and_user_files_are_the_tasks(tmp_path, t
     init_dir = create_initial_model(cfg.model, cfg.seed, str(tmp_path / "init"))  # what `base` does with base.enabled=false
     original, copied = (AutoModelForCausalLM.from_pretrained(d) for d in (tiny_model_dir, init_dir))
     assert all((a == b).all() for a, b in zip(original.state_dict().values(), copied.state_dict().values()))
-    rows = encode_rows(tasks, load_tokenizer(init_dir), "train", cfg.model.max_seq_len, {"qa": "qa", "rev": "rev"})
+    tokenizer = load_tokenizer(init_dir)
+    rows = encode_rows(tasks, tokenizer, "train", cfg.model.max_seq_len, {"qa": "qa", "rev": "rev"})
     assert len(rows) == 24 and {r["task"] for r in rows} == {"qa", "rev"}
+    # the rows are the user's columns, tokenized by the model folder's own tokenizer
+    pairs = {(tokenizer.decode(r["input_ids"][:r["response_start"]], skip_special_tokens=True),
+              tokenizer.decode(r["input_ids"][r["response_start"]:], skip_special_tokens=True)) for r in rows}
+    assert ("q3 ab", "a3") in pairs and ("abc5", "5cba") in pairs
 
 
 def test_cli_rejects_a_model_path_that_does_not_exist(tmp_path):
