@@ -45,7 +45,8 @@ class TaskSource:
     """A user task loaded through Hugging Face `datasets`."""
 
     name: str = MISSING  # task name used in reports and groupings
-    source: str = MISSING  # "jsonl" | "json" | "parquet" | "csv" (local files) or a Hub dataset name/path
+    source: str = MISSING  # "jsonl" | "json" | "parquet" | "csv" (local files), a Hub dataset name, a local folder
+    #   laid out like a Hub dataset repo (data/train-*.parquet, train.jsonl, ...), or a DatasetDict.save_to_disk folder
     data_files: dict[str, str] = field(default_factory=dict)  # split (train/validation/test) -> local file
     hub_splits: dict[str, str] = field(default_factory=dict)  # our split -> Hub split name, e.g. validation: dev
     hub_config: Optional[str] = None  # Hub dataset configuration (subset) name, e.g. "main"

@@ -3,7 +3,10 @@
 A stage is skipped on rerun only when its `DONE.json` holds the hash computed here from the current config
 (see `manifest.py`), so changing a setting invalidates exactly the stages downstream of it, e.g.
 `distill.temperature` -> `student` and `eval`; `experts.optim.lr` -> every expert, `soft_targets`, `student`,
-`multitask` and `eval`; `eval.max_new_tokens` -> `eval` only. The dependency graph is all in this file:
+`multitask` and `eval`; `eval.max_new_tokens` -> `eval` only. A knob the configured run does not use (LoRA
+scale without LoRA, `jsd_beta` without the JSD, `base.optim` with `base.enabled=false`, ...) and bookkeeping
+(`optim.checkpoint_every`, resources) invalidate nothing: they are hashed at their defaults (`_optim`, `_upcycle`, ...), so a
+config that leaves them alone keeps its hashes. The dependency graph is all in this file:
 
     base ─► experts/<group> ─┬─► soft_targets/<group> ─► student ─┐
                              │                       └─► multitask ┼─► eval
@@ -22,7 +25,13 @@ from __future__ import annotations
 
 import dataclasses
 
-from dume_ray.config import PipelineConfig, config_hash
+from dume_ray.config import BaseConfig, DistillConfig, ExpertsConfig, OptimConfig, PipelineConfig, UpcycleConfig, config_hash
+
+
+def _optim(optim: OptimConfig) -> OptimConfig:
+    """The optimizer knobs that change weights: checkpoint_every only sets when checkpoints (and validation
+    curves) are written; an uninterrupted run trains the same weights whatever it is."""
+    return dataclasses.replace(optim, checkpoint_every=OptimConfig.checkpoint_every)
 
 
 def task_data(cfg: PipelineConfig, names: list[str]) -> dict:
@@ -43,17 +52,20 @@ def base_tasks(cfg: PipelineConfig) -> list[str]:
 
 def base_hash(cfg: PipelineConfig) -> str:
     # Not base.resources, nor gradient checkpointing: where and how memory-thrifty a job runs changes no weight.
-    # A base used as loaded (base.enabled=false) depends on no task.
+    # With base.enabled=false the base is the initial model as is: no training knob and no task data reach it.
     model = dataclasses.replace(cfg.model, gradient_checkpointing=False)
+    optim = _optim(cfg.base.optim) if cfg.base.enabled else BaseConfig().optim
     data = task_data(cfg, base_tasks(cfg)) if cfg.base.enabled else None
-    return config_hash("base", cfg.seed, model, cfg.data, data, cfg.base.enabled, cfg.base.optim)
+    return config_hash("base", cfg.seed, model, cfg.data, data, cfg.base.enabled, optim)
 
 
 def expert_hash(base: str, task_names: list[str], cfg: PipelineConfig) -> str:
     """Content hash of (the group's own tasks' data, base model, expert config): equal hashes mean reusable
     experts, whatever other groups the run has."""
-    trainable = (cfg.experts.train_mlp_only, cfg.experts.lora_rank, cfg.experts.lora_alpha, cfg.experts.lora_dropout)
-    return config_hash("expert", base, task_data(cfg, task_names), cfg.experts.optim, trainable)
+    e = cfg.experts
+    lora = (e.lora_alpha, e.lora_dropout) if e.lora_rank else (ExpertsConfig.lora_alpha, ExpertsConfig.lora_dropout)
+    trainable = (e.train_mlp_only, e.lora_rank, *lora)
+    return config_hash("expert", base, task_data(cfg, task_names), _optim(e.optim), trainable)
 
 
 def soft_target_group_hash(cfg: PipelineConfig, task_names: list[str], expert: str) -> str:
@@ -71,15 +83,19 @@ def student_hash(cfg: PipelineConfig, stage: str, soft_targets: str) -> str:
     """`stage` is "student" or "multitask". The baseline's hash leaves out the KD knobs it does not use
     (it trains with alpha = 0), so tuning T or alpha never retrains it."""
     d = cfg.distill
-    kd = (d.alpha, d.temperature, d.divergence, d.jsd_beta, d.anneal) if stage == "student" else None
-    if stage == "student" and d.on_policy_ratio > 0:  # (off-policy runs keep the hashes they had before)
+    on_policy = stage == "student" and d.on_policy_ratio > 0
+    uses_jsd = d.divergence == "generalized_jsd" or (on_policy and d.on_policy_divergence == "generalized_jsd")
+    jsd_beta = d.jsd_beta if uses_jsd else DistillConfig.jsd_beta
+    kd = (d.alpha, d.temperature, d.divergence, jsd_beta, d.anneal) if stage == "student" else None
+    if on_policy:  # (off-policy runs keep the hashes they had before)
         kd += (d.on_policy_ratio, d.on_policy_divergence, d.on_policy_sample)
-    return config_hash(stage, soft_targets, d.optim, d.init, d.student_model, cfg.seed, kd)
+    student_model = d.student_model if d.init == "scratch" else None  # the base's own architecture otherwise
+    return config_hash(stage, soft_targets, _optim(d.optim), d.init, student_model, cfg.seed, kd)
 
 
 def upcycle_hash(cfg: PipelineConfig, expert_hashes: dict[str, str]) -> str:
     """The MoE depends on the upcycle config (the random-routing seed is eval's business), the experts and data."""
-    u = cfg.upcycle
+    u = _upcycle(cfg)
     knobs = (u.ridge_lambda, u.top_k, u.normalize_columns, u.routing, u.stats_examples_per_task, u.batch_size,
              u.dume_plus_steps, u.dume_plus_lr, cfg.seed)
     return config_hash("upcycle", knobs, task_data(cfg, cfg.tasks.names), expert_hashes)
@@ -98,7 +114,13 @@ def eval_hash(cfg: PipelineConfig, model_hashes: dict[str, str]) -> str:
     """`model_hashes`: {report label: the scored model's stage hash}, e.g. {"base": ..., "expert:copy": ...}.
     With the MoE in the report, which routings it shows (and the random-routing seed) count too."""
     scoring = dataclasses.replace(cfg.eval, gpus_per_task=0)  # where it runs does not change the scores
-    return config_hash("eval", scoring, task_data(cfg, cfg.tasks.names), model_hashes, cfg.upcycle if cfg.upcycle_active else None)
+    return config_hash("eval", scoring, task_data(cfg, cfg.tasks.names), model_hashes, _upcycle(cfg) if cfg.upcycle_active else None)
+
+
+def _upcycle(cfg: PipelineConfig) -> UpcycleConfig:
+    """DUME+'s learning rate counts only when DUME+ runs (dume_plus_steps > 0)."""
+    u = cfg.upcycle
+    return u if u.dume_plus_steps else dataclasses.replace(u, dume_plus_lr=UpcycleConfig.dume_plus_lr)
 
 
 def pipeline_hashes(cfg: PipelineConfig) -> dict[str, str]:

@@ -1,11 +1,14 @@
 """User-defined tasks loaded through Hugging Face ``datasets``.
 
-:func:`load_task_from_source` turns local JSON/JSONL/Parquet/CSV files, or a
-dataset on the Hugging Face Hub (or a local dataset directory laid out like
-one), into a :class:`~dume_ray.tasks.base.Task`. All reading goes through
-``datasets.load_dataset``; this module only maps columns and splits and
-validates the rows, with error messages that name the task, the file or split,
-the row and the column involved.
+:func:`load_task_from_source` turns local JSON/JSONL/Parquet/CSV files, a
+dataset on the Hugging Face Hub, a local folder laid out like a Hub dataset
+repository (``data/train-00000-of-00001.parquet``, or ``train.jsonl`` ... with
+an optional ``README.md``), or a folder written by ``DatasetDict.save_to_disk``
+into a :class:`~dume_ray.tasks.base.Task`. All reading goes through
+``datasets`` (``load_dataset``; ``load_from_disk`` for ``save_to_disk``
+folders); this module only maps columns and splits and validates the rows, with
+error messages that name the task, the file or folder and split, the row and
+the column involved.
 
 Test with::
 
@@ -48,14 +51,16 @@ def load_task_from_source(
     Args:
         name: Task name, used in the Task and in every error message.
         source: ``"json"``, ``"jsonl"``, ``"parquet"`` or ``"csv"`` for local
-            files; anything else is passed to ``datasets.load_dataset`` as a Hub
-            dataset name or a local dataset directory.
+            files; a folder written by ``DatasetDict.save_to_disk`` (read with
+            ``datasets.load_from_disk``); anything else is passed to
+            ``datasets.load_dataset`` as a Hub dataset name or a local folder
+            laid out like a Hub dataset repository.
         data_files: For local formats, maps each of ``train``/``validation``/
             ``test`` to a file path (required). For a Hub source it is optional
             and passed through to ``load_dataset``.
         prompt_column: Column holding the prompt text.
         response_column: Column holding the response text.
-        splits: Hub sources only: maps our split names to the dataset's split
+        splits: Hub and ``save_to_disk`` sources: maps our split names to the dataset's split
             names, e.g. ``{"validation": "dev"}``; unmapped splits keep their
             own name.
         skip_bad_rows: If True, rows whose prompt or response is missing,
@@ -68,13 +73,15 @@ def load_task_from_source(
         The task, with ``skipped_rows`` holding a count for every split.
 
     Raises:
-        FileNotFoundError: A local data file does not exist.
+        FileNotFoundError: A local data file or dataset folder does not exist.
         ValueError: Splits are missing or unknown, a column is missing, a split
             is empty, or (unless ``skip_bad_rows``) a row is malformed.
     """
     if source in LOCAL_FORMATS:
         columns = (prompt_column, response_column)
         raw = _load_local(name, source, data_files, splits, columns, cache_dir)
+    elif _saved_to_disk(source):
+        raw = _load_saved(name, source, data_files, splits, config)
     else:
         raw = _load_hub(name, source, data_files, splits, config, cache_dir)
 
@@ -119,7 +126,7 @@ def _load_local(
     """
     if splits is not None:
         raise ValueError(
-            f"task {name!r}: `splits` only applies to Hub sources; for local {source!r} "
+            f"task {name!r}: `hub_splits` only applies to Hub and dataset-folder sources; for local {source!r} "
             f"files key `data_files` by {list(SPLITS)} instead"
         )
     if not data_files:
@@ -240,31 +247,29 @@ def _has_no_rows(builder: str, path: str) -> bool:
     return False
 
 
-def _load_hub(
-    name: str,
-    source: str,
-    data_files: dict[str, str] | None,
-    splits: dict[str, str] | None,
-    config: str | None,
-    cache_dir: str | None,
-) -> dict[str, tuple[Any, str]]:
-    """Loads a Hub dataset (or local dataset directory); returns ``{split: (dataset, where)}``."""
-    import datasets  # heavy import, only needed when user tasks are used
+def _saved_to_disk(source: str) -> bool:
+    """A folder written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``."""
+    return any(os.path.isfile(os.path.join(source, marker)) for marker in ("dataset_dict.json", "state.json"))
 
+
+def _looks_like_a_path(source: str) -> bool:
+    """``./data``, ``/abs/data``, ``~/data``: meant as a local folder, never a Hub name (``user/name``)."""
+    return source.startswith(("/", "./", "../", "~"))
+
+
+def _check_split_mapping(name: str, splits: dict[str, str] | None) -> dict[str, str]:
     mapping = dict(splits or {})
     unknown = sorted(set(mapping) - set(SPLITS))
     if unknown:
         raise ValueError(
-            f"task {name!r}: unknown split name(s) {unknown} in `splits`; "
+            f"task {name!r}: unknown split name(s) {unknown} in `hub_splits`; "
             f"keys must be among {list(SPLITS)}"
         )
-    try:
-        dataset_dict = datasets.load_dataset(
-            source, config, data_files=data_files, cache_dir=cache_dir
-        )
-    except Exception as exc:  # a missing dataset, no network, a broken folder: name the task and source
-        raise ValueError(f"task {name!r}: cannot load dataset {source!r}: {_root_cause(exc)}") from exc
+    return mapping
 
+
+def _pick_splits(name: str, source: str, what: str, dataset_dict: Any, mapping: dict[str, str]) -> dict[str, tuple[Any, str]]:
+    """Our three splits out of a DatasetDict, through `mapping`; one error lists every missing one."""
     available = list(dataset_dict.keys())
     loaded: dict[str, tuple[Any, str]] = {}
     missing = []
@@ -276,10 +281,64 @@ def _load_hub(
         loaded[split] = (dataset_dict[source_split], f"split {source_split!r} of {source!r}")
     if missing:
         raise ValueError(
-            f"task {name!r}: dataset {source!r} lacks split(s) {missing}; it has {available}. "
-            f"Map our split names to the dataset's with `splits`, e.g. {{'validation': 'dev'}}"
+            f"task {name!r}: {what} {source!r} lacks split(s) {missing}; it has {available}. "
+            f"Map our split names to the dataset's with `hub_splits`, e.g. {{'validation': 'dev'}}"
         )
     return loaded
+
+
+def _load_saved(
+    name: str,
+    source: str,
+    data_files: dict[str, str] | None,
+    splits: dict[str, str] | None,
+    config: str | None,
+) -> dict[str, tuple[Any, str]]:
+    """Loads a ``DatasetDict.save_to_disk`` folder; returns ``{split: (dataset, where)}``."""
+    import datasets  # heavy import, only needed when user tasks are used
+
+    if data_files or config:
+        raise ValueError(
+            f"task {name!r}: {source!r} is a folder written by save_to_disk; `data_files` and "
+            f"`hub_config` do not apply to it (its splits are its subfolders; map them with `hub_splits`)"
+        )
+    mapping = _check_split_mapping(name, splits)
+    if not os.path.isfile(os.path.join(source, "dataset_dict.json")):
+        raise ValueError(
+            f"task {name!r}: {source!r} holds a single Dataset (Dataset.save_to_disk), but a task needs "
+            f"{list(SPLITS)}: save a DatasetDict with those splits instead, e.g. "
+            f"DatasetDict(train=..., validation=..., test=...).save_to_disk({source!r})"
+        )
+    try:
+        dataset_dict = datasets.load_from_disk(source)
+    except Exception as exc:  # a broken folder: one line naming the task and the folder
+        raise ValueError(f"task {name!r}: cannot load the save_to_disk folder {source!r}: {_root_cause(exc)}") from exc
+    return _pick_splits(name, source, "save_to_disk folder", dataset_dict, mapping)
+
+
+def _load_hub(
+    name: str,
+    source: str,
+    data_files: dict[str, str] | None,
+    splits: dict[str, str] | None,
+    config: str | None,
+    cache_dir: str | None,
+) -> dict[str, tuple[Any, str]]:
+    """Loads a Hub dataset (or a local folder laid out like one); returns ``{split: (dataset, where)}``."""
+    import datasets  # heavy import, only needed when user tasks are used
+
+    mapping = _check_split_mapping(name, splits)
+    if _looks_like_a_path(source) and not os.path.isdir(os.path.expanduser(source)):
+        raise FileNotFoundError(f"task {name!r}: dataset folder {source!r} does not exist")
+    if os.path.isdir(source) and not os.listdir(source):
+        raise ValueError(f"task {name!r}: dataset folder {source!r} is empty (no data files)")
+    try:
+        dataset_dict = datasets.load_dataset(
+            os.path.expanduser(source), config, data_files=data_files, cache_dir=cache_dir
+        )
+    except Exception as exc:  # a missing dataset, no network, a broken folder: name the task and source
+        raise ValueError(f"task {name!r}: cannot load dataset {source!r}: {_root_cause(exc)}") from exc
+    return _pick_splits(name, source, "dataset", dataset_dict, mapping)
 
 
 def _to_examples(

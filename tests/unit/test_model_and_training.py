@@ -18,7 +18,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from dume_ray.config import ModelConfig, OptimConfig  # noqa: E402
-from dume_ray.data.encode import collate, response_positions, soft_target_batch  # noqa: E402
+from dume_ray.data.encode import collate, encode_prompt, response_positions, soft_target_batch  # noqa: E402
 from dume_ray.data.soft_targets import soft_target_schema, validate_shard, write_shard  # noqa: E402
 from dume_ray.data.tokenizer import build_char_tokenizer  # noqa: E402
 from dume_ray.losses import cross_entropy  # noqa: E402
@@ -32,7 +32,7 @@ from dume_ray.model import (  # noqa: E402
     load_tokenizer,
 )
 from dume_ray.soft_targets.teacher_scoring import TeacherScorer  # noqa: E402
-from dume_ray.tasks import encode_rows  # noqa: E402
+from dume_ray.tasks import Example, Task, encode_rows  # noqa: E402
 from dume_ray.tasks.builtin import make_builtin_task  # noqa: E402
 from dume_ray.training import (  # noqa: E402
     ce_train_step,
@@ -159,8 +159,10 @@ def test_saved_model_loads_with_plain_transformers_without_dume_ray(model_dir, t
 
 def test_embedded_model_matches_config_and_tokenizer(model_dir, tokenizer):
     model = load_model(model_dir)
-    assert model.config.hidden_size == 32 and model.config.num_hidden_layers == 2
-    assert model.config.vocab_size == len(tokenizer)
+    c = model.config
+    assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.intermediate_size) == (32, 2, 4, 64)
+    assert c.max_position_embeddings >= TINY.max_seq_len
+    assert c.vocab_size == len(tokenizer) == model.get_input_embeddings().weight.shape[0]
     assert tokenizer.pad_token_id is not None and tokenizer.eos_token_id is not None
 
 
@@ -168,9 +170,9 @@ def test_same_seed_gives_same_initial_weights(model_dir, tmp_path):
     again = load_model(create_initial_model(TINY, seed=0, out_dir=str(tmp_path / "a")))
     other = load_model(create_initial_model(TINY, seed=1, out_dir=str(tmp_path / "b")))
     base = load_model(model_dir)
-    name = "model.layers.0.mlp.up_proj.weight"
-    assert torch.equal(base.state_dict()[name], again.state_dict()[name])
-    assert not torch.equal(base.state_dict()[name], other.state_dict()[name])
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in base.state_dict().items())  # every weight
+    random_weights = [k for k, v in base.state_dict().items() if v.std() > 0]  # not the all-ones norms
+    assert random_weights and all(not torch.equal(base.state_dict()[k], other.state_dict()[k]) for k in random_weights)
 
 
 # ---- training steps --------------------------------------------------------------------------------------
@@ -246,11 +248,24 @@ def test_distill_step_rejects_soft_targets_of_wrong_length(model_dir, soft_table
 
 # ---- generation and evaluation ---------------------------------------------------------------------------
 
-def test_greedy_generate_returns_one_string_per_prompt(teacher_dir, tokenizer, copy_task):
+@torch.no_grad()
+def _argmax_decode(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    """Greedy decoding by hand: the whole sequence recomputed each step, no cache, no padding; stops at eos."""
+    ids = encode_prompt(tokenizer, prompt)
+    new = []
+    for _ in range(max_new_tokens):
+        token = int(model(input_ids=torch.tensor([ids + new])).logits[0, -1].argmax())
+        if token == tokenizer.eos_token_id:
+            break
+        new.append(token)
+    return tokenizer.decode(new, skip_special_tokens=True)
+
+
+def test_greedy_generate_returns_each_prompts_argmax_continuation(teacher_dir, tokenizer, copy_task):
     prompts = [e.prompt for e in copy_task.examples("test")][:5]
-    outputs = greedy_generate(load_model(teacher_dir), tokenizer, prompts, max_new_tokens=6, batch_size=2)
-    assert len(outputs) == len(prompts)
-    assert all(isinstance(o, str) for o in outputs)
+    model = load_model(teacher_dir).eval()
+    outputs = greedy_generate(model, tokenizer, prompts, max_new_tokens=6, batch_size=2)
+    assert outputs == [_argmax_decode(model, tokenizer, p, 6) for p in prompts]
 
 
 def test_greedy_generate_left_padding_does_not_change_answers(teacher_dir, tokenizer):
@@ -261,11 +276,18 @@ def test_greedy_generate_left_padding_does_not_change_answers(teacher_dir, token
     assert batched == single
 
 
-def test_evaluate_tasks_returns_a_score_in_unit_interval_per_task(teacher_dir, tokenizer, copy_task):
+def test_evaluate_tasks_returns_each_tasks_exact_match_rate(teacher_dir, tokenizer, copy_task):
+    model = load_model(teacher_dir)
     tasks = {"copy": copy_task, "add": make_builtin_task("add", 0, 8, 4, 4)}
-    scores = evaluate_tasks(load_model(teacher_dir), tokenizer, tasks, "test", max_new_tokens=6)
+    scores = evaluate_tasks(model, tokenizer, tasks, "test", max_new_tokens=6)
     assert set(scores) == {"copy", "add"}
     assert all(0.0 <= s <= 1.0 for s in scores.values())
+    # A task whose references are the model's own answers for 3 of 8 prompts (and off by one char for the rest)
+    prompts = [e.prompt for e in copy_task.examples("test")]
+    answers = greedy_generate(model, tokenizer, prompts, max_new_tokens=6)
+    test = [Example(p, a if i < 3 else a + "#") for i, (p, a) in enumerate(zip(prompts, answers))]
+    rigged = Task(name="rigged", splits={"train": test, "validation": test, "test": test})
+    assert evaluate_tasks(model, tokenizer, {"rigged": rigged}, "test", max_new_tokens=6) == {"rigged": 3 / len(test)}
 
 
 # ---- checkpoints -----------------------------------------------------------------------------------------
@@ -304,6 +326,16 @@ def test_freeze_non_mlp_leaves_only_mlp_params_trainable(model_dir):
     assert all(requires_grad == (".mlp." in n) for n, requires_grad in names.items())
     assert trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert 0 < trainable < count_parameters(model)
+
+
+def test_a_training_step_after_freeze_non_mlp_changes_only_mlp_weights(model_dir, batch):
+    model = load_model(model_dir)
+    freeze_non_mlp(model)
+    before = _params(model)
+    optimizer, scheduler = make_optimizer(model, OPTIM)
+    ce_train_step(model, batch, optimizer, scheduler, grad_clip=1.0)
+    changed = {k for k, v in _params(model).items() if not torch.equal(v, before[k])}
+    assert changed and all(".mlp." in k for k in changed)
 
 
 def test_check_model_path_rejects_missing_local_path_and_passes_hub_name(model_dir):

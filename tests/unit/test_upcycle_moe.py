@@ -1,5 +1,7 @@
-"""The DUME MoE: forced routing reproduces an expert (Llama and Qwen2), save/load round trip, routing modes,
-KV-cache generation (equal to recomputing the sequence, no look-ahead), bad input and unsupported architectures.
+"""The DUME MoE: forced (oracle) routing reproduces an expert (Llama and Qwen2); a mixture of copies of one
+expert is that expert under every routing and top-k; the weight average is the mean of every weight; save/load
+round trip, routing modes, KV-cache generation (equal to recomputing the sequence, no look-ahead), bad input
+and unsupported architectures.
 
     .venv/bin/python -m pytest tests/unit/test_upcycle_moe.py -q
 """
@@ -181,9 +183,10 @@ def test_routing_modes_run_and_random_is_seeded():
 def test_weight_average_and_parameter_counts():
     experts = _experts(shared_trunk=False, n=2)
     averaged = average_weights(experts)
-    key = "model.layers.0.mlp.up_proj.weight"
-    want = (experts["g0"].state_dict()[key] + experts["g1"].state_dict()[key]) / 2
-    assert torch.allclose(averaged.state_dict()[key], want)
+    states = [e.state_dict() for e in experts.values()]
+    assert averaged.state_dict().keys() == states[0].keys()
+    for key, value in averaged.state_dict().items():  # every weight, trunk and MLP alike, is the mean
+        assert torch.allclose(value, (states[0][key] + states[1][key]) / 2), key
     moe = build_moe(experts)
     total, active = count_active_parameters(moe)
     mlp = sum(p.numel() for n, p in experts["g0"].named_parameters() if ".mlp." in n)
@@ -332,3 +335,34 @@ def test_whole_sequence_generation_with_cache_routes_the_prompt_by_its_mean():
         block.mode, block.expert = "forced", int(block.scores(prompt_x)[0, real].mean(0).argmax())
     assert torch.allclose(logits[:, 0], moe(**one, use_cache=False).logits[:, -1], atol=1e-5)
 
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("top_k", [1, 2])
+@torch.no_grad()
+def test_moe_of_copies_of_one_expert_is_that_expert_under_every_routing(arch, top_k):
+    """Whatever the router picks and however it weighs its top-k, a mixture of equal experts is the expert:
+    the routing weights sum to one and the averaged trunk is the expert's trunk."""
+    if arch == "qwen2":
+        expert, inputs = next(iter(_qwen2_experts(1).values())).eval(), _qwen2_inputs()
+    else:
+        expert, batch = build_embedded_model(SMALL, TOKENIZER, seed=5).eval(), _batch()
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    moe = build_moe({f"c{i}": copy.deepcopy(expert) for i in range(3)}, top_k=top_k).eval()
+    moe.set_router(torch.randn(len(moe.moe_blocks()), moe.config.hidden_size + 1, 3,
+                               generator=torch.Generator().manual_seed(0)))  # routing varies from token to token
+    want = expert(**inputs).logits
+    for mode in ("token", "sequence_mean", "whole_sequence", "prompt", "random"):
+        assert torch.allclose(moe.set_routing(mode, seed=1)(**inputs).logits, want, atol=1e-5), mode
+    for i in range(3):
+        assert torch.allclose(moe.set_routing("forced", expert=i)(**inputs).logits, want, atol=1e-5)
+
+
+@torch.no_grad()
+def test_random_routing_depends_on_its_seed_and_forced_routing_differs_per_expert():
+    moe, batch = build_moe(_experts(shared_trunk=False)).eval(), _batch()
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    assert not torch.allclose(moe.set_routing("random", seed=3)(**inputs).logits,
+                              moe.set_routing("random", seed=4)(**inputs).logits)
+    forced = [moe.set_routing("forced", expert=i)(**inputs).logits for i in range(3)]
+    assert not torch.allclose(forced[0], forced[1]) and not torch.allclose(forced[1], forced[2])

@@ -1,6 +1,9 @@
 """Your own model and data, through the config keys README documents: a Hugging Face model + tokenizer saved
-with `save_pretrained` in a folder is the base by path, and JSONL/Parquet task files with your own column
-names are the tasks. Bad input (missing model folder, missing column) stops the CLI before Ray starts. The
+with `save_pretrained` in a folder is the base by path (same weights; its tokenizer encodes the rows), and
+JSONL/Parquet task files with your own column names are the tasks; so are a `DatasetDict.save_to_disk` folder
+and a folder laid out like a Hub dataset repo (data/train-00000-of-00001.parquet, train.jsonl + README.md),
+row for row. Bad input (missing model folder, missing column, split or folder) stops with an error naming the
+folder, split and column, the CLI before Ray starts. The
 shipped real-work config (Hub model, bf16, GPUs) loads and validates without downloading anything.
 
     .venv/bin/python -m pytest -q tests/unit/test_user_model_and_data.py
@@ -83,8 +86,13 @@ def test_saved_model_folder_is_the_base_and_user_files_are_the_tasks(tmp_path, t
     init_dir = create_initial_model(cfg.model, cfg.seed, str(tmp_path / "init"))  # what `base` does with base.enabled=false
     original, copied = (AutoModelForCausalLM.from_pretrained(d) for d in (tiny_model_dir, init_dir))
     assert all((a == b).all() for a, b in zip(original.state_dict().values(), copied.state_dict().values()))
-    rows = encode_rows(tasks, load_tokenizer(init_dir), "train", cfg.model.max_seq_len, {"qa": "qa", "rev": "rev"})
+    tokenizer = load_tokenizer(init_dir)
+    rows = encode_rows(tasks, tokenizer, "train", cfg.model.max_seq_len, {"qa": "qa", "rev": "rev"})
     assert len(rows) == 24 and {r["task"] for r in rows} == {"qa", "rev"}
+    # the rows are the user's columns, tokenized by the model folder's own tokenizer
+    pairs = {(tokenizer.decode(r["input_ids"][:r["response_start"]], skip_special_tokens=True),
+              tokenizer.decode(r["input_ids"][r["response_start"]:], skip_special_tokens=True)) for r in rows}
+    assert ("q3 ab", "a3") in pairs and ("abc5", "5cba") in pairs
 
 
 def test_cli_rejects_a_model_path_that_does_not_exist(tmp_path):
@@ -117,3 +125,100 @@ def test_real_config_asks_for_hub_model_bf16_and_gpus_per_stage():
 def test_real_config_with_bad_gpu_settings_is_rejected(override):
     with pytest.raises(ValueError):
         load_config(REAL, [override])
+
+
+# ---- user data from a `datasets` folder: DatasetDict.save_to_disk, and a folder laid out like a Hub repo ----------
+
+def _rows(split: str, n: int) -> dict:
+    return {"question": [f"{split} q{i}" for i in range(n)], "answer": [f"{split} a{i}" for i in range(n)],
+            "id": list(range(n))}
+
+
+def _folder_config(tmp_path, model_dir: str, folder, extra: str = "", response: str = "answer") -> str:
+    path = tmp_path / "folder.yaml"
+    path.write_text(f"""
+model: {{name_or_path: {model_dir}, max_seq_len: 32}}
+base: {{enabled: false}}
+tasks:
+  builtin: []
+  sources:
+    - {{name: qa, source: {folder}, prompt_column: question, response_column: {response}{extra}}}
+""")
+    return str(path)
+
+
+def _assert_loaded_as_written(cfg, splits: dict[str, str]) -> None:
+    """Every split holds exactly the rows written to the dataset's split `splits[split]`, in order."""
+    preflight(cfg)  # what the CLI runs before any stage: every split of every task encoded with the model's tokenizer
+    task = load_tasks(cfg.tasks)["qa"]
+    for split, written in splits.items():
+        expected = _rows(written, {"train": 6}.get(written, 3))
+        assert [e.prompt for e in task.examples(split)] == expected["question"], split
+        assert [e.response for e in task.examples(split)] == expected["answer"], split
+
+
+def test_user_data_from_a_save_to_disk_folder_with_its_own_split_names(tmp_path, tiny_model_dir):
+    import datasets
+
+    folder = tmp_path / "saved"
+    datasets.DatasetDict({s: datasets.Dataset.from_dict(_rows(s, 6 if s == "train" else 3))
+                          for s in ("train", "heldout", "test")}).save_to_disk(str(folder))
+    cfg = load_config(_folder_config(tmp_path, tiny_model_dir, folder, ", hub_splits: {validation: heldout}"))
+    _assert_loaded_as_written(cfg, {"train": "train", "validation": "heldout", "test": "test"})
+
+
+@pytest.mark.parametrize("layout", ["data/{split}-00000-of-00001.parquet", "{split}.jsonl", "data/{split}.csv"])
+def test_user_data_from_a_folder_laid_out_like_a_hub_dataset_repo(tmp_path, tiny_model_dir, layout):
+    import datasets
+
+    folder = tmp_path / "repo"
+    for split in ("train", "validation", "test"):
+        path = folder / layout.format(split=split)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        table = datasets.Dataset.from_dict(_rows(split, 6 if split == "train" else 3))
+        {"parquet": table.to_parquet, "jsonl": table.to_json, "csv": table.to_csv}[path.suffix[1:]](str(path))
+    (folder / "README.md").write_text("---\nlicense: mit\n---\n# qa\nQuestions and answers.\n")
+    cfg = load_config(_folder_config(tmp_path, tiny_model_dir, folder))
+    _assert_loaded_as_written(cfg, {s: s for s in ("train", "validation", "test")})
+
+
+def _load_error(tmp_path, model_dir, folder, extra="", response="answer"):
+    with pytest.raises((ValueError, FileNotFoundError)) as info:
+        load_tasks(load_config(_folder_config(tmp_path, model_dir, folder, extra, response)).tasks)
+    return str(info.value)
+
+
+def test_save_to_disk_folder_errors_name_the_folder_and_what_is_missing(tmp_path, tiny_model_dir):
+    import datasets
+
+    single = tmp_path / "single"
+    datasets.Dataset.from_dict(_rows("train", 3)).save_to_disk(str(single))
+    message = _load_error(tmp_path, tiny_model_dir, single)
+    assert str(single) in message and "single Dataset" in message and "DatasetDict" in message
+
+    two = tmp_path / "two_splits"
+    datasets.DatasetDict({s: datasets.Dataset.from_dict(_rows(s, 3)) for s in ("train", "test")}).save_to_disk(str(two))
+    message = _load_error(tmp_path, tiny_model_dir, two)
+    assert str(two) in message and "validation (looked for 'validation')" in message and "['train', 'test']" in message
+
+    message = _load_error(tmp_path, tiny_model_dir, two, ", hub_splits: {validation: test}", "reply")
+    assert "'reply'" in message and f"split 'train' of '{two}'" in message and "'answer'" in message
+
+
+def test_hub_style_folder_errors_name_the_folder_split_and_column(tmp_path, tiny_model_dir):
+    missing = tmp_path / "no_such_folder"
+    assert f"dataset folder '{missing}' does not exist" in _load_error(tmp_path, tiny_model_dir, missing)
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert f"dataset folder '{empty}' is empty" in _load_error(tmp_path, tiny_model_dir, empty)
+
+    folder = tmp_path / "repo"
+    folder.mkdir()
+    for split in ("train", "dev", "test"):
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps({"question": f"q{i}", "answer": f"a{i}"}) + "\n"
+                                                       for i in range(3)))
+    message = _load_error(tmp_path, tiny_model_dir, folder, response="reply")  # dev.jsonl is the validation split
+    assert f"of '{folder}' has no column 'reply'" in message and "'answer'" in message
+    message = _load_error(tmp_path, tiny_model_dir, folder, ", hub_splits: {validation: heldout}")
+    assert str(folder) in message and "validation (looked for 'heldout')" in message
