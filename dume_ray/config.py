@@ -28,6 +28,7 @@ CHAR_TASK_NAMES = ["copy", "reverse", "sort", "shift", "add", "sub"]
 BUILTIN_TASK_NAMES = ["copy", "reverse", "sort", "shift", "add", "sub", "reverse_words", "sort_words", "upper_words", "rotate_words", "initials", "reverse_upper"]
 LOCAL_TASK_FORMATS = ("jsonl", "json", "parquet", "csv")
 TOO_LONG_POLICIES = ("error", "drop", "truncate")
+TEACHER_SCHEDULES = ("interleaved", "sequential")  # distill.teacher_schedule
 ROUTING_GRANULARITIES = ("token", "sequence_mean", "whole_sequence", "prompt")  # upcycle.routing
 
 
@@ -238,6 +239,9 @@ class DistillConfig:
     divergence: str = "forward_kl"  # "forward_kl" | "reverse_kl" | "generalized_jsd"
     jsd_beta: float = 0.5  # generalized_jsd only
     anneal: bool = False  # BAM! teacher annealing: KD weight decays linearly from alpha to 0
+    teacher_schedule: str = "interleaved"  # order of the student's stream: "interleaved" (every group's rows mixed,
+    #   the default) or "sequential" (one expert's rows after another, each group shuffled within; per epoch). The
+    #   multitask baseline always reads the interleaved stream. Annealing is `anneal`
     on_policy_ratio: float = 0.0  # lambda: share of the student's steps that are on-policy (it answers the batch's
     #   prompts itself and the prompt's expert scores its tokens, GKD); 0 = off-policy only (the stored soft targets)
     on_policy_divergence: str = "reverse_kl"  # on-policy loss: "reverse_kl" | "generalized_jsd" (with jsd_beta)
@@ -254,6 +258,8 @@ class DistillConfig:
         _check(self.divergence in divergences, f"distill.divergence must be one of {divergences}, got {self.divergence!r}")
         _check(0.0 <= self.jsd_beta <= 1.0, f"distill.jsd_beta must be in [0, 1], got {self.jsd_beta}")
         _check(self.init in ("base", "scratch"), f"distill.init must be 'base' or 'scratch', got {self.init!r}")
+        _check(self.teacher_schedule in TEACHER_SCHEDULES,
+               f"distill.teacher_schedule must be one of {TEACHER_SCHEDULES}, got {self.teacher_schedule!r}")
         _check(0.0 <= self.on_policy_ratio <= 1.0, f"distill.on_policy_ratio must be in [0, 1], got {self.on_policy_ratio}")
         on_policy = ("reverse_kl", "generalized_jsd")
         _check(self.on_policy_divergence in on_policy,

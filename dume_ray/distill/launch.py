@@ -70,7 +70,9 @@ def run_students(cfg: PipelineConfig, stages: list[str]) -> dict[str, dict]:
     for stage in todo:
         inits[stage] = student_init(cfg, base_dir, f"{cfg.run_dir}/{stage}/init")
         check_same_vocab(base_dir, inits[stage])
-        pending[stage] = (_loop_config(cfg, stage, stage_hashes[stage], inits[stage], tasks, len(tokenizer)), stream)
+        stage_stream = stream if stage == "multitask" or cfg.distill.teacher_schedule == "interleaved" else \
+            soft_target_stream(soft_targets, cfg.soft_targets.cache_max_mb, cfg.seed, cfg.distill.teacher_schedule)
+        pending[stage] = (_loop_config(cfg, stage, stage_hashes[stage], inits[stage], tasks, len(tokenizer)), stage_stream)
     teachers = start_teachers(cfg, tokenizer, pending) if "student" in pending and cfg.distill.on_policy_ratio > 0 else {}
 
     def finish(stage: str, result: dict) -> None:  # each job's manifest as soon as it finishes
@@ -120,22 +122,36 @@ def _loop_config(cfg: PipelineConfig, stage: str, stage_hash: str, init_dir: str
     }
 
 
-def soft_target_stream(soft_targets: dict, cache_max_mb: float, seed: int) -> ray.data.Dataset:
-    """The shards as one Ray Dataset, its rows mixed across tasks (the shards hold one expert group each).
+def soft_target_stream(soft_targets: dict, cache_max_mb: float, seed: int,
+                       schedule: str = "interleaved") -> ray.data.Dataset:
+    """The shards as one Ray Dataset, its rows mixed across tasks (the shards hold one expert group each), or
+    with `schedule="sequential"` one group's rows after another (each group shuffled within, in config order).
 
-    Up to `cache_max_mb` on disk, the rows are read once, put in one seeded random order and handed to Ray as
+    Up to `cache_max_mb` on disk, the rows are read once, put in one seeded order and handed to Ray as
     in-memory blocks (Ray Train's advice for data that fits in memory: every epoch iterates blocks already in
     the object store, where `read_parquet` would re-run its read tasks each epoch). Larger streams are read
     from Parquet each epoch with the files in a new random order (`FileShuffleConfig`); rows then mix only
-    within the workers' local shuffle buffer."""
-    paths = sorted(p for shards in soft_targets["outputs"]["shards"].values()
-                   for p in glob.glob(os.path.join(shards, "*.parquet")))
+    within the workers' local shuffle buffer, so a sequential schedule needs the stream in memory."""
+    groups = list(soft_targets["outputs"]["shards"])
+    paths = [p for g in groups for p in sorted(glob.glob(os.path.join(soft_targets["outputs"]["shards"][g], "*.parquet")))]
     if soft_targets["metrics"].get("bytes", float("inf")) <= cache_max_mb * 2**20:
         table = pa.concat_tables([pq.read_table(path) for path in paths])
-        table = table.take(training_order(list(range(table.num_rows)), seed))
+        table = table.take(stream_order(table.column("group").to_pylist(), groups, seed, schedule))
         block = max(1, -(-table.num_rows // 16))
         return ray.data.from_arrow([table.slice(i, block) for i in range(0, table.num_rows, block)])
-    return ray.data.read_parquet(paths, shuffle=FileShuffleConfig(seed=seed, reseed_after_execution=True))
+    if schedule != "interleaved":
+        raise manifest.StageInputError(
+            f"distill.teacher_schedule={schedule} needs the soft targets in memory ({soft_targets['metrics'].get('bytes')} "
+            f"bytes > soft_targets.cache_max_mb={cache_max_mb}): raise soft_targets.cache_max_mb")
+    return ray.data.read_parquet(sorted(paths), shuffle=FileShuffleConfig(seed=seed, reseed_after_execution=True))
+
+
+def stream_order(row_groups: list[str], groups: list[str], seed: int, schedule: str) -> list[int]:
+    """Row indices in stream order: one seeded shuffle of all rows ("interleaved"), or each group's rows
+    shuffled and the groups one after another in `groups` order ("sequential")."""
+    if schedule == "interleaved":
+        return training_order(list(range(len(row_groups))), seed)
+    return [i for g in groups for i in training_order([i for i, x in enumerate(row_groups) if x == g], seed)]
 
 
 def student_init(cfg: PipelineConfig, base_dir: str, out_dir: str) -> str:

@@ -147,3 +147,23 @@ def test_on_policy_step_trains_on_its_rollouts_on_its_share_of_steps_only():
     assert [m["on_policy"] for m in metrics] == [0.0, 1.0, 0.0, 1.0] and seen == [0, 2]
     assert all(m["on_policy_loss"] > 0 and m["tokens"] > 0 for m in metrics if m["on_policy"])
     assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))  # the on-policy steps moved it
+
+
+def test_teacher_schedules_order_the_students_stream():
+    """distill.teacher_schedule: "interleaved" mixes every group; "sequential" gives one group's rows after
+    another in config order, each group shuffled within; both are permutations and seeded."""
+    from dume_ray.distill.launch import stream_order  # imports ray.data; starts nothing
+    row_groups = ["b", "a", "b", "c", "a", "a", "c", "b"]
+    sequential = stream_order(row_groups, ["a", "b", "c"], seed=0, schedule="sequential")
+    assert sorted(sequential) == list(range(8))
+    assert [row_groups[i] for i in sequential] == ["a"] * 3 + ["b"] * 3 + ["c"] * 2
+    assert sequential != stream_order(row_groups, ["a", "b", "c"], seed=1, schedule="sequential")  # shuffled within
+    interleaved = stream_order(row_groups, ["a", "b", "c"], seed=0, schedule="interleaved")
+    assert sorted(interleaved) == list(range(8)) and interleaved == stream_order(row_groups, ["a", "b", "c"], 0, "interleaved")
+    assert [row_groups[i] for i in interleaved] != [row_groups[i] for i in sequential]
+
+
+def test_teacher_schedule_is_a_config_error_when_unknown():
+    from dume_ray.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match=r"distill\.teacher_schedule"):
+        load_config("configs/demo.yaml", ["distill.teacher_schedule=random"])

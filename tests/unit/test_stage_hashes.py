@@ -74,6 +74,7 @@ ROWS = {
                           "distill.jsd_beta=0.2", STUDENT)],
     "distill.anneal": [((), "distill.anneal=true", STUDENT)],
     "distill.on_policy_ratio": [((), "distill.on_policy_ratio=0.5", STUDENT)],
+    "distill.teacher_schedule": [((), "distill.teacher_schedule=sequential", STUDENT)],  # the baseline stays mixed
     "distill.on_policy_divergence": [((), "distill.on_policy_divergence=generalized_jsd", NOTHING),  # off-policy only
                                      (("distill.on_policy_ratio=0.5",), "distill.on_policy_divergence=generalized_jsd",
                                       STUDENT)],
