@@ -74,8 +74,8 @@ def main() -> None:
         run = [f"seed={seed}", f"name=select-s{seed}", f"runs_dir={runs_dir}", *overrides]
         run_dir = os.path.join(runs_dir, f"select-s{seed}")
         log = os.path.join(runs_dir, f"on-policy-s{seed}.log")
-        if not os.path.exists(os.path.join(run_dir, "multitask", "DONE.json")):
-            cli(["run", "--config", args.config, *run], log)
+        if any((seed, ratio) not in cells for ratio in args.ratios):
+            cli(["run", "--config", args.config, *run], log)  # skips every stage already done for this config
         for ratio in args.ratios:
             if (seed, ratio) in cells:
                 continue
