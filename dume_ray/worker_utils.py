@@ -191,16 +191,20 @@ def read_history(path: str) -> tuple[list[int], list[int]]:
 
 
 class Progress:
-    """One line every `every` steps on rank 0: `[expert copy] step 100/300 loss 0.512 (12.3 s)`."""
+    """One line every `every` steps on rank 0: `[copy] step 100/300 loss 0.512 tok/s 2140 (12.3 s)`; tok/s counts
+    this worker's response tokens since it started (or resumed)."""
 
     def __init__(self, label: str, total_steps: int, every: int):
         self.label, self.total, self.every = label, total_steps, max(1, every)
-        self.start = time.time()
+        self.start, self.tokens = time.time(), 0
 
     def __call__(self, step: int, metrics: dict) -> None:
+        self.tokens += int(metrics.get("tokens", 0))
         if is_rank_zero() and (step % self.every == 0 or step == self.total):
+            seconds = time.time() - self.start
             shown = " ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.endswith("loss"))
-            print(f"[{self.label}] step {step}/{self.total} {shown} ({time.time() - self.start:.1f} s)", flush=True)
+            speed = f" tok/s {self.tokens / seconds:.0f}" if seconds > 0 and self.tokens else ""
+            print(f"[{self.label}] step {step}/{self.total} {shown}{speed} ({seconds:.1f} s)", flush=True)
 
 
 def save_and_validate(model, tokenizer, config: dict, step: int, metrics: dict, start: float,

@@ -265,3 +265,19 @@ def test_quiet_output_sends_file_descriptor_2_to_the_run_log_and_errors_to_the_t
     err = capfd.readouterr().err
     assert "error: for the user" in err and "after stop" in err and "C++ noise" not in err
     assert "C++ noise" in (tmp_path / "logs" / "driver.log").read_text()
+
+
+def test_a_workers_step_line_carries_tokens_per_second_into_the_progress_line(capsys, monkeypatch):
+    from dume_ray import worker_utils
+    monkeypatch.setattr(worker_utils, "is_rank_zero", lambda: True)
+    progress = worker_utils.Progress("copy", total_steps=4, every=2)
+    progress.start -= 2.0  # two seconds in
+    for step in (1, 2):
+        progress(step, {"loss": 0.5, "tokens": 100})
+    printed = capsys.readouterr().out.strip()
+    assert printed.startswith("[copy] step 2/4 loss 0.500 tok/s ") and printed.endswith(" s)")
+    assert 80 <= float(printed.split("tok/s ")[1].split()[0]) <= 100  # 200 tokens in a little over 2 s
+    output = cli.RayOutput("unused", verbose=True)
+    output.begin_stage()
+    output.on_worker_lines({"pid": 1, "is_err": False, "lines": [printed]})
+    assert output.progress_line().startswith("copy 2/4 loss 0.500 tok/s ")
