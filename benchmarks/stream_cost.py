@@ -16,8 +16,9 @@ What is measured is the path the `distill` stage runs, end to end on one local R
    Inside it, `worker_utils.setup_worker` and `worker_utils.batch_stream` (the student's iterator over
    `get_dataset_shard`, with its local shuffle buffer and Ray Data's prefetch) feed each mode's steps:
    - `ce`: plain stream -> `collate` -> `ce_train_step` (a multitask trainer without soft targets);
-   - `stream KD`: soft-target stream -> `distill.worker.soft_target_batch` -> `annealed_alpha` ->
-     `distill_train_step` (alpha, T, divergence from the config): the student's `train_step`, line for line;
+   - `stream KD`: soft-target stream -> `soft_target_batch` -> `annealed_alpha` -> `distill_train_step` (alpha,
+     T, divergence from the config): the student's step (`training.kd_step` where the package has it, else
+     a line-for-line copy of `distill/worker.py`'s `train_step`; the JSON says which);
    - `naive KD`: plain stream -> `collate` -> each row's teacher forward (no grad, full vocabulary, top-k in
      the loop) -> `distill_train_step`: the online alternative, teachers run inside the student's loop.
 Each mode has its own student (same init, same optimiser) and its own iterator. A round is `--steps` steps of
@@ -110,8 +111,11 @@ def bench_loop(config: dict) -> dict:
     import torch
     from dume_ray.config import OptimConfig, from_dict
     from dume_ray.data.encode import batch_rows, collate
-    from dume_ray.distill.losses import annealed_alpha
-    from dume_ray.distill.worker import soft_target_batch
+    try:  # where the package keeps them after the training-loop refactor, else where they were before
+        from dume_ray.losses import annealed_alpha
+    except ImportError:
+        from dume_ray.distill.losses import annealed_alpha
+    from dume_ray.distill.worker import soft_target_batch  # re-exported there by both layouts
     from dume_ray.model import load_model, load_tokenizer
     from dume_ray.training import ce_train_step, distill_train_step, make_optimizer
     from dume_ray.worker_utils import batch_stream, per_worker_batch_size, setup_worker
@@ -122,17 +126,26 @@ def bench_loop(config: dict) -> dict:
     teachers = {g: load_model(p).eval() for g, p in config["expert_dirs"].items()}
     top_k, bs = config["top_k"], per_worker_batch_size(optim.batch_size)
 
-    def ce(model, batch, optimizer, scheduler, step):
-        lm = {k: v.to(device) for k, v in collate(batch_rows(batch), pad_id).items()}
-        return ce_train_step(model, lm, optimizer, scheduler, optim.grad_clip, config["dtype"])
+    try:  # the pipeline's own step functions, where this version of the package has them
+        from dume_ray.training import ce_step, kd_step
+        ce = ce_step(optim.grad_clip, config["dtype"])
+        stream_kd = kd_step(optim.grad_clip, top_k, config["alpha"], optim.steps, config["anneal"], config["temperature"],
+                            config["divergence"], config["jsd_beta"], config["dtype"])
+        step_source = "training.ce_step / training.kd_step"
+    except ImportError:  # before them: the bodies of experts/worker.py's and distill/worker.py's train_step
+        step_source = "copies of the workers' train_step bodies (ce_train_step / soft_target_batch + distill_train_step)"
 
-    def stream_kd(model, batch, optimizer, scheduler, step):  # distill/worker.py's train_step
-        batch = {k: v.to(device) for k, v in soft_target_batch(batch, pad_id, top_k).items()}
-        alpha = annealed_alpha(config["alpha"], step, optim.steps, config["anneal"])
-        return distill_train_step(model, batch, optimizer, scheduler, optim.grad_clip, alpha, config["temperature"],
-                                  config["divergence"], config["jsd_beta"], config["dtype"])
+        def ce(model, batch, optimizer, scheduler, step, pad_id, device):
+            lm = {k: v.to(device) for k, v in collate(batch_rows(batch), pad_id).items()}
+            return ce_train_step(model, lm, optimizer, scheduler, optim.grad_clip, config["dtype"])
 
-    def naive_kd(model, batch, optimizer, scheduler, step):
+        def stream_kd(model, batch, optimizer, scheduler, step, pad_id, device):
+            batch = {k: v.to(device) for k, v in soft_target_batch(batch, pad_id, top_k).items()}
+            alpha = annealed_alpha(config["alpha"], step, optim.steps, config["anneal"])
+            return distill_train_step(model, batch, optimizer, scheduler, optim.grad_clip, alpha, config["temperature"],
+                                      config["divergence"], config["jsd_beta"], config["dtype"])
+
+    def naive_kd(model, batch, optimizer, scheduler, step, pad_id, device):
         lm = collate(batch_rows(batch), pad_id)
         alpha = annealed_alpha(config["alpha"], step, optim.steps, config["anneal"])
         return distill_train_step(model, naive_targets(batch, lm, teachers, top_k), optimizer, scheduler, optim.grad_clip,
@@ -152,7 +165,7 @@ def bench_loop(config: dict) -> dict:
             w = time.perf_counter()
             batch = next(batches)
             wait += time.perf_counter() - w
-            tokens += plan[mode][0](model, batch, optimizer, scheduler, step)["tokens"]
+            tokens += plan[mode][0](model, batch, optimizer, scheduler, step, pad_id, device)["tokens"]
             step += 1
         state[mode][3] = step
         return tokens, time.perf_counter() - t, time.process_time() - cpu, wait
@@ -172,7 +185,7 @@ def bench_loop(config: dict) -> dict:
             rates[mode].append(tokens / wall)
             cpu_rates[mode].append(tokens / cpu)
             waits[mode].append(wait / wall)
-    return {"rates": rates, "cpu_rates": cpu_rates, "data_wait_fraction": waits, "torch_threads": torch.get_num_threads(), "batch_size": bs}
+    return {"rates": rates, "cpu_rates": cpu_rates, "data_wait_fraction": waits, "step_functions": step_source, "torch_threads": torch.get_num_threads(), "batch_size": bs}
 
 
 def run_on_ray(loop_config: dict, datasets: dict, cpus: int, storage: str) -> dict:
@@ -269,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
                 "torch_threads": out["torch_threads"], "ray_cpus": args.ray_cpus, "worker_cpus": res.cpus_per_worker,
                 "stream": ("in-memory blocks (soft_target_stream: shards <= cache_max_mb)" if cached
                            else "read_parquet each epoch (shards > cache_max_mb)"),
+                "step_functions": out["step_functions"],
                 "iterator": "worker_utils.batch_stream (get_dataset_shard -> iter_batches numpy, local shuffle buffer 4x batch)",
                 "shard_bytes": stream_manifest(shards)["metrics"]["bytes"], "plain_shard_bytes": stream_manifest(plain)["metrics"]["bytes"],
                 "scoring_seconds": round(scoring_seconds, 1), "ray_start_seconds": round(ray_start_seconds, 1),
