@@ -8,7 +8,8 @@ Each setting gets a fresh cluster from `cluster/local_cluster.py` (token auth on
 "one node" is a head with all `--cpus`; "two nodes" is a head plus a second raylet with half each. The same
 `ray job submit --working-dir . -- python -m dume_ray run ...` runs on both; the total is the submit
 command's wall time (working-dir upload and the driver's start included), the stages' seconds come from
-their `DONE.json` manifests, and the experts' node ids show they spread over both nodes. Both nodes share
+their `DONE.json` manifests (the experts stage's wall time from the driver's last "[experts] N/N finished"
+line), and the experts' node ids show they spread over both nodes. Both nodes share
 this machine's cores and disk, so this measures what a second node costs in coordination (object transfers
 between raylets, scheduling, a second set of agents), not a speed-up from more hardware.
 """
@@ -18,6 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import statistics
 import sys
 import tempfile
 import time
@@ -28,15 +31,15 @@ from common import REPO, command_line, markdown_table, result_path, write_result
 sys.path.insert(0, REPO)
 from cluster.local_cluster import LocalCluster  # noqa: E402
 
-OVERRIDES = ["tasks.builtin=[copy,reverse,add,sort]", "upcycle.enabled=false", "experts.optim.steps=60",
-             "experts.optim.checkpoint_every=20"]
+OVERRIDES = ["tasks.builtin=[copy,reverse,add,sort]", "upcycle.enabled=false", "experts.optim.steps=300",
+             "experts.optim.checkpoint_every=100"]
 TINY_OVERRIDES = ["tasks.builtin=[copy,add]", "upcycle.enabled=false", "experts.optim.steps=2"]
 STAGES = ("base", "experts", "soft_targets", "student", "multitask", "eval")
 
 
-def run_once(setting: str, cpus: float, config: str, overrides: list[str], runs_dir: str) -> dict:
+def run_once(setting: str, cpus: int, config: str, overrides: list[str], runs_dir: str) -> dict:
     """A fresh cluster for `setting`, one `ray job submit` of the pipeline, the cluster stopped again."""
-    per_node = cpus if setting == "one node" else cpus / 2
+    per_node = cpus if setting == "one node" else cpus // 2
     with LocalCluster(head_cpus=per_node) as cluster:
         if setting == "two nodes":
             cluster.add_node(num_cpus=per_node)
@@ -52,6 +55,8 @@ def run_once(setting: str, cpus: float, config: str, overrides: list[str], runs_
             raise RuntimeError(f"{setting}: the job failed:\n{job.stdout[-4000:]}\n{job.stderr[-2000:]}")
     run_dir = os.path.join(runs_dir, name)
     seconds, experts_on = {}, {}
+    finished = re.findall(r"\[experts\] \d+/\d+ finished: .*\((\d+) s since stage start\)", job.stdout)
+    seconds["experts stage (wall)"] = float(finished[-1]) if finished else None
     for stage in STAGES:
         if stage == "experts":
             groups = sorted(os.listdir(os.path.join(run_dir, "experts")))
@@ -67,16 +72,35 @@ def run_once(setting: str, cpus: float, config: str, overrides: list[str], runs_
             "total_seconds": round(total, 1), "stage_seconds": seconds, "experts_on": experts_on}
 
 
+def summarize(runs: list[dict], repeats: int, cpus: int) -> str:
+    """The markdown table: per row the median over rounds of each setting, and two nodes / one node."""
+    def median(setting: str, key) -> float:
+        values = [key(r) for r in runs if r["setting"] == setting]
+        return statistics.median(values) if values else float("nan")
+
+    rows = []
+    for key in ["total (ray job submit)"] + list(runs[0]["stage_seconds"]):
+        get = (lambda r: r["total_seconds"]) if key.startswith("total") else (lambda r, k=key: r["stage_seconds"].get(k) or 0.0)
+        one, two = median("one node", get), median("two nodes", get)
+        rows.append([key, one, two, two / one if one else None])
+    spread = {r["setting"]: sorted(set(r["experts_on"].values())) for r in runs}
+    rows.append(["nodes the experts ran on", ", ".join(spread["one node"]), ", ".join(spread["two nodes"]), None])
+    return markdown_table([f"seconds (median of {repeats})", f"one node ({cpus} CPUs)",
+                           f"two nodes ({cpus // 2} + {cpus // 2} CPUs)", "two / one"], rows)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="configs/smoke/tiny.yaml")
-    parser.add_argument("--cpus", type=float, default=2, help="CPUs in all, the same for both settings")
+    parser.add_argument("--cpus", type=int, default=2, help="CPUs in all (even), the same for both settings")
     parser.add_argument("--repeats", type=int, default=1, help="rounds of (one node, two nodes)")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--out", default=None)
     parser.add_argument("overrides", nargs="*", help="key=value config overrides (replace the built-in ones)")
     args = parser.parse_args()
     overrides = args.overrides or (TINY_OVERRIDES if args.tiny else OVERRIDES)
+    if args.cpus < 2 or args.cpus % 2:
+        parser.error("--cpus must be even (split over two nodes), at least 2")
     started = time.time()
     runs = []
     with tempfile.TemporaryDirectory(prefix="bench-two-nodes-") as runs_dir:
@@ -87,20 +111,7 @@ def main() -> int:
                       f"{result['experts_on']}", flush=True)
                 runs.append(result)
 
-    def median(setting: str, key) -> float:
-        values = sorted(key(r) for r in runs if r["setting"] == setting)
-        return values[len(values) // 2] if values else float("nan")
-
-    keys = ["total (ray job submit)"] + list(runs[0]["stage_seconds"])
-    rows = []
-    for key in keys:
-        get = (lambda r: r["total_seconds"]) if key.startswith("total") else (lambda r, k=key: r["stage_seconds"].get(k) or 0.0)
-        one, two = median("one node", get), median("two nodes", get)
-        rows.append([key, one, two, two / one if one else None])
-    spread = {r["setting"]: sorted(set(r["experts_on"].values())) for r in runs}
-    rows.append(["nodes the experts ran on", ", ".join(spread["one node"]), ", ".join(spread["two nodes"]), None])
-    table = markdown_table([f"seconds (median of {args.repeats})", f"one node ({args.cpus:g} CPUs)",
-                            f"two nodes ({args.cpus / 2:g} + {args.cpus / 2:g} CPUs)", "two / one"], rows)
+    table = summarize(runs, args.repeats, args.cpus)
     print(table)
     write_result(result_path("two_nodes", args.out, args.tiny), "two_nodes", command_line(), started,
                  {"config": args.config, "overrides": overrides, "cpus": args.cpus, "runs": runs}, table)

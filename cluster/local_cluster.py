@@ -126,6 +126,15 @@ class LocalNode:
                 return arg.split(b"=", 1)[1].decode()
         return None
 
+    def runs(self, pid: Optional[int]) -> bool:
+        """Whether process `pid` belongs to this node (its ancestors include this node's `ray start`)."""
+        seen = 0
+        while pid and pid > 1 and seen < 64:
+            if pid == self.pid:
+                return True
+            pid, seen = _parent(pid), seen + 1
+        return False
+
     def pids(self) -> list[int]:
         """The node's processes: `ray start`, its descendants (raylet, GCS, agents, workers), any naming its temp dir."""
         found = {self.pid, *descendants(self.pid), *pids_naming(self.temp_dir)}
@@ -171,8 +180,8 @@ class LocalNode:
 class LocalCluster:
     """A head on loopback (dashboard + Jobs API, token auth) and any number of worker nodes joined to it."""
 
-    def __init__(self, head_cpus: float = 1, head_resources: Optional[dict] = None, token: Optional[str] = None,
-                 root: Optional[str] = None, detach: bool = False):
+    def __init__(self, head_cpus: int = 1, head_resources: Optional[dict] = None, token: Optional[str] = None,
+                 root: Optional[str] = None):
         self.root = root or tempfile.mkdtemp(prefix="dume-cluster-", dir="/tmp")  # short: socket paths < 108 chars
         self.token = token or secrets.token_hex(16)
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
@@ -192,11 +201,11 @@ class LocalCluster:
             self.stop()
             raise
 
-    def _start(self, name: str, num_cpus: float, resources: Optional[dict], extra: list[str]) -> LocalNode:
+    def _start(self, name: str, num_cpus: int, resources: Optional[dict], extra: list[str]) -> LocalNode:
         temp_dir = os.path.join(self.root, name)
         os.makedirs(temp_dir, exist_ok=True)
         ports = dict(zip(NODE_PORT_FLAGS, free_ports(len(NODE_PORT_FLAGS))))
-        cmd = [f"{BIN}/ray", "start", "--block", "--num-cpus", str(num_cpus), "--num-gpus", "0",
+        cmd = [f"{BIN}/ray", "start", "--block", "--num-cpus", str(int(num_cpus)), "--num-gpus", "0",  # whole CPUs only
                "--node-ip-address", "127.0.0.1", "--temp-dir", temp_dir, "--disable-usage-stats",
                "--min-worker-port", "0", "--max-worker-port", "0",  # random: several raylets share this machine
                *[str(x) for kv in ports.items() for x in kv], *extra]
@@ -231,7 +240,7 @@ class LocalCluster:
         data = self.api("/api/v0/nodes?limit=100&detail=true")["data"]["result"]["result"]
         return {n["node_id"]: n.get("resources_total", {}) for n in data if n["state"] == "ALIVE"}
 
-    def add_node(self, num_cpus: float = 1, resources: Optional[dict] = None, timeout: float = 240,
+    def add_node(self, num_cpus: int = 1, resources: Optional[dict] = None, timeout: float = 240,
                  attempts: int = 3) -> LocalNode:
         """Start a worker node (a second raylet) joined to the head; returns once the GCS lists it alive.
         `ray start` gives a raylet 30 s to register, which a loaded machine can miss: then it is retried."""
@@ -311,7 +320,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="start a head and worker nodes; they keep running after this exits")
     up.add_argument("--nodes", type=int, default=2, help="nodes in all, the head included")
-    up.add_argument("--cpus-per-node", type=float, default=1)
+    up.add_argument("--cpus-per-node", type=int, default=1)
     up.add_argument("--token", default=os.environ.get("RAY_AUTH_TOKEN"), help="default: a fresh random token")
     stop = sub.add_parser("down", help="stop a cluster `up` started, by its process ids")
     stop.add_argument("state_file")

@@ -43,10 +43,9 @@ def _kill_node_mid_expert(ray_cluster, node, run_dir: str, submission_id: str, t
     Returns (that expert's group, the last step it logged before the kill)."""
     deadline, next_status, node_id = time.time() + timeout, time.time() + 15, node.node_id()
     while time.time() < deadline:
-        on_node = node.pids()
         for group in GROUPS:
             history = _history(run_dir, group)
-            if not history or _first_pid(history) not in on_node:
+            if not history or not node.runs(_first_pid(history)):
                 continue
             _, steps = read_history(history)
             if steps and steps[-1] > 2 * CHECKPOINT_EVERY:
