@@ -3,7 +3,7 @@ temp dir, ports and resources, all on loopback with Ray's token authentication o
 
 For users (through `cluster/two_nodes.sh`) and for the `cluster` tests and `benchmarks/two_nodes.py`:
 
-    python cluster/local_cluster.py up --nodes 2 --cpus-per-node 1     # prints RAY_ADDRESS, token, pids, state file
+    python cluster/local_cluster.py up --nodes 2 --cpus-per-node 1     # prints the exports, pids, state file
     python cluster/local_cluster.py down /tmp/dume-cluster-XXXX/cluster.json
 
     from cluster.local_cluster import LocalCluster                       # repository root on sys.path
@@ -341,8 +341,10 @@ def main(argv=None) -> int:
         json.dump(state, f, indent=2)
     print(f"export RAY_ADDRESS={state['address']}")
     print(f"export RAY_AUTH_TOKEN={state['token']}")
+    print("export RAY_AUTH_MODE=token  # for `ray status` and drivers; `ray job` needs only the token")
     for node in state["nodes"]:
         print(f"# {node['name']}: ray start pid {node['pid']}, raylet pid {node['raylet_pid']}, node id {node['node_id']}")
+    print(f"# nodes: ray status --address {state['gcs_address']}   (the GCS; RAY_ADDRESS is the Jobs API)")
     print(f"# stop: python cluster/local_cluster.py down {state_file}")
     return 0
 

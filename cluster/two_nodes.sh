@@ -5,6 +5,7 @@
 #
 #   bash cluster/two_nodes.sh start [CPUS_PER_NODE]   # prints `export RAY_ADDRESS=...`, the token, the pids
 #   eval "$(bash cluster/two_nodes.sh start | grep ^export)"   # or: start and export in one go
+#   ray status --address 127.0.0.1:GCS_PORT          # both nodes (the `# nodes:` line it printed)
 #   ray job submit --working-dir . -- python -m dume_ray run --config configs/smoke/tiny.yaml runs_dir=$PWD/runs
 #   bash cluster/two_nodes.sh stop                    # stops exactly these nodes, by process id (never `ray stop`)
 #
