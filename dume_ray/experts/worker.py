@@ -4,10 +4,12 @@
 `experts/launch.py`) and runs `worker_utils.training_run` with the pure `training.ce_step` on its
 Ray Data shard "train" of encoded rows: checkpoints through Ray Train, and on rank 0 the final model saved
 with `save_pretrained` and scored on the validation split. The return value reaches the driver as
-`Result.return_value`.
+`Result.return_value` (and the stage's manifest metrics), with `node_id`: the Ray node rank 0 trained on.
 """
 
 from __future__ import annotations
+
+import ray
 
 from dume_ray.config import OptimConfig, from_dict
 from dume_ray.training import ce_step
@@ -16,4 +18,7 @@ from dume_ray.worker_utils import training_run
 
 def train_fn_per_worker(config: dict) -> dict:
     optim = from_dict(OptimConfig, config["optim"])
-    return training_run(config, ce_step(optim.grad_clip, config["dtype"]))
+    result = training_run(config, ce_step(optim.grad_clip, config["dtype"]))
+    if result:  # rank 0: where it ran, so a multi-node run shows how its jobs spread (tests/cluster)
+        result["node_id"] = ray.get_runtime_context().get_node_id()
+    return result
