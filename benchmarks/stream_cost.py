@@ -80,7 +80,7 @@ def write_stream(models_dir: str, shards_dir: str, plain_dir: str, tasks_cfg, mo
 def stream_manifest(shards_dir: str) -> dict:
     """The parts of the soft-targets stage's manifest that `soft_target_stream` reads."""
     paths = glob.glob(os.path.join(shards_dir, "*.parquet"))
-    return {"outputs": {"shards": shards_dir}, "metrics": {"bytes": sum(os.path.getsize(p) for p in paths)}}
+    return {"outputs": {"shards": {"all": shards_dir}}, "metrics": {"bytes": sum(os.path.getsize(p) for p in paths)}}
 
 
 def naive_targets(batch: dict, lm_batch: dict, teachers: dict, top_k: int) -> dict:

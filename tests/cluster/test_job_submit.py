@@ -37,8 +37,9 @@ def test_ray_job_submit_runs_the_pipeline_on_two_nodes_and_reports_a_missing_gpu
     runtime_env = json.dumps({"excludes": [".venv", "runs", ".git"], "env_vars": env_vars})
     submit = ["submit", "--working-dir", ".", "--runtime-env-json", runtime_env]  # command + its options
 
+    # `run`, not `experts` alone: a stage run alone first needs its earlier stages finished (exit 2, before Ray)
     gpu = job(*submit, "--submission-id", "gpu-ask", "--no-wait", "--", "python", "-m", "dume_ray",
-              "experts", "--config", "configs/smoke/tiny.yaml", "name=gpu", f"runs_dir={runs_dir}",
+              "run", "--config", "configs/smoke/tiny.yaml", "name=gpu", f"runs_dir={runs_dir}",
               "experts.resources.num_workers=1", "experts.resources.use_gpu=true", "resource_wait_s=3")
     assert gpu.returncode == 0, gpu.stdout[-2000:] + gpu.stderr[-2000:]
 
