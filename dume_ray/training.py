@@ -166,6 +166,18 @@ def train_loop(model, optimizer, scheduler, batches: Iterator[dict], train_step:
     return step, metrics
 
 
+def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id prompts as a left-padded batch (every prompt ends where generation starts): input_ids and
+    attention_mask, [b, longest prompt]."""
+    width = max(len(ids) for ids in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids):] = torch.tensor(ids)
+        attention_mask[row, width - len(ids):] = 1
+    return input_ids, attention_mask
+
+
 @torch.no_grad()
 def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 256) -> list[str]:
     """Greedy decoding of each prompt's response (stops at eos); left-padded batches."""
@@ -173,13 +185,9 @@ def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, b
     device = next(model.parameters()).device
     outputs: list[str] = []
     for start in range(0, len(prompts), batch_size):
-        encoded = [encode_prompt(tokenizer, p) for p in prompts[start:start + batch_size]]
-        width = max(len(ids) for ids in encoded)
-        input_ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for row, ids in enumerate(encoded):
-            input_ids[row, width - len(ids):] = torch.tensor(ids)
-            attention_mask[row, width - len(ids):] = 1
+        input_ids, attention_mask = left_padded([encode_prompt(tokenizer, p) for p in prompts[start:start + batch_size]],
+                                                tokenizer.pad_token_id)
+        width = input_ids.shape[1]
         generated = model.generate(
             input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), max_new_tokens=max_new_tokens,
             do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,

@@ -31,7 +31,7 @@ from torch import Tensor
 from dume_ray.data.encode import batch_rows, collate
 from dume_ray.losses import generalized_jsd, reverse_kl
 from dume_ray.model import load_model
-from dume_ray.training import TrainStep, autocast, optimizer_step, response_logits
+from dume_ray.training import TrainStep, autocast, left_padded, optimizer_step, response_logits
 
 ON_POLICY_DIVERGENCES = ("reverse_kl", "generalized_jsd")
 
@@ -54,12 +54,8 @@ def student_rollouts(model, rows: list[dict], pad_id: int, eos_id: int, max_new_
     model.eval()
     device = next(model.parameters()).device
     prompts = [list(map(int, row["input_ids"][: int(row["response_start"])])) for row in rows]
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for b, prompt in enumerate(prompts):  # left padding: every prompt ends where generation starts
-        input_ids[b, width - len(prompt):] = torch.tensor(prompt)
-        attention_mask[b, width - len(prompt):] = 1
+    input_ids, attention_mask = left_padded(prompts, pad_id)
+    width = input_ids.shape[1]
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
