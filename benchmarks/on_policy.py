@@ -27,7 +27,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import REPO, command_line, fmt_pm, markdown_table, mean_std, result_path, write_result  # noqa: E402
-from select_defaults import TINY_OVERRIDES, choose, cli, validation_mean  # noqa: E402
+from select_defaults import TINY_OVERRIDES, choose, cli, run_arguments, validation_mean  # noqa: E402
 
 sys.path.insert(0, REPO)
 
@@ -48,14 +48,8 @@ def test_mean(cfg_args: list[str], run_dir: str) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="configs/demo.yaml")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser = run_arguments(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.0, 0.25, 0.5])
-    parser.add_argument("--runs-dir", default="runs/select")
-    parser.add_argument("--set", nargs="*", default=[], help="extra key=value overrides for every run")
-    parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--out", default=None)
     args = parser.parse_args()
     started = time.time()
     out = result_path("on_policy", args.out, args.tiny)

@@ -75,16 +75,22 @@ def choose(cells: dict[tuple, list[float]]) -> tuple[tuple, list[tuple]]:
     return min(ties), ties  # among ties: the smallest T, then alpha
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def run_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of a benchmark that runs the pipeline once per seed, then varies the student (also
+    `on_policy.py`): config, seeds, where the runs go, extra overrides, --tiny, --out."""
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--temperatures", type=float, nargs="*", default=[1.0, 2.0, 4.0, 8.0])
-    parser.add_argument("--alphas", type=float, nargs="*", default=[0.5, 0.9])
     parser.add_argument("--runs-dir", default="runs/select")
     parser.add_argument("--set", nargs="*", default=[], help="extra key=value overrides for every run")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--out", default=None)
+    return parser
+
+
+def main() -> None:
+    parser = run_arguments(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
+    parser.add_argument("--temperatures", type=float, nargs="*", default=[1.0, 2.0, 4.0, 8.0])
+    parser.add_argument("--alphas", type=float, nargs="*", default=[0.5, 0.9])
     args = parser.parse_args()
     started = time.time()
     name = os.path.splitext(os.path.basename(args.config))[0]
