@@ -26,6 +26,7 @@ import torch
 
 from dume_ray.config import OptimConfig, from_dict
 from dume_ray.dashboards import ScalarLog
+from dume_ray import storage
 from dume_ray.manifest import atomic_dir
 from dume_ray.model import enable_gradient_checkpointing, load_model, load_tokenizer, make_trainable, merge_adapters
 from dume_ray.tasks.base import Example, Task
@@ -216,6 +217,7 @@ def save_and_validate(model, tokenizer, config: dict, step: int, metrics: dict, 
     with atomic_dir(config["output_dir"]) as tmp:
         final.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+    storage.push_path(config["output_dir"])  # with a storage URI: the driver may run on another node
     validation = {name: Task(name, {"validation": [Example(p, r) for p, r in pairs]})
                   for name, pairs in config["validation"].items()}
     scores = evaluate_tasks(final, tokenizer, validation, "validation", config["max_new_tokens"])
