@@ -46,7 +46,7 @@ MANIFEST = "DONE.json"
 NOT_SYNCED = ("ray_train", "logs")  # Ray Train writes its checkpoints to storage itself; logs are per node
 ENV_STORAGE, ENV_RUN_DIR, ENV_DRIVER_HOST = "DUME_RAY_STORAGE", "DUME_RAY_RUN_DIR", "DUME_RAY_DRIVER_HOST"
 ENV_RUN_AS_GIVEN = "DUME_RAY_RUN_DIR_AS_GIVEN"  # the config's `<runs_dir>/<name>`, when relative
-MTIME_SLACK_S = 1.0  # object stores keep whole seconds
+STATE_FILE = ".storage-state.json"  # per node: what each file was when last synced (not synced itself)
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -147,12 +147,14 @@ class RunStorage:
         Returns the number of files fetched."""
         remote = {rel: info for rel, info in self._list(sub).items() if _synced(rel)}
         order = sorted(remote, key=lambda rel: (rel.endswith(MANIFEST), rel))
-        fetched = 0
+        fetched, state = 0, self._state()
         for rel in order:
             local = os.path.join(self.local_dir, rel)
-            if not _same(remote[rel], local):
+            if not _in_sync(state.get(rel), remote[rel], local):
                 self._download(remote[rel], local)
+                state[rel] = _entry(remote[rel], local)
                 fetched += 1
+        self._save_state(state)
         for local in _local_files(os.path.join(self.local_dir, sub) if sub else self.local_dir):
             rel = os.path.relpath(local, self.local_dir).replace(os.sep, "/")
             if rel.endswith(MANIFEST) and _synced(rel) and rel not in remote:
@@ -168,15 +170,16 @@ class RunStorage:
         remote = self._list(sub if os.path.isdir(start) else os.path.dirname(sub))
         rels = [os.path.relpath(p, self.local_dir).replace(os.sep, "/") for p in _local_files(start)]
         rels = sorted((r for r in rels if _synced(r)), key=lambda r: (r.endswith(MANIFEST), -r.count("/"), r))
-        sent = 0
+        sent, state = 0, self._state()
         for rel in rels:
             local = os.path.join(self.local_dir, rel)
-            if rel in remote and _same(remote[rel], local):
+            if rel in remote and _in_sync(state.get(rel), remote[rel], local):
                 continue
             with open(local, "rb") as f:
                 self._write_bytes(_join(self.root, rel), f.read())
-            _align_mtime(self.fs.get_file_info(_join(self.root, rel)), local)
+            state[rel] = _entry(self.fs.get_file_info(_join(self.root, rel)), local)
             sent += 1
+        self._save_state(state)
         return sent
 
     def record_format(self) -> None:
@@ -229,6 +232,20 @@ class RunStorage:
             self.push(rel)
 
     # ---- helpers ---------------------------------------------------------------------------------------------
+    def _state(self) -> dict:
+        """{run-relative path: [local size, local mtime_ns, stored size, stored mtime]} at the last transfer."""
+        try:
+            with open(os.path.join(self.local_dir, STATE_FILE)) as f:
+                state = json.load(f)
+            return state if isinstance(state, dict) else {}
+        except (OSError, ValueError):
+            return {}  # none yet, or unreadable: every file is compared afresh (transferred once more)
+
+    def _save_state(self, state: dict) -> None:
+        from dume_ray.manifest import write_json_atomic
+        if state:  # another process may save at once: the last one wins, the other's files transfer again later
+            write_json_atomic(os.path.join(self.local_dir, STATE_FILE), state)
+
     def _list(self, sub: str = "", limit_one: bool = False) -> dict[str, pafs.FileInfo]:
         base = _join(self.root, sub) if sub else self.root
         info = self.fs.get_file_info(base)
@@ -263,7 +280,6 @@ class RunStorage:
             while chunk := src.read(1 << 22):
                 dst.write(chunk)
         os.replace(tmp, local)
-        _align_mtime(info, local)
 
 
 def _local_files(start: str) -> list[str]:
@@ -272,20 +288,19 @@ def _local_files(start: str) -> list[str]:
     return [os.path.join(d, f) for d, _, files in os.walk(start) for f in files]
 
 
-def _same(info: pafs.FileInfo, local: str) -> bool:
-    """Same size and modification time (each transfer sets the local file's mtime to the stored object's)."""
+def _entry(info: pafs.FileInfo, local: str) -> list:
+    stat = os.stat(local)
+    return [stat.st_size, stat.st_mtime_ns, info.size, info.mtime.timestamp() if info.mtime is not None else None]
+
+
+def _in_sync(entry: Optional[list], info: pafs.FileInfo, local: str) -> bool:
+    """Neither the local file nor the stored object changed since they were last transferred by this node.
+    A local change is seen to the nanosecond; a stored object by its size and time, which object stores keep to
+    the second (an object rewritten with the same size within the second this node fetched it is missed)."""
     try:
-        stat = os.stat(local)
+        return entry is not None and entry[3] is not None and _entry(info, local) == entry
     except FileNotFoundError:
         return False
-    mtime = info.mtime.timestamp() if info.mtime is not None else None
-    return stat.st_size == info.size and mtime is not None and abs(stat.st_mtime - mtime) <= MTIME_SLACK_S
-
-
-def _align_mtime(info: pafs.FileInfo, local: str) -> None:
-    if info.mtime is not None:
-        stamp = info.mtime.timestamp()
-        os.utime(local, (stamp, stamp))
 
 
 def write_format(run_dir: str) -> None:
