@@ -310,15 +310,18 @@ PROGRESS_EVERY_S = 30.0  # at most one progress line this often while a stage tr
 
 def open_storage(cfg: PipelineConfig) -> Optional[RunStorage]:
     """The run's storage (`storage=`), checked before any work: reachable and writable (a probe object is
-    written and deleted), and not a run of another format version; then its finished stages are pulled into
-    the local working copy, so what is skipped is what storage holds. None when the run has no storage."""
+    written and deleted), and not a run of another format version. Then its finished stages are pulled into
+    the local working copy, so what is skipped is what storage holds; a run new to the storage instead starts
+    from the local copy, uploaded (a local run moved onto storage keeps its finished stages). None without."""
     if not cfg.storage:
         return None
     store = RunStorage.for_run(cfg.storage, cfg.name, cfg.run_dir)
+    stored = store.check_format()  # reads only: a run of another version is refused before the probe is written
     store.check_writable()
-    store.check_format()
-    fetched = store.pull()
-    print(f"[storage] {store.uri}: {fetched} file(s) fetched into {cfg.run_dir}", flush=True)
+    if stored:
+        print(f"[storage] {store.uri}: {store.pull()} file(s) fetched into {cfg.run_dir}", flush=True)
+    else:
+        print(f"[storage] {store.uri}: a new run there; {store.push()} file(s) of {cfg.run_dir} uploaded", flush=True)
     return store
 
 
@@ -418,8 +421,8 @@ def _run(args: argparse.Namespace, state: dict) -> int:
         print(to_yaml(cfg) if args.verbose else f"[config] {cfg.name}: {len(cfg.tasks.names)} tasks, "
               f"{len(cfg.groups)} expert groups, stages: {' -> '.join(order)}", flush=True)
         preflight(cfg)  # before anything is written: bad input leaves the run folder as it was
-        store = open_storage(cfg)  # reachable, writable, a compatible run; its finished stages pulled here
         check_local_format(cfg.run_dir)
+        store = open_storage(cfg)  # reachable, writable, a compatible run; its finished stages pulled here
         check_stage_inputs(cfg, order)
         check_local_resources(cfg, order)
     except ResourceShortage as exc:

@@ -2,11 +2,12 @@
 and every node keeps a node-local working copy of it under `<runs_dir>/<name>/`.
 
     store = RunStorage.for_run(cfg.storage, cfg.name, cfg.run_dir)   # s3://, gs://, file:// or a plain path
-    store.check_writable()   # ConfigError naming the URI when it cannot be reached or written (before any work)
     store.check_format()     # ConfigError when the stored run was made by an incompatible version
+    store.check_writable()   # ConfigError naming the URI when it cannot be reached or written (before any work)
     store.pull()             # storage -> local: finished stages' outputs and manifests (the driver, at start)
     store.push()             # local -> storage: data files first, manifests (DONE.json) last (after each stage)
     store.ensure_local(path) # on a node that is not the driver's: fetch this model / folder before reading it
+    store.fetch(path)        # on any node: what another node wrote (a finished job's model, a checkpoint)
 
 What goes where: the driver pulls the stored run before it decides what to skip, so `manifest.is_done` sees
 the storage's truth (a local manifest the storage lacks is removed, and that stage reruns); it pushes after
@@ -29,11 +30,12 @@ Pure: pyarrow.fs only, no Ray. Tested in tests/unit/test_storage.py (local file 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import socket
 import uuid
-from typing import Optional
+from typing import BinaryIO, Optional
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -46,6 +48,7 @@ MANIFEST = "DONE.json"
 NOT_SYNCED = ("ray_train", "logs")  # Ray Train writes its checkpoints to storage itself; logs are per node
 ENV_STORAGE, ENV_RUN_DIR, ENV_DRIVER_HOST = "DUME_RAY_STORAGE", "DUME_RAY_RUN_DIR", "DUME_RAY_DRIVER_HOST"
 ENV_RUN_AS_GIVEN = "DUME_RAY_RUN_DIR_AS_GIVEN"  # the config's `<runs_dir>/<name>`, when relative
+CHUNK = 1 << 24  # bytes per read while streaming a file to or from storage
 STATE_FILE = ".storage-state.json"  # per node: what each file was when last synced (not synced itself)
 
 
@@ -114,7 +117,7 @@ class RunStorage:
         """Write, read back and delete a probe object; ConfigError naming the URI when any of it fails."""
         probe = _join(self.root, f".probe-{uuid.uuid4().hex}")
         try:
-            self._write_bytes(probe, b"dume_ray storage probe")
+            self._put(probe, io.BytesIO(b"dume_ray storage probe"))
             with self.fs.open_input_stream(probe) as f:
                 f.read()
             self.fs.delete_file(probe)
@@ -122,9 +125,9 @@ class RunStorage:
             raise ConfigError(f"storage={self.uri!r}: cannot write there ({_short(exc)}); check the URI, the "
                               f"bucket, the credentials and the endpoint (AWS_ENDPOINT_URL)") from None
 
-    def check_format(self) -> None:
+    def check_format(self) -> bool:
         """ConfigError when the stored run folder holds a run of another layout version, or holds objects but
-        no FORMAT.json (not a run folder of ours); an empty or new folder is fine."""
+        no FORMAT.json (not a run folder of ours); an empty or new folder is fine. True when a run is there."""
         path = _join(self.root, FORMAT_FILE)
         try:
             info = self.fs.get_file_info(path)
@@ -133,12 +136,14 @@ class RunStorage:
                     raise ConfigError(f"storage {self.uri}: holds files but no {FORMAT_FILE}, so it is not a dume_ray "
                                       f"run folder (this version writes format_version {FORMAT_VERSION}); use another "
                                       f"name or storage prefix")
-                return
+                return False
             with self.fs.open_input_stream(path) as f:
                 found = json.loads(f.read().decode()).get("format_version")
         except (OSError, ValueError, AttributeError) as exc:
-            raise ConfigError(f"storage {self.uri}: cannot read {FORMAT_FILE} ({_short(exc)})") from None
+            raise ConfigError(f"storage={self.uri!r}: cannot read it ({_short(exc)}); check the URI, the bucket, the "
+                              f"credentials and the endpoint (AWS_ENDPOINT_URL)") from None
         check_version(found, f"{self.uri}/{FORMAT_FILE}")
+        return True
 
     # ---- sync -----------------------------------------------------------------------------------------------
     def pull(self, sub: str = "") -> int:
@@ -176,7 +181,7 @@ class RunStorage:
             if rel in remote and _in_sync(state.get(rel), remote[rel], local):
                 continue
             with open(local, "rb") as f:
-                self._write_bytes(_join(self.root, rel), f.read())
+                self._put(_join(self.root, rel), f)
             state[rel] = _entry(self.fs.get_file_info(_join(self.root, rel)), local)
             sent += 1
         self._save_state(state)
@@ -186,7 +191,8 @@ class RunStorage:
         """Record the layout version, locally and on storage (at every start; the same content each time)."""
         path = os.path.join(self.local_dir, FORMAT_FILE)
         write_format(self.local_dir)
-        self._write_bytes(_join(self.root, FORMAT_FILE), open(path, "rb").read())
+        with open(path, "rb") as f:
+            self._put(_join(self.root, FORMAT_FILE), f)
 
     # ---- one path, on a worker ------------------------------------------------------------------------------
     def relative(self, path: str) -> Optional[str]:
@@ -216,6 +222,15 @@ class RunStorage:
         copy is the newest and is kept (`path` is returned as it is)."""
         rel = self.relative(path)
         if not rel or self.on_driver_node():
+            return path
+        self.pull(rel)
+        return os.path.join(self.local_dir, rel)
+
+    def fetch(self, path: str) -> str:
+        """Make the local copy of `path` (inside the run) match storage on any node, the driver's included, and
+        return where it is: for what another node wrote (a finished job's model, a local-mode checkpoint)."""
+        rel = self.relative(path)
+        if not rel:
             return path
         self.pull(rel)
         return os.path.join(self.local_dir, rel)
@@ -261,15 +276,17 @@ class RunStorage:
                     break
         return found
 
-    def _write_bytes(self, path: str, data: bytes) -> None:
-        """One object, whole: a put on an object store; a temp name renamed into place on a file system."""
+    def _put(self, path: str, source: BinaryIO) -> None:
+        """One object, whole, streamed from `source`: an upload on an object store (the object appears when it
+        completes); a temp name renamed into place on a file system."""
         parent = path.rsplit("/", 1)[0]
         local = isinstance(self.fs, pafs.LocalFileSystem)
         if local:
             self.fs.create_dir(parent, recursive=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex}" if local else path
         with self.fs.open_output_stream(tmp) as f:
-            f.write(data)
+            while chunk := source.read(CHUNK):
+                f.write(chunk)
         if local:
             self.fs.move(tmp, path)
 
@@ -277,7 +294,7 @@ class RunStorage:
         os.makedirs(os.path.dirname(local), exist_ok=True)
         tmp = f"{local}.tmp-{uuid.uuid4().hex}"
         with self.fs.open_input_stream(info.path) as src, open(tmp, "wb") as dst:
-            while chunk := src.read(1 << 22):
+            while chunk := src.read(CHUNK):
                 dst.write(chunk)
         os.replace(tmp, local)
 
@@ -345,6 +362,12 @@ def ensure_local(path: str) -> str:
     """`RunStorage.ensure_local` for the run's storage, if any; returns the path to read."""
     store = active()
     return store.ensure_local(path) if store is not None else path
+
+
+def fetch(path: str) -> str:
+    """`RunStorage.fetch` for the run's storage, if any; returns the path to read."""
+    store = active()
+    return store.fetch(path) if store is not None else path
 
 
 def push_path(path: str) -> None:

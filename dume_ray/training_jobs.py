@@ -72,6 +72,8 @@ def fit_concurrently(train_fn: Callable, pending: dict[str, tuple[dict, object]]
         done, _ = ray.wait(list(running), num_returns=1)
         label = running.pop(done[0])
         results[label] = ray.get(done[0])
+        if store is not None:  # its model, saved and pushed by a worker that may be on another node
+            store.fetch(pending[label][0]["output_dir"])
         scores = results[label].get("validation", {})
         print(f"[{stage}] {len(results)}/{total} finished: {label} validation exact-match "
               f"{mean_score(scores):.3f} ({time.time() - start:.0f} s since stage start)", flush=True)

@@ -120,6 +120,8 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 def restore_checkpoint(model, optimizer, scheduler, local_checkpoint_dir: Optional[str]) -> int:
     """Resume from Ray Train's latest checkpoint (or, in local mode, the stage folder's); returns the step."""
     checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and local_checkpoint_dir:  # with a storage URI: the one another node wrote before it died
+        local_checkpoint_dir = storage.fetch(local_checkpoint_dir)
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             step, _ = load_training_state(directory, unwrap(model), optimizer, scheduler)
@@ -139,6 +141,7 @@ def report_checkpoint(metrics: dict, model, optimizer, scheduler, step: int, loc
         return
     if local_checkpoint_dir:  # local mode: Ray keeps checkpoints in memory only, so keep ours on disk
         save_training_state(local_checkpoint_dir, unwrap(model), optimizer, scheduler, step)
+        storage.push_path(local_checkpoint_dir)  # with a storage URI: a retry on another node resumes from it
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local_checkpoint_dir))
         return
     with tempfile.TemporaryDirectory() as tmp:

@@ -4,6 +4,7 @@ and against an S3-compatible server (moto, on loopback; `s3_server` in tests/con
     .venv/bin/python -m pytest -q tests/unit/test_storage.py
 """
 
+import io
 import json
 import os
 import time
@@ -73,8 +74,8 @@ def test_manifests_are_uploaded_last_deepest_first(tmp_path, monkeypatch):
     _stage(run, "base", {"model/weights.bin": "w"})
     store = RunStorage.for_run(str(tmp_path / "storage"), "myrun", str(run))
     written = []
-    real = store._write_bytes
-    monkeypatch.setattr(store, "_write_bytes", lambda path, data: written.append(path.rsplit("myrun/", 1)[1]) or real(path, data))
+    real = store._put
+    monkeypatch.setattr(store, "_put", lambda path, source: written.append(path.rsplit("myrun/", 1)[1]) or real(path, source))
     store.push()
     manifests = [i for i, p in enumerate(written) if p.endswith("DONE.json")]
     assert manifests == list(range(len(written) - 3, len(written)))  # after every data file
@@ -142,23 +143,23 @@ def test_ray_train_storage_is_the_same_place_on_storage(tmp_path, s3_env, new_bu
 def test_check_writable_and_check_format_pass_on_a_new_run_then_record_the_version(store_uri, tmp_path):
     store = RunStorage.for_run(store_uri, "r", str(tmp_path / "r"))
     store.check_writable()
-    store.check_format()
+    assert store.check_format() is False  # nothing there yet
     assert _stored(store) == {}  # the probe was deleted
     store.record_format()
     assert json.loads(_stored(store)[FORMAT_FILE]) == {"format_version": FORMAT_VERSION}
-    store.check_format()
+    assert store.check_format() is True
 
 
 def test_check_format_names_the_folder_and_both_versions(store_uri, tmp_path):
     store = RunStorage.for_run(store_uri, "r", str(tmp_path / "r"))
-    store._write_bytes(f"{store.root}/{FORMAT_FILE}", b'{"format_version": 99}')
+    store._put(f"{store.root}/{FORMAT_FILE}", io.BytesIO(b'{"format_version": 99}'))
     with pytest.raises(ConfigError, match=rf"r/{FORMAT_FILE}: the run folder has format_version 99, this dume_ray .* {FORMAT_VERSION}"):
         store.check_format()
 
 
 def test_check_format_refuses_a_prefix_holding_other_files(store_uri, tmp_path):
     store = RunStorage.for_run(store_uri, "r", str(tmp_path / "r"))
-    store._write_bytes(f"{store.root}/someone-else/data.csv", b"a,b\n")
+    store._put(f"{store.root}/someone-else/data.csv", io.BytesIO(b"a,b\n"))
     with pytest.raises(ConfigError, match=f"holds files but no {FORMAT_FILE}"):
         store.check_format()
 
@@ -192,3 +193,19 @@ def test_storage_key_accepts_paths_and_known_schemes_only():
     assert load_config(None, ["storage=/mnt/shared/runs"]).storage == "/mnt/shared/runs"
     with pytest.raises(ConfigError, match="storage must be a path or a URI with a scheme in"):
         load_config(None, ["storage=ftp://host/x"])
+
+
+def test_the_cli_adopts_a_local_run_on_new_storage_then_pulls_it_on_another_node(tmp_path, capsys):
+    """`open_storage` (what `python -m dume_ray` runs before any work): a run new to the storage is uploaded from
+    the local copy, finished stages included; a later start elsewhere pulls it."""
+    from dume_ray.cli import open_storage
+
+    cfg = load_config(None, [f"runs_dir={tmp_path / 'a'}", f"storage={tmp_path / 'store'}", "name=r"])
+    _stage(cfg.run_dir, "base", {"model/w": "weights"})
+    storage.write_format(cfg.run_dir)
+    open_storage(cfg)
+    assert "a new run there; 3 file(s)" in capsys.readouterr().out
+    other = load_config(None, [f"runs_dir={tmp_path / 'b'}", f"storage={tmp_path / 'store'}", "name=r"])
+    open_storage(other)
+    assert "3 file(s) fetched" in capsys.readouterr().out
+    assert (tmp_path / "b" / "r" / "base" / "DONE.json").exists()
