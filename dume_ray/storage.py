@@ -90,6 +90,7 @@ class RunStorage:
     def __init__(self, uri: str, local_dir: str, fs: Optional[pafs.FileSystem] = None, root: Optional[str] = None):
         self.uri, self.local_dir = uri.rstrip("/"), os.path.abspath(local_dir)
         self.as_given = os.path.normpath(local_dir)  # how the config's paths name the run folder
+        self.driver_dir = self.local_dir  # the driver's working copy: the absolute paths it hands out are in it
         self.fs, self.root = (fs, root) if fs is not None else resolve(self.uri)
 
     @classmethod
@@ -100,16 +101,20 @@ class RunStorage:
     @classmethod
     def from_env(cls) -> Optional["RunStorage"]:
         """The storage the driver set for this Ray job's workers; None when the run has none."""
-        uri, local_dir = os.environ.get(ENV_STORAGE), os.environ.get(ENV_RUN_DIR)
-        if not (uri and local_dir):
+        uri, driver_dir = os.environ.get(ENV_STORAGE), os.environ.get(ENV_RUN_DIR)
+        if not (uri and driver_dir):
             return None
-        store = cls(uri, local_dir)
-        store.as_given = os.path.normpath(os.environ.get(ENV_RUN_AS_GIVEN) or local_dir)
+        as_given = os.path.normpath(os.environ.get(ENV_RUN_AS_GIVEN) or driver_dir)
+        # This node's working copy: `<runs_dir>/<name>` from this process's working directory when the config
+        # names it relatively (a `ray job submit` unpacks the job's working directory on every node), else
+        # the driver's absolute path, on this node's disk.
+        store = cls(uri, as_given if not os.path.isabs(as_given) else driver_dir)
+        store.as_given, store.driver_dir = as_given, driver_dir
         return store
 
     def worker_env(self) -> dict[str, str]:
         """What the driver puts in its Ray job's env_vars so the workers find the storage and the local copy."""
-        return {ENV_STORAGE: self.uri, ENV_RUN_DIR: self.local_dir, ENV_RUN_AS_GIVEN: self.as_given,
+        return {ENV_STORAGE: self.uri, ENV_RUN_DIR: self.driver_dir, ENV_RUN_AS_GIVEN: self.as_given,
                 ENV_DRIVER_HOST: socket.gethostname()}
 
     # ---- checks before any work ------------------------------------------------------------------------------
@@ -200,11 +205,12 @@ class RunStorage:
         is read as the config wrote it (`runs/<name>/...`), whatever this process's working directory."""
         norm = os.path.normpath(path)
         if not os.path.isabs(norm) and (norm == self.as_given or norm.startswith(self.as_given + os.sep)):
-            rel = os.path.relpath(norm, self.as_given)
-        else:
-            rel = os.path.relpath(os.path.abspath(norm), self.local_dir)
-        rel = rel.replace(os.sep, "/")
-        return None if rel.startswith("..") else ("" if rel == "." else rel)
+            return _rel(os.path.relpath(norm, self.as_given))
+        for base in (self.local_dir, self.driver_dir):  # this node's copy, or a path the driver handed out
+            rel = os.path.relpath(os.path.abspath(norm), base)
+            if not rel.startswith(".."):
+                return _rel(rel)
+        return None
 
     def remote_path(self, path: str) -> str:
         """The path on `self.fs` of a local path inside the run folder (for Ray Data's `filesystem=`)."""
@@ -214,7 +220,9 @@ class RunStorage:
         return _join(self.root, rel)
 
     def on_driver_node(self) -> bool:
-        return os.environ.get(ENV_DRIVER_HOST, socket.gethostname()) == socket.gethostname()
+        """Whether this process shares the driver's working copy: same host and the same folder."""
+        return (os.environ.get(ENV_DRIVER_HOST, socket.gethostname()) == socket.gethostname()
+                and self.local_dir == self.driver_dir)
 
     def ensure_local(self, path: str) -> str:
         """Before a worker reads `path` (a model folder, a shard folder): on a node other than the driver's,
@@ -297,6 +305,11 @@ class RunStorage:
             while chunk := src.read(CHUNK):
                 dst.write(chunk)
         os.replace(tmp, local)
+
+
+def _rel(rel: str) -> str:
+    rel = rel.replace(os.sep, "/")
+    return "" if rel == "." else rel
 
 
 def _local_files(start: str) -> list[str]:

@@ -102,26 +102,32 @@ def test_pull_removes_a_local_manifest_the_storage_lacks_and_replaces_a_changed_
 
 
 def test_a_worker_on_another_node_fetches_its_input_and_pushes_its_output(store_uri, tmp_path, monkeypatch):
+    """The driver's config names the run folder relatively (`runs/r`, as under `ray job submit`, which unpacks the
+    job's working directory on every node): a worker elsewhere keeps its own copy under its own working directory,
+    fetches what it reads (by the relative path or the driver's absolute one) and pushes what it saves."""
+    (tmp_path / "driver").mkdir()
+    monkeypatch.chdir(tmp_path / "driver")
     driver_run = tmp_path / "driver" / "runs" / "r"
     _stage(driver_run, "base", {"model/w": "base weights"})
-    driver = RunStorage.for_run(store_uri, "r", str(driver_run))
+    driver = RunStorage.for_run(store_uri, "r", "runs/r")
     driver.push()
     env = driver.worker_env()
-    # The worker's node: another host, another working directory; the config names paths as `runs/r/...`.
-    node = tmp_path / "node2"
-    node.mkdir()
-    monkeypatch.chdir(node)
-    monkeypatch.setenv(storage.ENV_STORAGE, env[storage.ENV_STORAGE])
-    monkeypatch.setenv(storage.ENV_RUN_DIR, str(node / "runs" / "r"))
-    monkeypatch.setenv(storage.ENV_RUN_AS_GIVEN, "runs/r")
-    monkeypatch.setenv(storage.ENV_DRIVER_HOST, "the-driver-host")
+    (tmp_path / "node2").mkdir()
+    monkeypatch.chdir(tmp_path / "node2")  # same host (a loopback cluster), another working directory
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
     local = storage.ensure_local("runs/r/base/model")
+    assert local == str(tmp_path / "node2" / "runs" / "r" / "base" / "model")
     assert open(os.path.join(local, "w")).read() == "base weights"
+    assert storage.ensure_local(str(driver_run / "base" / "model")) == local  # the driver's absolute path
     assert storage.ensure_local("/elsewhere/model") == "/elsewhere/model"  # outside the run: untouched
-    _stage(node / "runs" / "r", "experts/copy", {"model/w": "expert weights"}, done=False)
+    _stage(tmp_path / "node2" / "runs" / "r", "experts/copy", {"model/w": "expert weights"}, done=False)
     storage.push_path("runs/r/experts/copy/model")
-    driver.pull()
+    assert driver.fetch(str(driver_run / "experts" / "copy" / "model")) == str(driver_run / "experts" / "copy" / "model")
     assert (driver_run / "experts" / "copy" / "model" / "w").read_text() == "expert weights"
+    monkeypatch.setenv(storage.ENV_DRIVER_HOST, "another-host")  # another machine, the same absolute paths
+    monkeypatch.setenv(storage.ENV_RUN_AS_GIVEN, str(driver_run))
+    assert not storage.active().on_driver_node()
 
 
 def test_on_the_driver_node_the_local_copy_is_kept(tmp_path, monkeypatch):
