@@ -311,8 +311,9 @@ PROGRESS_EVERY_S = 30.0  # at most one progress line this often while a stage tr
 def open_storage(cfg: PipelineConfig) -> Optional[RunStorage]:
     """The run's storage (`storage=`), checked before any work: reachable and writable (a probe object is
     written and deleted), and not a run of another format version. Then its finished stages are pulled into
-    the local working copy, so what is skipped is what storage holds; a run new to the storage instead starts
-    from the local copy, uploaded (a local run moved onto storage keeps its finished stages). None without."""
+    the local working copy, so what is skipped is what storage holds; a run new to the storage instead keeps
+    the local copy, uploaded once every check has passed (a local run moved onto storage keeps its finished
+    stages, and a refused start leaves nothing there). None without."""
     if not cfg.storage:
         return None
     store = RunStorage.for_run(cfg.storage, cfg.name, cfg.run_dir)
@@ -321,7 +322,7 @@ def open_storage(cfg: PipelineConfig) -> Optional[RunStorage]:
     if stored:
         print(f"[storage] {store.uri}: {store.pull()} file(s) fetched into {cfg.run_dir}", flush=True)
     else:
-        print(f"[storage] {store.uri}: a new run there; {store.push()} file(s) of {cfg.run_dir} uploaded", flush=True)
+        print(f"[storage] {store.uri}: a new run there; {cfg.run_dir} is uploaded once the checks pass", flush=True)
     return store
 
 

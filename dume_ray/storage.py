@@ -179,7 +179,8 @@ class RunStorage:
             return 0
         remote = self._list(sub if os.path.isdir(start) else os.path.dirname(sub))
         rels = [os.path.relpath(p, self.local_dir).replace(os.sep, "/") for p in _local_files(start)]
-        rels = sorted((r for r in rels if _synced(r)), key=lambda r: (r.endswith(MANIFEST), -r.count("/"), r))
+        # FORMAT.json first (a run folder half uploaded is still ours), DONE.json last, deepest first
+        rels = sorted((r for r in rels if _synced(r)), key=lambda r: (r != FORMAT_FILE, r.endswith(MANIFEST), -r.count("/"), r))
         sent, state = 0, self._state()
         for rel in rels:
             local = os.path.join(self.local_dir, rel)

@@ -72,6 +72,7 @@ def test_manifests_are_uploaded_last_deepest_first(tmp_path, monkeypatch):
     _stage(run, "soft_targets/groups/copy", {"shards/part-0.parquet": "p"})
     _stage(run, "soft_targets", {"extra.json": "{}"})
     _stage(run, "base", {"model/weights.bin": "w"})
+    storage.write_format(str(run))
     store = RunStorage.for_run(str(tmp_path / "storage"), "myrun", str(run))
     written = []
     real = store._put
@@ -80,6 +81,7 @@ def test_manifests_are_uploaded_last_deepest_first(tmp_path, monkeypatch):
     manifests = [i for i, p in enumerate(written) if p.endswith("DONE.json")]
     assert manifests == list(range(len(written) - 3, len(written)))  # after every data file
     assert written[manifests[0]] == "soft_targets/groups/copy/DONE.json"  # a group's before its stage's
+    assert written[0] == FORMAT_FILE  # first: a run folder half uploaded is still recognised as ours
 
 
 def test_pull_removes_a_local_manifest_the_storage_lacks_and_replaces_a_changed_file(store_uri, tmp_path):
@@ -209,8 +211,9 @@ def test_the_cli_adopts_a_local_run_on_new_storage_then_pulls_it_on_another_node
     cfg = load_config(None, [f"runs_dir={tmp_path / 'a'}", f"storage={tmp_path / 'store'}", "name=r"])
     _stage(cfg.run_dir, "base", {"model/w": "weights"})
     storage.write_format(cfg.run_dir)
-    open_storage(cfg)
-    assert "a new run there; 3 file(s)" in capsys.readouterr().out
+    store = open_storage(cfg)
+    assert "a new run there" in capsys.readouterr().out and _stored(store) == {}  # nothing before the checks pass
+    assert store.push() == 3
     other = load_config(None, [f"runs_dir={tmp_path / 'b'}", f"storage={tmp_path / 'store'}", "name=r"])
     open_storage(other)
     assert "3 file(s) fetched" in capsys.readouterr().out
