@@ -28,10 +28,12 @@ import sys
 import threading
 import time
 import traceback
+from typing import Optional
 
 from dume_ray.config import ConfigError, PipelineConfig, load_config, to_yaml
 from dume_ray.resources import ResourceShortage
 from dume_ray.manifest import StageInputError, write_text_atomic
+from dume_ray.storage import RunStorage, check_local_format, write_format
 
 QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false",
              "RAY_DEDUP_LOGS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1"}
@@ -306,14 +308,33 @@ class RayOutput:
 PROGRESS_EVERY_S = 30.0  # at most one progress line this often while a stage trains
 
 
-def init_ray(cfg: PipelineConfig, output: RayOutput) -> bool:
-    """Start a local Ray, or join RAY_ADDRESS / `ray_address`; True when joined to an existing cluster."""
+def open_storage(cfg: PipelineConfig) -> Optional[RunStorage]:
+    """The run's storage (`storage=`), checked before any work: reachable and writable (a probe object is
+    written and deleted), and not a run of another format version. Then its finished stages are pulled into
+    the local working copy, so what is skipped is what storage holds; a run new to the storage instead keeps
+    the local copy, uploaded once every check has passed (a local run moved onto storage keeps its finished
+    stages, and a refused start leaves nothing there). None without."""
+    if not cfg.storage:
+        return None
+    store = RunStorage.for_run(cfg.storage, cfg.name, cfg.run_dir)
+    stored = store.check_format()  # reads only: a run of another version is refused before the probe is written
+    store.check_writable()
+    if stored:
+        print(f"[storage] {store.uri}: {store.pull()} file(s) fetched into {cfg.run_dir}", flush=True)
+    else:
+        print(f"[storage] {store.uri}: a new run there; {cfg.run_dir} is uploaded once the checks pass", flush=True)
+    return store
+
+
+def init_ray(cfg: PipelineConfig, output: RayOutput, worker_env: Optional[dict] = None) -> bool:
+    """Start a local Ray, or join RAY_ADDRESS / `ray_address`; True when joined to an existing cluster.
+    `worker_env`: variables every worker gets (the run's storage), on top of the quiet-logging ones."""
     import ray
     import ray.data
     address = cfg.ray_address or os.environ.get("RAY_ADDRESS") or None
     # Variables already in this process's environment reach the workers anyway (a `ray job submit`'s own
     # env_vars, or the shell's for a local Ray), and Ray refuses a job whose driver repeats one of its keys.
-    env_vars = {k: v for k, v in QUIET_ENV.items() if k not in os.environ}
+    env_vars = {**{k: v for k, v in QUIET_ENV.items() if k not in os.environ}, **(worker_env or {})}
     os.environ.update(QUIET_ENV)
     output.start()
     session_dir = None
@@ -401,6 +422,8 @@ def _run(args: argparse.Namespace, state: dict) -> int:
         print(to_yaml(cfg) if args.verbose else f"[config] {cfg.name}: {len(cfg.tasks.names)} tasks, "
               f"{len(cfg.groups)} expert groups, stages: {' -> '.join(order)}", flush=True)
         preflight(cfg)  # before anything is written: bad input leaves the run folder as it was
+        check_local_format(cfg.run_dir)
+        store = open_storage(cfg)  # reachable, writable, a compatible run; its finished stages pulled here
         check_stage_inputs(cfg, order)
         check_local_resources(cfg, order)
     except ResourceShortage as exc:
@@ -408,8 +431,14 @@ def _run(args: argparse.Namespace, state: dict) -> int:
     except INPUT_ERRORS as exc:
         return _fail(state, args, exc, 2)
     write_text_atomic(f"{cfg.run_dir}/config.yaml", to_yaml(cfg))
+    write_format(cfg.run_dir)
+    worker_env = {}
+    if store is not None:
+        store.push()
+        worker_env = store.worker_env()  # the workers find the storage and this run's folder by these
+        os.environ.update(worker_env)
     output = state["output"] = RayOutput(f"{cfg.run_dir}/logs", args.verbose)
-    joined = init_ray(cfg, output)
+    joined = init_ray(cfg, output, worker_env)
     try:
         wait_for_resources(cfg, order, joined)
     except ResourceShortage as exc:
@@ -426,6 +455,8 @@ def _run(args: argparse.Namespace, state: dict) -> int:
             return _fail(state, args, exc, 2)
         except ResourceShortage as exc:
             return _fail(state, args, exc, 3)
+        if store is not None:
+            store.push()  # data files first, manifests last: storage never shows a stage done without its files
         progress = output.progress_line().rsplit(" | ETA", 1)[0]  # finished: no ETA
         print(f"=== [{i}/{len(order)}] {name} done, wall time {time.time() - began:.0f} s"
               + (f": {progress}" if progress else "") + " ===", flush=True)

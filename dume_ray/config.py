@@ -26,6 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 CHAR_TASK_NAMES = ["copy", "reverse", "sort", "shift", "add", "sub"]
 BUILTIN_TASK_NAMES = ["copy", "reverse", "sort", "shift", "add", "sub", "reverse_words", "sort_words", "upper_words", "rotate_words", "initials", "reverse_upper"]
+STORAGE_SCHEMES = ("s3", "gs", "gcs", "file", "hdfs", "abfs", "abfss")  # what pyarrow.fs opens
 LOCAL_TASK_FORMATS = ("jsonl", "json", "parquet", "csv")
 TOO_LONG_POLICIES = ("error", "drop", "truncate")
 TEACHER_SCHEDULES = ("interleaved", "sequential")  # distill.teacher_schedule
@@ -373,6 +374,8 @@ class SearchConfig:
 class PipelineConfig:
     name: str = "demo"  # run name: outputs go to <runs_dir>/<name>/
     runs_dir: str = "runs"
+    storage: str = ""  # the run folder's source of truth on shared storage: s3://bucket/prefix, gs://..., or a path
+    #   every node mounts; the run is <storage>/<name>, and <runs_dir>/<name> is each node's working copy. "" = none
     seed: int = 0  # model init and data order
     ray_address: Optional[str] = None  # None: RAY_ADDRESS if set (ray job submit), else a local Ray
     resource_wait_s: float = 120.0  # on a joined (autoscaling) cluster: wait this long for a stage's resources, then fail
@@ -392,6 +395,8 @@ class PipelineConfig:
 
     def __post_init__(self) -> None:
         _check(bool(self.name) and "/" not in self.name, f"name must be a non-empty folder name, got {self.name!r}")
+        _check(not self.storage or "://" not in self.storage or self.storage.split("://")[0] in STORAGE_SCHEMES,
+               f"storage must be a path or a URI with a scheme in {list(STORAGE_SCHEMES)}, got {self.storage!r}")
         _check(self.resource_wait_s >= 0, f"resource_wait_s must be >= 0, got {self.resource_wait_s}")
         _check(self.grouping in ("config", "from_search"), f"grouping must be 'config' or 'from_search', got {self.grouping!r}")
         names = self.tasks.names

@@ -46,7 +46,7 @@ EXTRA_HELP = {
     "SearchConfig.affinity_batch_size": "examples per batch for the gradient-affinity matrix",
     "SearchConfig.cpus_per_trial": "CPUs reserved per Tune trial",
     "SearchConfig.gpus_per_trial": "GPUs per Tune trial (fractions allowed)",
-    "PipelineConfig.runs_dir": "parent folder of every run folder (on a cluster: storage every node sees)",
+    "PipelineConfig.runs_dir": "parent folder of every run folder (on a cluster without shared storage: each node's working copy; see storage)",
 }
 
 

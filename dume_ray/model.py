@@ -20,6 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaC
 
 from dume_ray.config import DataConfig, ModelConfig
 from dume_ray.data.tokenizer import build_char_tokenizer
+from dume_ray import storage
 from dume_ray.manifest import atomic_dir
 
 EMBEDDED = "embedded"
@@ -56,7 +57,9 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     """Tokenizer of a saved or Hub model; adds a pad token (= eos) when the model has none.
 
     `trust_remote_code=True` only for our own folders that carry a modeling file (the upcycled MoE), where
-    AutoTokenizer would otherwise stop to ask."""
+    AutoTokenizer would otherwise stop to ask. A folder of the run on another node's storage is fetched first
+    (`storage.ensure_local`)."""
+    name_or_path = storage.ensure_local(name_or_path)
     check_model_path(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     _ensure_special_tokens(tokenizer, name_or_path)
@@ -64,6 +67,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
 
 
 def load_model(name_or_path: str, dtype: Optional[torch.dtype] = None) -> torch.nn.Module:
+    name_or_path = storage.ensure_local(name_or_path)
     check_model_path(name_or_path)
     return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype or torch.float32)
 

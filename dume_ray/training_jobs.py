@@ -21,6 +21,7 @@ import ray
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from dume_ray import storage
 from dume_ray.config import OptimConfig, PipelineConfig, ResourcesConfig, to_dict
 from dume_ray.dashboards import mlflow_tracking_uri, tensorboard_dir
 
@@ -60,6 +61,9 @@ def fit_concurrently(train_fn: Callable, pending: dict[str, tuple[dict, object]]
     fit = ray.remote(num_cpus=task_cpus, max_retries=resources.max_failures)(_fit)
     queue, running, results, start = list(pending.items()), {}, {}, time.time()
     total = len(queue)
+    store = storage.active()
+    if store is not None:
+        store.push()  # what the driver made for these jobs (an init folder), for workers on other nodes
     while queue or running:
         while queue and len(running) < limit:
             label, (loop_config, dataset) = queue.pop(0)
@@ -68,6 +72,8 @@ def fit_concurrently(train_fn: Callable, pending: dict[str, tuple[dict, object]]
         done, _ = ray.wait(list(running), num_returns=1)
         label = running.pop(done[0])
         results[label] = ray.get(done[0])
+        if store is not None:  # its model, saved and pushed by a worker that may be on another node
+            store.fetch(pending[label][0]["output_dir"])
         scores = results[label].get("validation", {})
         print(f"[{stage}] {len(results)}/{total} finished: {label} validation exact-match "
               f"{mean_score(scores):.3f} ({time.time() - start:.0f} s since stage start)", flush=True)
@@ -77,12 +83,15 @@ def fit_concurrently(train_fn: Callable, pending: dict[str, tuple[dict, object]]
 
 
 def _fit(train_fn: Callable, loop_config: dict, resources: dict, dataset, storage_path: str, name: str) -> dict:
+    filesystem, store = None, storage.active()
+    if store is not None and store.relative(storage_path) is not None:  # checkpoints on the run's storage
+        storage_path, filesystem = store.ray_train_storage(storage_path)
     trainer = TorchTrainer(
         train_fn,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=resources["num_workers"], use_gpu=resources["use_gpu"],
                                      resources_per_worker={"CPU": resources["cpus_per_worker"]}),
-        run_config=RunConfig(name=name, storage_path=storage_path,
+        run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=filesystem,
                              failure_config=FailureConfig(max_failures=resources["max_failures"])),
         datasets={"train": dataset},
     )

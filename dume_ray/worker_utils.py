@@ -26,6 +26,7 @@ import torch
 
 from dume_ray.config import OptimConfig, from_dict
 from dume_ray.dashboards import ScalarLog
+from dume_ray import storage
 from dume_ray.manifest import atomic_dir
 from dume_ray.model import enable_gradient_checkpointing, load_model, load_tokenizer, make_trainable, merge_adapters
 from dume_ray.tasks.base import Example, Task
@@ -119,6 +120,8 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 def restore_checkpoint(model, optimizer, scheduler, local_checkpoint_dir: Optional[str]) -> int:
     """Resume from Ray Train's latest checkpoint (or, in local mode, the stage folder's); returns the step."""
     checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and local_checkpoint_dir:  # with a storage URI: the one another node wrote before it died
+        local_checkpoint_dir = storage.fetch(local_checkpoint_dir)
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             step, _ = load_training_state(directory, unwrap(model), optimizer, scheduler)
@@ -138,6 +141,7 @@ def report_checkpoint(metrics: dict, model, optimizer, scheduler, step: int, loc
         return
     if local_checkpoint_dir:  # local mode: Ray keeps checkpoints in memory only, so keep ours on disk
         save_training_state(local_checkpoint_dir, unwrap(model), optimizer, scheduler, step)
+        storage.push_path(local_checkpoint_dir)  # with a storage URI: a retry on another node resumes from it
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local_checkpoint_dir))
         return
     with tempfile.TemporaryDirectory() as tmp:
@@ -216,6 +220,7 @@ def save_and_validate(model, tokenizer, config: dict, step: int, metrics: dict, 
     with atomic_dir(config["output_dir"]) as tmp:
         final.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+    storage.push_path(config["output_dir"])  # with a storage URI: the driver may run on another node
     validation = {name: Task(name, {"validation": [Example(p, r) for p, r in pairs]})
                   for name, pairs in config["validation"].items()}
     scores = evaluate_tasks(final, tokenizer, validation, "validation", config["max_new_tokens"])

@@ -5,6 +5,9 @@ so a full run may start two such local Rays side by side (each its own instance,
     .venv/bin/python -m pytest -q                     # everything
     .venv/bin/python -m pytest -q -m "not integration and not smoke"   # unit tests only
 
+`s3_server` (session) is an S3-compatible store on loopback (moto's server, in a thread) for the storage-URI
+tests; `new_bucket` gives a test its own bucket there and points AWS_ENDPOINT_URL at it.
+
 Hypothesis (property tests, e.g. tests/unit/test_config_fuzz.py) runs under the derandomized "ci" profile by
 default, so every run, in CI or not, tries the same examples and a change can only fail on its own merit.
 To explore new examples, use the random "dev" profile (which keeps failures in .hypothesis/ to replay):
@@ -47,6 +50,46 @@ def ray_session():
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """An S3-compatible object store on loopback (moto in server mode, in a thread): the endpoint URL.
+    Tests point at it with `s3_env` and make their own bucket with `new_bucket`."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """This test's environment points pyarrow.fs (and the CLI, and Ray workers started from it) at the server."""
+    for key, value in {**S3_ENV, "AWS_ENDPOINT_URL": s3_server}.items():
+        monkeypatch.setenv(key, value)
+    return {**S3_ENV, "AWS_ENDPOINT_URL": s3_server}
+
+
+@pytest.fixture
+def new_bucket(s3_env):
+    """A fresh, empty bucket on the test server: its name."""
+    import uuid
+
+    import pyarrow.fs as pafs
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    pafs.S3FileSystem(endpoint_override=s3_env["AWS_ENDPOINT_URL"], scheme="http", region="us-east-1",
+                      allow_bucket_creation=True).create_dir(name)
+    return name
 
 
 @pytest.fixture(scope="session")

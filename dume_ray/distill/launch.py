@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import ray.data
 from ray.data.datasource import FileShuffleConfig
 
-from dume_ray import manifest
+from dume_ray import manifest, storage
 from dume_ray.config import PipelineConfig
 from dume_ray.data.encode import training_order
 from dume_ray.distill.on_policy import ExpertTeacher
@@ -143,7 +143,11 @@ def soft_target_stream(soft_targets: dict, cache_max_mb: float, seed: int,
         raise manifest.StageInputError(
             f"distill.teacher_schedule={schedule} needs the soft targets in memory ({soft_targets['metrics'].get('bytes')} "
             f"bytes > soft_targets.cache_max_mb={cache_max_mb}): raise soft_targets.cache_max_mb")
-    return ray.data.read_parquet(sorted(paths), shuffle=FileShuffleConfig(seed=seed, reseed_after_execution=True))
+    shuffle = FileShuffleConfig(seed=seed, reseed_after_execution=True)
+    store = storage.active()
+    if store is not None:  # the read tasks may run on any node: read the stored copies, not this node's
+        return ray.data.read_parquet(sorted(store.remote_path(p) for p in paths), filesystem=store.fs, shuffle=shuffle)
+    return ray.data.read_parquet(sorted(paths), shuffle=shuffle)
 
 
 def stream_order(row_groups: list[str], groups: list[str], seed: int, schedule: str) -> list[int]:

@@ -16,7 +16,7 @@ import time
 
 import ray
 
-from dume_ray import manifest
+from dume_ray import manifest, storage
 from dume_ray.config import ROUTING_GRANULARITIES, PipelineConfig
 from dume_ray.eval.report import build_report, plot_report, render_markdown
 from dume_ray.model import load_model, load_tokenizer
@@ -140,6 +140,7 @@ def _score_moe_runs(moe_dir: str, router_path: str, runs: dict[str, tuple], task
     import torch
     from transformers import AutoModelForCausalLM
     torch.set_num_threads(1)
+    moe_dir, router_path = storage.ensure_local(moe_dir), storage.ensure_local(router_path)
     tokenizer = load_tokenizer(moe_dir, trust_remote_code=True)
     tasks = load_tasks(tasks_cfg, tokenizer, max_seq_len)
     model = AutoModelForCausalLM.from_pretrained(moe_dir, trust_remote_code=True).to(device)

@@ -14,7 +14,6 @@ Pure: no Ray. Tested through tests/integration/test_search.py (and the cache in 
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 import tempfile
@@ -35,25 +34,26 @@ SOFT_TARGETS = "soft_targets.parquet"
 def cached_expert(cache_root: str, key: str, train: Callable[[str], None]) -> tuple[str, bool]:
     """The cache entry `<cache_root>/<key>`, built by `train(tmp_dir)` if absent; returns (dir, cache hit).
 
-    An exclusive file lock per key makes a concurrent trial wait for the one training it and then reuse
-    the result; the entry is built in a temp folder and renamed, so a crash never leaves a half entry.
+    No lock (a shared or object-store-backed folder may not honour one): the entry is built in a temp folder
+    of a unique name and renamed into place, so a crash never leaves a half entry and a reader sees a whole
+    entry or none. Two trials that miss at once both train it (the same key gives the same expert); the first
+    rename wins, and the other keeps the winner's entry and discards its own.
     """
     os.makedirs(cache_root, exist_ok=True)
     final = os.path.join(cache_root, key)
-    with open(os.path.join(cache_root, f".{key}.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    if os.path.isdir(final):
+        return final, True
+    tmp = tempfile.mkdtemp(dir=cache_root, prefix=f".tmp-{key}-")
+    try:
+        train(tmp)
         try:
-            if os.path.isdir(final):
-                return final, True
-            tmp = tempfile.mkdtemp(dir=cache_root, prefix=f".tmp-{key}-")
-            try:
-                train(tmp)
-                os.replace(tmp, final)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-            return final, False
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+            os.rename(tmp, final)
+        except OSError:
+            if not os.path.isdir(final):  # not a lost race: a real failure
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final, False
 
 
 def train_expert(model, tokenizer, rows: list[dict], optim: OptimConfig, seed: int, out_dir: str, dtype: str = "float32") -> dict:

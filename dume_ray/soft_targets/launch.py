@@ -18,12 +18,13 @@ import os
 import tempfile
 import time
 
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 import ray
 import ray.data
 
-from dume_ray import manifest
+from dume_ray import manifest, storage
 from dume_ray.config import PipelineConfig
 from dume_ray.data.soft_targets import SoftTargetError, validate_shard
 from dume_ray.experts.launch import finished_experts
@@ -89,7 +90,7 @@ def score_groups(cfg: PipelineConfig, groups: list[str], experts: dict, base_dir
     os.makedirs(f"{cfg.run_dir}/soft_targets", exist_ok=True)
     done = {}
     with tempfile.TemporaryDirectory(dir=f"{cfg.run_dir}/soft_targets", prefix=".scoring-") as scratch:
-        dataset.write_parquet(scratch)
+        write_scored(dataset, scratch)
         files = {group: [] for group in groups}
         for path in sorted(glob.glob(os.path.join(scratch, "*.parquet"))):
             files[_group_of_file(path)].append(path)
@@ -107,6 +108,19 @@ def score_groups(cfg: PipelineConfig, groups: list[str], experts: dict, base_dir
                 metrics={"rows": rows_written,
                          "bytes": sum(os.path.getsize(p) for p in glob.glob(f"{shards_dir}/*.parquet"))})
     return done
+
+
+def write_scored(dataset: ray.data.Dataset, scratch: str) -> None:
+    """The scored rows as Parquet files in `scratch` on this node. Ray Data's write tasks run on any node, so
+    with a storage URI they write to storage and the files are then fetched here (and deleted there)."""
+    store = storage.active()
+    if store is None:
+        dataset.write_parquet(scratch)
+        return
+    remote = store.remote_path(scratch)
+    dataset.write_parquet(remote, filesystem=store.fs)
+    pafs.copy_files(remote, scratch, source_filesystem=store.fs, destination_filesystem=pafs.LocalFileSystem())
+    store.fs.delete_dir(remote)
 
 
 def _group_of_file(path: str) -> str:

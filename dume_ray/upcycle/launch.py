@@ -25,7 +25,7 @@ import ray
 import torch
 from transformers import AutoModelForCausalLM
 
-from dume_ray import manifest
+from dume_ray import manifest, storage
 from dume_ray.config import PipelineConfig, TasksConfig
 from dume_ray.data.encode import collate
 from dume_ray.experts.launch import finished_experts
@@ -102,6 +102,7 @@ def router_statistics(cfg: PipelineConfig, moe_dir: str, stats_dir: str, keep: i
     todo = [(i, g) for i, g in enumerate(cfg.groups) if g not in parts]
     if parts:
         print(f"[upcycle] router statistics reused for {list(parts)}; gathering {[g for _, g in todo]}", flush=True)
+    storage.push_path(moe_dir)  # with a storage URI: the tasks below may run on other nodes
     gather = ray.remote(num_cpus=1)(group_router_stats)
     refs = [gather.remote(moe_dir, cfg.tasks, cfg.groups[g], i, len(cfg.groups), cfg.upcycle.stats_examples_per_task,
                           cfg.upcycle.batch_size, cfg.model.max_seq_len, keep) for i, g in todo]
@@ -138,6 +139,7 @@ def group_router_stats(moe_dir: str, tasks_cfg: TasksConfig, names: list[str], g
     """Router statistics of one group's training examples (its expert forced at every layer); with
     keep_inputs > 0 also up to that many tokens' MLP inputs per layer (for DUME+). A Ray task in `run_upcycle`."""
     torch.set_num_threads(threads)
+    moe_dir = storage.ensure_local(moe_dir)
     tokenizer = load_tokenizer(moe_dir, trust_remote_code=True)
     model = AutoModelForCausalLM.from_pretrained(moe_dir, trust_remote_code=True)  # Llama- or Qwen2-based MoE
     tasks = load_tasks(tasks_cfg)

@@ -90,6 +90,15 @@ CASES = [
     ("stage-stale-base", "experts", GOOD, _manifest("runs/bad", "base", "stale0000"), [], 2,
      ["made with another config", "hash stale0000"]),
     ("stage-upcycle-one-group", "upcycle", GOOD, {}, ["experts.groups=[[copy,reverse]]"], 2, ["at least 2 experts"]),
+    # ---- the run folder and its storage (docs/cluster.md) -----------------------------------------------------
+    ("storage-unknown-scheme", "run", GOOD, {}, ["storage=ftp://host/runs"], 2, ["storage must be a path or a URI", "ftp://host/runs"]),
+    ("storage-unwritable", "run", GOOD, {"blocker": "a file, not a folder"}, ["storage=blocker"], 2,
+     ["storage='blocker/bad': cannot write there"]),
+    ("storage-other-version", "run", GOOD, {"store/bad/FORMAT.json": '{"format_version": 7}'}, ["storage=store"], 2,
+     ["store/bad/FORMAT.json: the run folder has format_version 7"]),
+    ("storage-not-a-run", "run", GOOD, {"store/bad/data.csv": "a,b"}, ["storage=store"], 2, ["store/bad: holds files but no FORMAT.json"]),
+    ("run-folder-other-version", "run", GOOD, {"runs/bad/FORMAT.json": '{"format_version": 7}'}, [], 2,
+     ["runs/bad/FORMAT.json: the run folder has format_version 7"]),
     ("stage-search-empty-space", "search", GOOD, {}, ["search.groupings=[copy|reverse]", "search.max_groups=1"], 2,
      ["empty search space"]),
 ]
@@ -176,6 +185,26 @@ def test_bad_input_from_a_subprocess(name, tmp_path):
     assert len(lines) == 1 and all(text in lines[0] for text in expected), proc.stderr[-2000:]
     assert "Traceback" not in proc.stdout + proc.stderr and "[ray]" not in proc.stdout
     assert _snapshot(tmp_path) == before
+
+
+def test_unreachable_storage_is_one_line_naming_the_uri_before_ray(tmp_path, capsys, no_ray, monkeypatch):
+    """An S3 endpoint nobody answers (and, on a reachable one, a bucket that does not exist): exit 2, one line
+    naming the storage URI, no Ray, the local run folder as it was."""
+    args = _prepare(tmp_path, GOOD, {})
+    before = _snapshot(tmp_path)
+    for key, value in {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x"}.items():
+        monkeypatch.setenv(key, value)
+    assert cli.main(["run", *args, "storage=s3://bucket/prefix"]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: storage='s3://bucket/prefix/bad'"), lines
+    assert _snapshot(tmp_path) == before and not no_ray
+
+
+def test_missing_bucket_is_one_line_naming_the_uri(tmp_path, capsys, no_ray, s3_env):
+    args = _prepare(tmp_path, GOOD, {})
+    assert cli.main(["run", *args, "storage=s3://no-such-bucket/prefix"]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "s3://no-such-bucket/prefix/bad" in lines[0] and "cannot write there" in lines[0], lines
 
 
 def test_debug_shows_the_traceback_then_the_same_line(tmp_path, capsys, no_ray):

@@ -4,7 +4,8 @@ the ones below it, and no module uses another module's private (`_name`) names.
 Layers, lowest first (a module may import from its own layer and every layer listed before it):
 
     foundation    config, manifest, resources, stage_hashes, dashboards, run_edit (a run's config with tasks
-                  added/removed), config_reference (docs/configuration.md): schemas, files on disk, hashes
+                  added/removed), config_reference (docs/configuration.md), storage (the run folder on a
+                  storage URI, pyarrow.fs): schemas, files on disk and on storage, hashes
     data          data/ (tokenizer, encoding, batches, soft-target format), tasks/
     model         model.py (build/load/adapt Hugging Face models), losses.py (pure loss functions)
     training      training.py: the one training loop, its steps, evaluation, training state on disk
@@ -36,7 +37,8 @@ PACKAGE = os.path.join(REPO, "dume_ray")
 
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("dume_ray", "dume_ray.config", "dume_ray.manifest", "dume_ray.resources",
-                    "dume_ray.stage_hashes", "dume_ray.dashboards", "dume_ray.run_edit", "dume_ray.config_reference")),
+                    "dume_ray.stage_hashes", "dume_ray.dashboards", "dume_ray.run_edit", "dume_ray.config_reference",
+                    "dume_ray.storage")),
     ("data", ("dume_ray.data", "dume_ray.tasks")),
     ("model", ("dume_ray.model", "dume_ray.losses")),
     ("training", ("dume_ray.training",)),

@@ -83,3 +83,19 @@ def test_failed_build_leaves_no_cache_entry(tmp_path):
     with pytest.raises(RuntimeError):
         cached_expert(str(tmp_path), "abc", broken)
     assert not os.path.exists(tmp_path / "abc")
+
+
+def test_expert_cache_race_keeps_the_first_entry_without_a_lock(tmp_path):
+    """Two trials miss the cache at once (no lock): both build, the first rename wins, the loser returns the
+    winner's whole entry and leaves no temp folder behind."""
+    def build_as(tag):
+        def build(out_dir):
+            with open(os.path.join(out_dir, "weights"), "w") as f:
+                f.write(tag)
+            if tag == "loser":  # the winner finishes while the loser is still building
+                cached_expert(str(tmp_path), "abc", build_as("winner"))
+        return build
+
+    entry, hit = cached_expert(str(tmp_path), "abc", build_as("loser"))
+    assert not hit and open(os.path.join(entry, "weights")).read() == "winner"
+    assert os.listdir(tmp_path) == ["abc"]

@@ -28,6 +28,7 @@ PRETRAINED = ("model.name_or_path=some/model", "base.enabled=false")
 ROWS = {
     "name": [((), "name=other", NOTHING)],                  # another run folder; same hashes
     "runs_dir": [((), "runs_dir=/elsewhere", NOTHING)],
+    "storage": [((), "storage=s3://bucket/prefix", NOTHING)],
     "seed": [((), "seed=1", EVERYTHING), (("base.enabled=false",), "seed=1", EVERYTHING)],
     "ray_address": [((), "ray_address=auto", NOTHING)],
     "resource_wait_s": [((), "resource_wait_s=5", NOTHING)],
