@@ -190,6 +190,11 @@ def check_stage_inputs(cfg: PipelineConfig, order: list[str]) -> None:
                "multitask": [("multitask", "multitask")] if cfg.multitask.enabled else [],
                "upcycle": [("upcycle", "upcycle")] if cfg.upcycle_active else []}
     ran = {s for name in order for s in name.split("+")}
+    from dume_ray.manifest import is_done
+    from dume_ray.run_edit import parent_model
+    for stage, command in (("student", "distill"), ("multitask", "multitask")):
+        if command in ran and stage in hashes and not is_done(f"{cfg.run_dir}/{stage}", hashes[stage]):
+            parent_model(cfg, stage)  # a continued student's parent is still there
     for stage in order:
         for needed in UPSTREAM.get(stage, []):
             if needed not in ran:

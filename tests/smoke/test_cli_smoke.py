@@ -87,6 +87,7 @@ def test_cli_survives_a_killed_driver_then_reruns_only_what_a_change_invalidates
     # Add a fourth task to the finished run: exactly one expert trains and one soft-target group is scored.
     kept = ["base", "experts/copy", "experts/reverse", "experts/add", *(f"soft_targets/groups/{g}" for g in ("copy", "reverse", "add"))]
     before = {stage: (run_dir / stage / "DONE.json").read_text() for stage in kept}
+    parents = {stage: json.loads((run_dir / stage / "DONE.json").read_text())["config_hash"] for stage in ("student", "multitask")}
     added = _cli("add-task", "--run", str(run_dir), "--task", "sort", cwd=tmp_path)
     assert added.returncode == 0, added.stdout[-3000:] + added.stderr[-3000:]
     assert {stage: (run_dir / stage / "DONE.json").read_text() for stage in kept} == before  # untouched manifests
@@ -95,12 +96,25 @@ def test_cli_survives_a_killed_driver_then_reruns_only_what_a_change_invalidates
     assert json.loads((run_dir / "experts" / "sort" / "DONE.json").read_text())["metrics"]["steps"] == 400
     report = json.loads((run_dir / "eval" / "report.json").read_text())
     assert "sort" in report["tasks"] and "sort" in report["scores"]["student"]
-    # ... and remove it again: nothing is trained but the student and the baseline, nothing is scored.
-    removed = _cli("remove-task", "--run", str(run_dir), "--task", "sort", cwd=tmp_path)
+    # distill.after_edit=continue (the default): student and baseline continue from their finished models for
+    # distill.optim.steps / 4 groups = 1 step; the parents' hard-linked copies are gone once they are done.
+    for stage in ("student", "multitask"):
+        found = json.loads((run_dir / stage / "DONE.json").read_text())
+        assert found["inputs"]["continues"] == parents[stage] and found["metrics"]["steps"] == 1, stage
+        assert not list((run_dir / stage).glob("parent-*")), stage
+    status = {stage: p["status"] for stage, p in report["provenance"].items()}
+    assert {status[s] for s in kept} == {"reused"} and status["upcycle"] == "trained in this run"
+    assert {status[s] for s in ("experts/sort", "soft_targets/groups/sort", "student", "multitask")} == {"trained in this run"}
+    assert report["provenance"]["student"]["continues"] == parents["student"]
+    assert "## Reused or trained in this run" in (run_dir / "eval" / "report.md").read_text()
+    # ... and remove it again, retraining the students: nothing else is trained, nothing is scored.
+    removed = _cli("remove-task", "--run", str(run_dir), "--task", "sort", "distill.after_edit=retrain", cwd=tmp_path)
     assert removed.returncode == 0, removed.stdout[-3000:] + removed.stderr[-3000:]
     assert json.loads((run_dir / "soft_targets" / "DONE.json").read_text())["metrics"]["scored"] == []
     assert "sort" not in json.loads((run_dir / "eval" / "report.json").read_text())["tasks"]
     assert {stage: (run_dir / stage / "DONE.json").read_text() for stage in kept} == before
+    student = json.loads((run_dir / "student" / "DONE.json").read_text())
+    assert "continues" not in student["inputs"] and student["metrics"]["steps"] == 4
 
     load = subprocess.run([sys.executable, "-c", (
         "import sys; from transformers import AutoModelForCausalLM, AutoTokenizer;"
