@@ -19,7 +19,6 @@ the test split is not read). Writes benchmarks/results/add_task.json (or --out).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -27,7 +26,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import REPO, command_line, fmt_pm, markdown_table, result_path, write_result  # noqa: E402
+from common import REPO, cli, command_line, fmt_pm, markdown_table, result_path, write_result  # noqa: E402
 
 sys.path.insert(0, REPO)
 TASKS = ["copy", "reverse", "sort", "add"]
@@ -35,17 +34,6 @@ SETTINGS = ["upcycle.enabled=false", "multitask.enabled=false", "experts.optim.s
             "tasks.num_train=1000", "distill.optim.steps=400"]
 TINY = ["tasks.num_train=32", "tasks.num_test=8", "tasks.num_validation=4", "base.optim.steps=2",
         "experts.optim.steps=2", "distill.optim.steps=4", "eval.max_new_tokens=4"]
-
-
-def cli(argv: list[str], log_path: str) -> float:
-    """`python -m dume_ray ...` in this process; its wall time in seconds (output to the log)."""
-    from dume_ray.cli import main
-    start = time.time()
-    with open(log_path, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        rc = main(argv)
-    if rc != 0:
-        raise RuntimeError(f"python -m dume_ray {' '.join(argv)} failed (rc={rc}); see {log_path}")
-    return time.time() - start
 
 
 def expert_steps(run_dir: str, tasks: list[str], finished_after: float) -> int:

@@ -1,7 +1,7 @@
 """Stage manifests, and atomic writes of everything a stage outputs.
 
 `<stage dir>/DONE.json` records what a finished stage was built from and what it made, and which run made it
-(`RUN_ID`: the process, i.e. one CLI command). A stage is skipped on rerun only when its manifest exists and
+(`RUN_ID`: one CLI command). A stage is skipped on rerun only when its manifest exists and
 its config hash (see `stage_hashes.py`) matches; any change upstream changes the hash, so stale outputs are
 never reused.
 
@@ -23,8 +23,18 @@ import time
 from typing import Iterator, Optional
 
 MANIFEST = "DONE.json"
-RUN_ID = f"{time.strftime('%Y-%m-%dT%H:%M:%S')}-{os.getpid()}"  # this process (one CLI command): the run a manifest
-#   written now belongs to, so a report can tell what this run trained from what it reused
+RUN_ID = ""  # the run (one CLI command: `start_run`) that the manifests written now belong to, so a report can
+#   tell what this run trained from what it reused
+
+
+def start_run() -> str:
+    """A new run id (time and process id; a process that runs several commands gets one per command)."""
+    global RUN_ID
+    RUN_ID = f"{time.strftime('%Y-%m-%dT%H:%M:%S')}-{os.getpid()}-{time.monotonic_ns() % 10**6:06d}"
+    return RUN_ID
+
+
+start_run()  # a stage called outside the CLI (tests, benchmarks) has one run id per process
 
 
 def write_json_atomic(path: str, payload: dict) -> None:
