@@ -1,4 +1,5 @@
-"""Shared helpers of the benchmark scripts: markdown tables, result JSON with machine info, run metadata.
+"""Shared helpers of the benchmark scripts: markdown tables, result JSON with machine info, run metadata, and
+`cli`, which runs `python -m dume_ray ...` in the benchmark's own process on one Ray kept up between calls.
 
 Every script in benchmarks/ prints a markdown table and writes `benchmarks/results/<name>.json` through
 `write_result` (or the path given with `--out`; `--tiny` runs default to a temp folder so they never
@@ -8,6 +9,7 @@ test (tests/smoke/test_benchmarks.py) runs each with `--tiny`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -51,6 +53,35 @@ def fmt_pm(values: Sequence[float], scale: float = 1.0, digits: int = 3) -> str:
         return "–"
     m, s = mean_std(values)
     return f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}"
+
+
+def start_ray() -> None:
+    """One local Ray for every in-process `cli.main` call of a benchmark: a command that finds Ray running uses
+    it and leaves it up, where it would otherwise start and stop its own (~10 s each on 2 cores, and its
+    worker processes would import torch again)."""
+    import ray
+    from dume_ray.cli import QUIET_ENV
+    os.environ.update(QUIET_ENV)
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=True, runtime_env={"env_vars": QUIET_ENV})
+
+
+def cli(argv: list[str], log_path: str, tag: str = "bench") -> float:
+    """`python -m dume_ray ...` in this process, on the one Ray `start_ray` keeps up between calls (started before
+    the call's clock starts); its output appended to a log. Returns its wall time in seconds; raises on failure."""
+    if REPO not in sys.path:
+        sys.path.insert(0, REPO)
+    from dume_ray.cli import main
+    start_ray()
+    print(f"[{tag}] $ python -m dume_ray {' '.join(argv)}", flush=True)
+    start = time.time()
+    with open(log_path, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        rc = main(argv)
+    seconds = time.time() - start
+    print(f"[{tag}]   rc={rc} in {seconds:.0f} s (log {log_path})", flush=True)
+    if rc != 0:
+        raise RuntimeError(f"python -m dume_ray {' '.join(argv)} failed (rc={rc}); see {log_path}")
+    return seconds
 
 
 def machine_info() -> dict:

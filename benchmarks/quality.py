@@ -29,12 +29,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import REPO, command_line, fmt_pm, markdown_table, mean_std, result_path, write_result  # noqa: E402
+from common import REPO, cli, command_line, fmt_pm, markdown_table, mean_std, result_path, write_result  # noqa: E402
 
 TINY_OVERRIDES = ["tasks.builtin=[copy,reverse]", "tasks.num_train=32", "tasks.num_test=8", "tasks.num_validation=4",
                   "base.optim.steps=2", "experts.optim.steps=2", "distill.optim.steps=2", "eval.max_new_tokens=4",
@@ -42,15 +41,9 @@ TINY_OVERRIDES = ["tasks.builtin=[copy,reverse]", "tasks.num_train=32", "tasks.n
 
 
 def run_cli(stage: str, config: str, overrides: list[str], log_path: str) -> None:
-    """`python -m dume_ray <stage>` as a subprocess (its own Ray), output to a log; raises on failure."""
-    cmd = [sys.executable, "-m", "dume_ray", stage, "--config", config, *overrides]
-    print(f"[quality] $ {' '.join(cmd[1:])}", flush=True)
-    start = time.time()
-    with open(log_path, "a") as log:
-        rc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode
-    print(f"[quality]   rc={rc} in {time.time() - start:.0f} s (log {log_path})", flush=True)
-    if rc != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed (rc={rc}); see {log_path}")
+    """`python -m dume_ray <stage>` in this process, on one Ray kept up between calls (`common.cli`), output to a
+    log; raises on failure."""
+    cli([stage, "--config", config, *overrides], log_path, "quality")
 
 
 def _done(stage_dir: str, config: str, overrides: list[str], stage: str) -> bool:

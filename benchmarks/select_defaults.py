@@ -22,7 +22,6 @@ the spread over seeds is reported as a tie, and the tie is broken towards the sm
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import json
 import os
@@ -30,24 +29,12 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import REPO, command_line, fmt_pm, markdown_table, mean_std, result_path, write_result  # noqa: E402
+from common import REPO, cli, command_line, fmt_pm, markdown_table, mean_std, result_path, write_result  # noqa: E402
 
 sys.path.insert(0, REPO)
 TINY_OVERRIDES = ["tasks.builtin=[copy,reverse]", "tasks.num_train=32", "tasks.num_test=8", "tasks.num_validation=4",
                   "base.optim.steps=2", "experts.optim.steps=2", "distill.optim.steps=2", "eval.max_new_tokens=4",
                   "upcycle.stats_examples_per_task=8"]
-
-
-def cli(argv: list[str], log_path: str) -> None:
-    """`python -m dume_ray ...` in this process (Ray stays up between calls), its output appended to a log."""
-    from dume_ray.cli import main
-    print(f"[select] $ python -m dume_ray {' '.join(argv)}", flush=True)
-    start = time.time()
-    with open(log_path, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        rc = main(argv)
-    print(f"[select]   rc={rc} in {time.time() - start:.0f} s (log {log_path})", flush=True)
-    if rc != 0:
-        raise RuntimeError(f"python -m dume_ray {' '.join(argv)} failed (rc={rc}); see {log_path}")
 
 
 def validation_mean(stage_dir: str) -> float:

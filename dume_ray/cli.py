@@ -192,6 +192,11 @@ def check_stage_inputs(cfg: PipelineConfig, order: list[str]) -> None:
                "multitask": [("multitask", "multitask")] if cfg.multitask.enabled else [],
                "upcycle": [("upcycle", "upcycle")] if cfg.upcycle_active else []}
     ran = {s for name in order for s in name.split("+")}
+    from dume_ray.manifest import is_done
+    from dume_ray.run_edit import parent_model
+    for stage, command in (("student", "distill"), ("multitask", "multitask")):
+        if command in ran and stage in hashes and not is_done(f"{cfg.run_dir}/{stage}", hashes[stage]):
+            parent_model(cfg, stage)  # a continued student's parent is still there
     for stage in order:
         for needed in UPSTREAM.get(stage, []):
             if needed not in ran:
@@ -260,9 +265,13 @@ class RayOutput:
         from ray._private.worker import global_worker_stdstream_dispatcher as dispatcher
         if not self.verbose:
             dispatcher.remove_handler("ray_print_logs")
+        dispatcher.remove_handler("dume_ray")  # an earlier command in this process (on a Ray it did not stop)
         dispatcher.add_handler("dume_ray", self.on_worker_lines)
 
     def stop(self) -> None:
+        if self.workers is not None:  # worker lines after this command are no longer ours
+            from ray._private.worker import global_worker_stdstream_dispatcher as dispatcher
+            dispatcher.remove_handler("dume_ray")
         if self.started_ray:  # while still redirected: Ray's shutdown messages go to the log too
             import ray
             ray.shutdown()
@@ -348,7 +357,8 @@ def init_ray(cfg: PipelineConfig, output: RayOutput, worker_env: Optional[dict] 
         _link_ray_session_logs(output.log_dir, os.path.join(session_dir, "logs"))
     found = ", ".join(f"{v:g} {k}" for k, v in sorted(ray.cluster_resources().items()) if k in ("CPU", "GPU"))
     where = "" if output.verbose else f"; Ray's logs: {output.log_dir}/"
-    print(f"[ray] {'joined ' + address if address else 'started a local Ray'} ({found}){where}", flush=True)
+    how = f"joined {address}" if address else "started a local Ray" if output.started_ray else "using this process's Ray"
+    print(f"[ray] {how} ({found}){where}", flush=True)
     return bool(address)
 
 
@@ -416,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, state: dict) -> int:
+    from dume_ray.manifest import start_run
+    start_run()  # the manifests this command writes belong to this run (the report tells them from reused ones)
     try:
         cfg = state["cfg"] = resolve_config(args)
         order = stage_order(cfg, args.stage)

@@ -30,6 +30,7 @@ STORAGE_SCHEMES = ("s3", "gs", "gcs", "file", "hdfs", "abfs", "abfss")  # what p
 LOCAL_TASK_FORMATS = ("jsonl", "json", "parquet", "csv")
 TOO_LONG_POLICIES = ("error", "drop", "truncate")
 TEACHER_SCHEDULES = ("interleaved", "sequential")  # distill.teacher_schedule
+AFTER_EDIT = ("continue", "retrain")  # distill.after_edit
 ROUTING_GRANULARITIES = ("token", "sequence_mean", "whole_sequence", "prompt")  # upcycle.routing
 
 
@@ -232,6 +233,15 @@ class SoftTargetsConfig:
 
 
 @dataclass
+class ContinueFromConfig:
+    """The finished models a run's student and baseline continue from, by stage hash. `add-task` / `remove-task`
+    fill it in from the run's manifests when `distill.after_edit=continue`; "" = train from `distill.init`."""
+
+    student: str = ""  # stage hash of the student this run's student continues from
+    multitask: str = ""  # stage hash of the multitask baseline this run's baseline continues from
+
+
+@dataclass
 class DistillConfig:
     """The student and, with the same optim/resources, the multitask baseline it must beat."""
 
@@ -249,10 +259,17 @@ class DistillConfig:
     on_policy_sample: bool = True  # on-policy answers sampled (temperature 1) rather than greedy
     init: str = "base"  # "base" (student starts from the base) or "scratch" (fresh init of student_model)
     student_model: Optional[ModelConfig] = None  # a smaller embedded config for init=scratch; None = base's
+    after_edit: str = "continue"  # what add-task / remove-task do with the finished student and baseline:
+    #   "continue" (from their last weights, continue_steps more steps on the old + new soft targets: the cost
+    #   scales with the change) or "retrain" (from the init for optim.steps: what a fresh run with the new tasks gets)
+    continue_steps: int = 0  # steps of a continued student (and baseline); 0 = optim.steps / number of expert groups
+    continue_from: ContinueFromConfig = field(default_factory=ContinueFromConfig)  # set by add-task / remove-task
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(steps=600))
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
 
     def __post_init__(self) -> None:
+        _check(self.after_edit in AFTER_EDIT, f"distill.after_edit must be one of {AFTER_EDIT}, got {self.after_edit!r}")
+        _check(self.continue_steps >= 0, f"distill.continue_steps must be >= 0 (0 = optim.steps / groups), got {self.continue_steps}")
         _check(0.0 <= self.alpha <= 1.0, f"distill.alpha must be in [0, 1], got {self.alpha}")
         _check(math.isfinite(self.temperature) and self.temperature > 0, f"distill.temperature must be a finite number > 0, got {self.temperature}")
         divergences = ("forward_kl", "reverse_kl", "generalized_jsd")

@@ -1,8 +1,9 @@
 """Stage manifests, and atomic writes of everything a stage outputs.
 
-`<stage dir>/DONE.json` records what a finished stage was built from and what it made. A stage is skipped
-on rerun only when its manifest exists and its config hash (see `stage_hashes.py`) matches; any change
-upstream changes the hash, so stale outputs are never reused.
+`<stage dir>/DONE.json` records what a finished stage was built from and what it made, and which run made it
+(`RUN_ID`: one CLI command). A stage is skipped on rerun only when its manifest exists and
+its config hash (see `stage_hashes.py`) matches; any change upstream changes the hash, so stale outputs are
+never reused.
 
 Every output is written to a temp name and renamed into place (`write_json_atomic`, `write_text_atomic`,
 `atomic_dir`), and the manifest is written last, so a crash never leaves a half-written file or folder that
@@ -22,6 +23,18 @@ import time
 from typing import Iterator, Optional
 
 MANIFEST = "DONE.json"
+RUN_ID = ""  # the run (one CLI command: `start_run`) that the manifests written now belong to, so a report can
+#   tell what this run trained from what it reused
+
+
+def start_run() -> str:
+    """A new run id (time and process id; a process that runs several commands gets one per command)."""
+    global RUN_ID
+    RUN_ID = f"{time.strftime('%Y-%m-%dT%H:%M:%S')}-{os.getpid()}-{time.monotonic_ns() % 10**6:06d}"
+    return RUN_ID
+
+
+start_run()  # a stage called outside the CLI (tests, benchmarks) has one run id per process
 
 
 def write_json_atomic(path: str, payload: dict) -> None:
@@ -85,7 +98,8 @@ def is_done(stage_dir: str, config_hash: str) -> bool:
 def mark_done(stage_dir: str, config_hash: str, outputs: dict, metrics: Optional[dict] = None,
               inputs: Optional[dict] = None, seconds: Optional[float] = None) -> dict:
     manifest = {"config_hash": config_hash, "inputs": inputs or {}, "outputs": outputs,
-                "metrics": metrics or {}, "seconds": seconds, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                "metrics": metrics or {}, "seconds": seconds, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "run_id": RUN_ID}
     write_json_atomic(os.path.join(stage_dir, MANIFEST), manifest)
     return manifest
 

@@ -8,10 +8,13 @@ retrains only what the change touches.
 An expert and its soft targets depend on their own group's tasks only (`stage_hashes.task_data`), so with the
 edited config the `run` that follows trains one new expert and scores one new group (adding), or drops one
 (removing); the others are reused from their manifests. The base stays as it was: its tasks are pinned in
-`base.tasks` (a base pretrained on the old mixture is still every old expert's starting point). The student,
-the multitask baseline and the report are redone, since their data changed. With `experts.groups` written out,
-an added task gets a group of its own and a removed one leaves its group. Pure: no Ray here; the CLI runs the
-stages. Tested in tests/unit/test_run_edit.py.
+`base.tasks` (a base pretrained on the old mixture is still every old expert's starting point). The student
+and the multitask baseline are trained again, since their data changed: with `distill.after_edit=continue` (the
+default) each continues from the run's finished model for `distill.continue_steps` steps on the old + new soft
+targets (`distill.continue_from` records the parent's stage hash, `parent_model` finds its weights), with
+`retrain` each starts from the init. The report is redone. With `experts.groups` written out, an added task
+gets a group of its own and a removed one leaves its group. Pure: no Ray here; the CLI runs the stages.
+Tested in tests/unit/test_run_edit.py.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ import tempfile
 
 from omegaconf import OmegaConf
 
-from dume_ray.config import BUILTIN_TASK_NAMES, ConfigError, PipelineConfig, load_config, to_dict
+from dume_ray import manifest
+from dume_ray.config import BUILTIN_TASK_NAMES, ConfigError, ContinueFromConfig, PipelineConfig, load_config, to_dict
 
 
 def edited_config(run_dir: str, add_tasks: list[str] = (), add_sources: list[str] = (), remove: list[str] = (),
@@ -67,7 +71,47 @@ def edited_config(run_dir: str, add_tasks: list[str] = (), add_sources: list[str
     with tempfile.TemporaryDirectory() as scratch:  # nothing is written into the run folder here
         edited_path = os.path.join(scratch, f"{cfg.name}.edited.yaml")
         OmegaConf.save(merged, edited_path)
-        return load_config(edited_path, list(overrides))
+        edited = load_config(edited_path, list(overrides))
+    edited.distill.continue_from = finished_students(run_dir, edited)
+    return edited
+
+
+STUDENT_STAGES = ("student", "multitask")
+
+
+def finished_students(run_dir: str, cfg: PipelineConfig) -> ContinueFromConfig:
+    """With `distill.after_edit=continue`, the stage hashes of the run's finished student and baseline (those
+    with a manifest and a model folder), which the edited run continues; none with `retrain`."""
+    found = ContinueFromConfig()
+    if cfg.distill.after_edit != "continue":
+        return found
+    for stage in STUDENT_STAGES:
+        done = manifest.read_manifest(os.path.join(run_dir, stage))
+        if done and os.path.isdir(done.get("outputs", {}).get("model", "")) and (stage == "student" or cfg.multitask.enabled):
+            setattr(found, stage, done["config_hash"])
+    return found
+
+
+def parent_folder(cfg: PipelineConfig, stage: str) -> str:
+    """Where a continued stage keeps its parent's weights while it trains (hard links, so no extra disk)."""
+    return f"{cfg.run_dir}/{stage}/parent-{getattr(cfg.distill.continue_from, stage)}"
+
+
+def parent_model(cfg: PipelineConfig, stage: str) -> str:
+    """The weights `stage` ("student" or "multitask") continues from: its parent folder when a run already set
+    it aside, else the stage's finished model while its manifest still has the parent's hash; "" when the
+    stage is not continued. StageInputError when the parent is gone (e.g. replaced by a later training)."""
+    parent = getattr(cfg.distill.continue_from, stage)
+    if not parent:
+        return ""
+    if os.path.isdir(parent_folder(cfg, stage)):
+        return parent_folder(cfg, stage)
+    done = manifest.read_manifest(f"{cfg.run_dir}/{stage}")
+    if done and done.get("config_hash") == parent and os.path.isdir(done.get("outputs", {}).get("model", "")):
+        return done["outputs"]["model"]
+    raise manifest.StageInputError(
+        f"distill.continue_from.{stage}={parent}: that {stage} is no longer in {cfg.run_dir}/{stage} (found hash "
+        f"{(done or {}).get('config_hash')}); set distill.continue_from.{stage}='' to train it from the init")
 
 
 def _parse_source(text: str) -> dict:

@@ -14,6 +14,8 @@ config that leaves them alone keeps its hashes. The dependency graph is all in t
 
 An expert and its group's soft targets depend on that group's own tasks only (`task_data`), so a run that
 gains or loses a task retrains one expert and rescores one group; the student reads the union of the groups.
+A student (or baseline) continued after such an edit (`distill.continue_from`, set by `add-task`) hashes its
+parent's stage hash and its own steps instead of its init, so a chain of edits gives a chain of hashes.
 
     from dume_ray.stage_hashes import pipeline_hashes
     pipeline_hashes(cfg)   # {"base": ..., "experts/copy": ..., "soft_targets": ..., "student": ..., "eval": ...}
@@ -92,7 +94,24 @@ def student_hash(cfg: PipelineConfig, stage: str, soft_targets: str) -> str:
     if stage == "student" and d.teacher_schedule != "interleaved":  # the baseline always reads the mixed stream
         kd += (d.teacher_schedule,)
     student_model = d.student_model if d.init == "scratch" else None  # the base's own architecture otherwise
+    parent = parent_hash(cfg, stage)
+    if parent:  # continued from a finished model: its hash (which folds in its own parent) and the steps added
+        return config_hash(stage, soft_targets, _optim(student_optim(cfg, stage)), cfg.seed, kd, "continues", parent)
     return config_hash(stage, soft_targets, _optim(d.optim), d.init, student_model, cfg.seed, kd)
+
+
+def parent_hash(cfg: PipelineConfig, stage: str) -> str:
+    """The stage hash of the finished student or baseline that `stage` continues from; "" = trained from the init."""
+    return getattr(cfg.distill.continue_from, stage)
+
+
+def student_optim(cfg: PipelineConfig, stage: str) -> OptimConfig:
+    """`distill.optim`, or for a continued stage the same with `distill.continue_steps` steps (0: the optim's
+    steps / number of groups, the share of the training a one-group change would get)."""
+    d = cfg.distill
+    if not parent_hash(cfg, stage):
+        return d.optim
+    return dataclasses.replace(d.optim, steps=d.continue_steps or max(1, d.optim.steps // len(cfg.groups)))
 
 
 def upcycle_hash(cfg: PipelineConfig, expert_hashes: dict[str, str]) -> str:

@@ -7,12 +7,18 @@ Both read the soft-target shards as one Ray Data stream (passed to the TorchTrai
 and consumed with `get_dataset_shard`), start from the same init, and use `distill.optim` and
 `distill.resources`; the multitask baseline sets alpha = 0 (plain mixed CE). `python -m dume_ray run` trains
 the two side by side (`run_distill_and_multitask`), each in its own TorchTrainer, each with its own manifest.
+
+After `add-task` / `remove-task` with `distill.after_edit=continue`, each continues instead from the run's
+finished model (`distill.continue_from`) for `distill.continue_steps` steps: the parent's files are hard-linked
+into `<stage>/parent-<hash>/` first, so the parent's weights survive until the new model and manifest are in
+place (a crash in between reruns from the same parent), and the folder is removed once the new one is done.
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import shutil
 import time
 
 import pyarrow as pa
@@ -28,7 +34,8 @@ from dume_ray.distill.worker import train_fn_per_worker
 from dume_ray.experts.launch import finished_experts
 from dume_ray.model import build_embedded_model, check_same_vocab, load_tokenizer
 from dume_ray.soft_targets.launch import checked_soft_targets
-from dume_ray.stage_hashes import pipeline_hashes, student_hash
+from dume_ray.run_edit import parent_folder, parent_model
+from dume_ray.stage_hashes import parent_hash, pipeline_hashes, student_hash, student_optim
 from dume_ray.tasks import load_tasks
 from dume_ray.training_jobs import fit_concurrently, job_config, validation_pairs
 
@@ -68,7 +75,7 @@ def run_students(cfg: PipelineConfig, stages: list[str]) -> dict[str, dict]:
     stream = soft_target_stream(soft_targets, cfg.soft_targets.cache_max_mb, cfg.seed)
     pending, inits = {}, {}
     for stage in todo:
-        inits[stage] = student_init(cfg, base_dir, f"{cfg.run_dir}/{stage}/init")
+        inits[stage] = continued_init(cfg, stage) or student_init(cfg, base_dir, f"{cfg.run_dir}/{stage}/init")
         check_same_vocab(base_dir, inits[stage])
         stage_stream = stream if stage == "multitask" or cfg.distill.teacher_schedule == "interleaved" else \
             soft_target_stream(soft_targets, cfg.soft_targets.cache_max_mb, cfg.seed, cfg.distill.teacher_schedule)
@@ -79,9 +86,13 @@ def run_students(cfg: PipelineConfig, stages: list[str]) -> dict[str, dict]:
         if stage == "student" and teachers:  # the experts' scoring throughput, for the record
             result = {**result, "on_policy_teachers": {g: ray.get(t.throughput.remote()) for g, t in teachers.items()}}
             print(f"[student] on-policy teachers: {result['on_policy_teachers']}", flush=True)
+        inputs = {"soft_targets": soft_targets["outputs"]["shards"], "init": inits[stage]}
+        if parent_hash(cfg, stage):
+            inputs["continues"] = parent_hash(cfg, stage)
         done[stage] = manifest.mark_done(f"{cfg.run_dir}/{stage}", stage_hashes[stage], {"model": f"{cfg.run_dir}/{stage}/model"},
-                                         metrics=result, inputs={"soft_targets": soft_targets["outputs"]["shards"], "init": inits[stage]},
-                                         seconds=time.time() - start)
+                                         metrics=result, inputs=inputs, seconds=time.time() - start)
+        if parent_hash(cfg, stage):  # the new model and its manifest are in place: the parent's weights may go
+            shutil.rmtree(parent_folder(cfg, stage), ignore_errors=True)
 
     try:
         fit_concurrently(train_fn_per_worker, pending, cfg.distill.resources,
@@ -114,7 +125,7 @@ def _loop_config(cfg: PipelineConfig, stage: str, stage_hash: str, init_dir: str
     """What `distill/worker.py` needs, as plain data; the baseline is the same loop with alpha = 0."""
     alpha = cfg.distill.alpha if stage == "student" else 0.0
     return {
-        **job_config(cfg, stage, init_dir, f"{cfg.run_dir}/{stage}/model", cfg.distill.optim, cfg.distill.resources,
+        **job_config(cfg, stage, init_dir, f"{cfg.run_dir}/{stage}/model", student_optim(cfg, stage), cfg.distill.resources,
                      stage_hash, validation_pairs(tasks), stage),
         "alpha": alpha, "temperature": cfg.distill.temperature, "divergence": cfg.distill.divergence,
         "jsd_beta": cfg.distill.jsd_beta, "anneal": cfg.distill.anneal and alpha > 0,
@@ -156,6 +167,27 @@ def stream_order(row_groups: list[str], groups: list[str], seed: int, schedule: 
     if schedule == "interleaved":
         return training_order(list(range(len(row_groups))), seed)
     return [i for g in groups for i in training_order([i for i, x in enumerate(row_groups) if x == g], seed)]
+
+
+def continued_init(cfg: PipelineConfig, stage: str) -> str:
+    """A continued stage's starting weights: its parent model, hard-linked into `<stage>/parent-<hash>/` (once;
+    a rerun finds it there); "" when the stage is not continued."""
+    found = parent_model(cfg, stage)
+    if not found:
+        return ""
+    print(f"[{stage}] continuing from {parent_hash(cfg, stage)} for {student_optim(cfg, stage).steps} steps", flush=True)
+    folder = parent_folder(cfg, stage)
+    if found != folder:
+        with manifest.atomic_dir(folder) as tmp:
+            shutil.copytree(found, tmp, copy_function=_link_or_copy, dirs_exist_ok=True)
+    return folder
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # a file system without hard links
+        shutil.copy2(src, dst)
 
 
 def student_init(cfg: PipelineConfig, base_dir: str, out_dir: str) -> str:

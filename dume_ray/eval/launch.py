@@ -18,9 +18,9 @@ import ray
 
 from dume_ray import manifest, storage
 from dume_ray.config import ROUTING_GRANULARITIES, PipelineConfig
-from dume_ray.eval.report import build_report, plot_report, render_markdown
+from dume_ray.eval.report import build_report, plot_report, provenance, render_markdown
 from dume_ray.model import load_model, load_tokenizer
-from dume_ray.stage_hashes import eval_hash, pipeline_hashes
+from dume_ray.stage_hashes import eval_hash, parent_hash, pipeline_hashes, student_optim
 from dume_ray.tasks import load_tasks
 from dume_ray.training import score_tasks
 
@@ -70,6 +70,8 @@ def run_eval(cfg: PipelineConfig) -> dict:
                           losses={label: v for label, v in losses.items() if not label.startswith("dume[") and v})
     report["scored_models"] = {label: {"model": model_dir, "config_hash": h} for label, (model_dir, _, h) in models.items()}
     report["faults"] = _faults(cfg)
+    report["provenance"] = provenance({folder: manifest.read_manifest(f"{cfg.run_dir}/{folder}")
+                                       for folder in stage_folders(cfg)}, manifest.RUN_ID)
     os.makedirs(stage_dir, exist_ok=True)
     outputs = {"json": f"{stage_dir}/report.json", "markdown": f"{stage_dir}/report.md", "chart": f"{stage_dir}/report.png"}
     manifest.write_json_atomic(outputs["json"], report)
@@ -197,6 +199,10 @@ def _settings(cfg: PipelineConfig) -> dict:
     if d.on_policy_ratio > 0:
         settings["on-policy (student only)"] = (f"{d.on_policy_ratio:.0%} of the steps, {d.on_policy_divergence}, "
                                                 f"{'sampled' if d.on_policy_sample else 'greedy'} answers")
+    continued = [s for s in ("student", "multitask") if parent_hash(cfg, s)]
+    if continued:  # add-task / remove-task with distill.after_edit=continue
+        settings["continued after the task edit"] = (f"{' and '.join(continued)}, {student_optim(cfg, continued[0]).steps} "
+                                                     f"more steps from the previous models (distill.after_edit=continue)")
     if cfg.base.tasks and cfg.base.enabled:  # a run that gained or lost tasks keeps its base
         settings["base pretrained on"] = " ".join(cfg.base.tasks)
     soft = (manifest.read_manifest(f"{cfg.run_dir}/soft_targets") or {}).get("metrics", {})
@@ -207,6 +213,12 @@ def _settings(cfg: PipelineConfig) -> dict:
     if cfg.upcycle_active and upcycle.get("router_stats_reused"):
         settings["router statistics reused"] = " ".join(upcycle["router_stats_reused"])
     return settings
+
+
+def stage_folders(cfg: PipelineConfig) -> list[str]:
+    """Every stage folder the report is built from, per expert and soft-target group, in pipeline order."""
+    return (["base", *(f"experts/{g}" for g in cfg.groups)] + (["upcycle"] if cfg.upcycle_active else [])
+            + [f"soft_targets/groups/{g}" for g in cfg.groups] + ["student"] + (["multitask"] if cfg.multitask.enabled else []))
 
 
 def _faults(cfg: PipelineConfig) -> dict:

@@ -62,6 +62,23 @@ def build_report(scores: dict[str, dict[str, float]], task_names: list[str], spl
     return report
 
 
+def provenance(manifests: dict[str, Optional[dict]], run_id: str) -> dict[str, dict]:
+    """{stage folder: {"status", "run", "finished_at"[, "continues", "steps"]}} from each stage's manifest: "trained
+    in this run" when the manifest was written by the run `run_id` (`manifest.RUN_ID`), else "reused" (a manifest
+    from before run ids were recorded is an older run's too). A continued student names its parent's hash."""
+    out = {}
+    for stage, found in manifests.items():
+        if not found:
+            continue
+        entry = {"status": "trained in this run" if found.get("run_id") == run_id else "reused",
+                 "run": found.get("run_id"), "finished_at": found.get("finished_at")}
+        if found.get("inputs", {}).get("continues"):
+            entry["continues"] = found["inputs"]["continues"]
+            entry["steps"] = found.get("metrics", {}).get("steps")
+        out[stage] = entry
+    return out
+
+
 def difference_standard_error(a: dict[str, float], b: dict[str, float], task_names: list[str],
                               num_examples: dict[str, int]) -> float:
     """Standard error of mean(a) − mean(b), the means over tasks of exact-match rates, from test-set sampling
@@ -111,6 +128,8 @@ def render_markdown(report: dict) -> str:
         lines += _loss_markdown(report)
     if "upcycle" in report:
         lines += _upcycle_markdown(report)
+    if report.get("provenance"):
+        lines += _provenance_markdown(report["provenance"])
     if report["settings"]:
         lines += ["", "## Settings", ""] + [f"- {k}: {v}" for k, v in report["settings"].items()]
     if report.get("faults"):
@@ -118,6 +137,14 @@ def render_markdown(report: dict) -> str:
     if report["timings"]:
         lines += ["", "## Stage wall times (s)", ""] + [f"- {k}: {v:.1f}" for k, v in report["timings"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _provenance_markdown(stages: dict[str, dict]) -> list[str]:
+    lines = ["", "## Reused or trained in this run", "", "| stage | status | run | finished |", "|---|---|---|---|"]
+    for stage, p in stages.items():
+        status = p["status"] + (f", continued from {p['continues']} for {p['steps']} steps" if p.get("continues") else "")
+        lines.append(f"| {stage} | {status} | {p['run'] or '–'} | {p['finished_at'] or '–'} |")
+    return lines
 
 
 def _loss_markdown(report: dict) -> list[str]:

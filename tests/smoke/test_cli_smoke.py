@@ -1,4 +1,4 @@
-"""End-to-end smoke run of the CLI on configs/smoke/tiny.yaml, as a user would run it (a subprocess).
+"""End-to-end smoke run of the CLI on configs/smoke/tiny.yaml, as a user would run it (a subprocess, then reruns).
 
     .venv/bin/python -m pytest -q -m smoke
 
@@ -8,7 +8,9 @@ those a change invalidates, that a corrupted shard is regenerated, and that the 
 load with plain transformers (no dume_ray import).
 """
 
+import contextlib
 import glob
+import io
 import json
 import math
 import os
@@ -23,6 +25,8 @@ import pytest
 from dume_ray.config import ROUTING_GRANULARITIES
 
 pytestmark = pytest.mark.smoke
+# The killed run: the second expert is killed past its second checkpoint, with 100 steps of margin.
+EXPERT_STEPS, CHECKPOINT_EVERY = 120, 10
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -33,14 +37,27 @@ def _cli(*args, cwd):
                           text=True, timeout=600)
 
 
-def test_cli_survives_a_killed_driver_then_reruns_only_what_a_change_invalidates(tmp_path):
+def _cli_in_process(*args) -> subprocess.CompletedProcess:
+    """`python -m dume_ray ...` in this process, on the session's Ray (a command that finds Ray up uses it and
+    leaves it up): the same stages, minus a Ray start-up and cold workers per command. Errors go to stderr,
+    which pytest captures; the assertions read the exit status, stdout and the run folder."""
+    from dume_ray.cli import main
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = main(list(args))
+    return subprocess.CompletedProcess(list(args), rc, out.getvalue(), "")
+
+
+def test_cli_survives_a_killed_driver_then_reruns_only_what_a_change_invalidates(tmp_path, ray_session):
     """Kill `python -m dume_ray run` (SIGKILL, its whole process group, local Ray included) while the second
     expert trains; the same command again skips the base and the finished expert, resumes the interrupted
     one from its checkpoint and finishes. Then a corrupted shard plus a new temperature: the shard is
-    rejected by name and regenerated, and only the student and the report are redone."""
+    rejected by name and regenerated, and only the student and the report are redone. The killed run and
+    its rerun are subprocesses, as a user runs them; the later commands (the change, add-task, remove-task)
+    run in this process on the session's Ray, which saves a Ray start-up and cold workers each."""
     config = os.path.join(ROOT, "configs", "smoke", "tiny.yaml")
     args = ["run", "--config", config, f"runs_dir={tmp_path}", "experts.resources.max_concurrent_jobs=1",
-            "experts.optim.steps=400", "experts.optim.checkpoint_every=20"]
+            f"experts.optim.steps={EXPERT_STEPS}", f"experts.optim.checkpoint_every={CHECKPOINT_EVERY}"]
     run_dir = tmp_path / "smoke"
     killed_history = _kill_while_second_expert_trains(args, run_dir, tmp_path)
 
@@ -54,7 +71,7 @@ def test_cli_survives_a_killed_driver_then_reruns_only_what_a_change_invalidates
     stage_lines = re.findall(r"^=== \[\d/6\] \S+ done, wall time \d+ s", resumed.stdout, re.M)
     assert len(stage_lines) == 6 and "[ray] started a local Ray" in resumed.stdout and resumed.stderr == ""
     starts = [json.loads(line)["start"] for line in open(killed_history) if '"start"' in line]
-    assert len(starts) == 2 and starts[1] > 0 and starts[1] % 20 == 0, starts  # resumed from a checkpoint
+    assert len(starts) == 2 and starts[1] > 0 and starts[1] % CHECKPOINT_EVERY == 0, starts  # resumed from a checkpoint
     for stage in ("base", "experts/copy", "experts/reverse", "experts/add", "upcycle", "soft_targets", "student", "multitask", "eval"):
         assert (run_dir / stage / "DONE.json").exists(), stage
     report = json.loads((run_dir / "eval" / "report.json").read_text())
@@ -75,7 +92,7 @@ def test_cli_survives_a_killed_driver_then_reruns_only_what_a_change_invalidates
     shard = sorted((run_dir / "soft_targets" / "groups" / "copy" / "shards").glob("*.parquet"))[0]
     with open(shard, "r+b") as f:
         f.truncate(shard.stat().st_size // 2)
-    changed = _cli(*args, "distill.temperature=3.0", cwd=tmp_path)
+    changed = _cli_in_process(*args, "distill.temperature=3.0")
     assert changed.returncode == 0, changed.stdout[-3000:] + changed.stderr[-3000:]
     assert f"rejected: {shard}" in changed.stdout and "regenerating the soft targets of ['copy']" in changed.stdout
     assert "(1 scored now)" in changed.stdout  # only the corrupted group is scored again
@@ -87,20 +104,34 @@ def test_cli_survives_a_killed_driver_then_reruns_only_what_a_change_invalidates
     # Add a fourth task to the finished run: exactly one expert trains and one soft-target group is scored.
     kept = ["base", "experts/copy", "experts/reverse", "experts/add", *(f"soft_targets/groups/{g}" for g in ("copy", "reverse", "add"))]
     before = {stage: (run_dir / stage / "DONE.json").read_text() for stage in kept}
-    added = _cli("add-task", "--run", str(run_dir), "--task", "sort", cwd=tmp_path)
+    parents = {stage: json.loads((run_dir / stage / "DONE.json").read_text())["config_hash"] for stage in ("student", "multitask")}
+    added = _cli_in_process("add-task", "--run", str(run_dir), "--task", "sort")
     assert added.returncode == 0, added.stdout[-3000:] + added.stderr[-3000:]
     assert {stage: (run_dir / stage / "DONE.json").read_text() for stage in kept} == before  # untouched manifests
     soft = json.loads((run_dir / "soft_targets" / "DONE.json").read_text())["metrics"]
     assert soft["scored"] == ["sort"] and soft["reused"] == ["copy", "reverse", "add"]
-    assert json.loads((run_dir / "experts" / "sort" / "DONE.json").read_text())["metrics"]["steps"] == 400
+    assert json.loads((run_dir / "experts" / "sort" / "DONE.json").read_text())["metrics"]["steps"] == EXPERT_STEPS
     report = json.loads((run_dir / "eval" / "report.json").read_text())
     assert "sort" in report["tasks"] and "sort" in report["scores"]["student"]
-    # ... and remove it again: nothing is trained but the student and the baseline, nothing is scored.
-    removed = _cli("remove-task", "--run", str(run_dir), "--task", "sort", cwd=tmp_path)
+    # distill.after_edit=continue (the default): student and baseline continue from their finished models for
+    # distill.optim.steps / 4 groups = 1 step; the parents' hard-linked copies are gone once they are done.
+    for stage in ("student", "multitask"):
+        found = json.loads((run_dir / stage / "DONE.json").read_text())
+        assert found["inputs"]["continues"] == parents[stage] and found["metrics"]["steps"] == 1, stage
+        assert not list((run_dir / stage).glob("parent-*")), stage
+    status = {stage: p["status"] for stage, p in report["provenance"].items()}
+    assert {status[s] for s in kept} == {"reused"} and status["upcycle"] == "trained in this run"
+    assert {status[s] for s in ("experts/sort", "soft_targets/groups/sort", "student", "multitask")} == {"trained in this run"}
+    assert report["provenance"]["student"]["continues"] == parents["student"]
+    assert "## Reused or trained in this run" in (run_dir / "eval" / "report.md").read_text()
+    # ... and remove it again, retraining the students: nothing else is trained, nothing is scored.
+    removed = _cli_in_process("remove-task", "--run", str(run_dir), "--task", "sort", "distill.after_edit=retrain")
     assert removed.returncode == 0, removed.stdout[-3000:] + removed.stderr[-3000:]
     assert json.loads((run_dir / "soft_targets" / "DONE.json").read_text())["metrics"]["scored"] == []
     assert "sort" not in json.loads((run_dir / "eval" / "report.json").read_text())["tasks"]
     assert {stage: (run_dir / stage / "DONE.json").read_text() for stage in kept} == before
+    student = json.loads((run_dir / "student" / "DONE.json").read_text())
+    assert "continues" not in student["inputs"] and student["metrics"]["steps"] == 4
 
     load = subprocess.run([sys.executable, "-c", (
         "import sys; from transformers import AutoModelForCausalLM, AutoTokenizer;"
@@ -128,7 +159,7 @@ def _kill_while_second_expert_trains(args, run_dir, cwd, timeout=400):
             histories = glob.glob(str(run_dir / "experts" / "reverse" / "history-*.jsonl"))
             if (run_dir / "experts" / "copy" / "DONE.json").exists() and histories:
                 steps = [json.loads(line).get("step", 0) for line in open(histories[0]) if line.endswith("\n")]
-                if steps and max(steps) > 40:
+                if steps and max(steps) > 2 * CHECKPOINT_EVERY:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
                     assert not (run_dir / "experts" / "reverse" / "DONE.json").exists()
@@ -137,7 +168,8 @@ def _kill_while_second_expert_trains(args, run_dir, cwd, timeout=400):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    raise AssertionError(f"the run ended (rc={proc.returncode}) or timed out before the second expert passed step 40")
+    raise AssertionError(f"the run ended (rc={proc.returncode}) or timed out before the second expert passed step "
+                         f"{2 * CHECKPOINT_EVERY}")
 
 
 def test_cli_rejects_bad_input_before_training(tmp_path):

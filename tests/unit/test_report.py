@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from dume_ray.eval.report import build_report, plot_report, render_markdown
+from dume_ray.eval.report import build_report, plot_report, provenance, render_markdown
 
 TASKS = ["copy", "reverse", "add"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -140,3 +140,22 @@ def test_student_verdict_does_not_beat_when_clearly_worse():
     assert "**does not beat**" in render_markdown(report)
     assert report["student_minus_multitask_se"] == pytest.approx(
         math.sqrt(sum(p * (1 - p) / 10_000 for p in (0.1, 0.1, 0.1, 0.8, 0.5, 0.2)) / 9))
+
+
+def test_provenance_marks_what_this_run_trained_and_what_it_reused():
+    manifests = {"base": {"run_id": "old-1", "finished_at": "t0"},
+                 "experts/copy": {"finished_at": "t0"},  # written before run ids were recorded: an older run's
+                 "experts/sort": {"run_id": "now-2", "finished_at": "t1"},
+                 "student": {"run_id": "now-2", "finished_at": "t2", "inputs": {"continues": "abc"}, "metrics": {"steps": 150}},
+                 "multitask": None}  # not finished: not listed
+    found = provenance(manifests, "now-2")
+    assert {k: v["status"] for k, v in found.items()} == {"base": "reused", "experts/copy": "reused",
+                                                          "experts/sort": "trained in this run",
+                                                          "student": "trained in this run"}
+    assert found["student"]["continues"] == "abc" and found["student"]["steps"] == 150 and "continues" not in found["base"]
+    report = build_report({"student": {"a": 1.0}}, ["a"], "test")
+    report["provenance"] = found
+    text = render_markdown(report)
+    assert "## Reused or trained in this run" in text
+    assert "| student | trained in this run, continued from abc for 150 steps | now-2 | t2 |" in text
+    assert "| experts/copy | reused | – | t0 |" in text

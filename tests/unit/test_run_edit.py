@@ -11,8 +11,9 @@ import os
 import pytest
 
 from dume_ray.config import ConfigError, load_config, to_yaml
-from dume_ray.run_edit import edited_config
-from dume_ray.stage_hashes import pipeline_hashes
+from dume_ray.manifest import StageInputError, mark_done
+from dume_ray.run_edit import edited_config, parent_folder, parent_model
+from dume_ray.stage_hashes import pipeline_hashes, student_hash, student_optim
 
 
 def finished_run(tmp_path, *overrides: str):
@@ -90,3 +91,62 @@ def test_base_tasks_accept_a_removed_builtin_and_reject_unknown_names():
     assert load_config("configs/demo.yaml", ["tasks.builtin=[copy]", "base.tasks=[copy,sub]"]).base.tasks == ["copy", "sub"]
     with pytest.raises(ConfigError, match="base.tasks names unknown task"):
         load_config("configs/demo.yaml", ["base.tasks=[nope]"])
+
+
+def finish_student(cfg, stage: str, config_hash: str) -> str:
+    """A finished student or baseline in the run folder: its model folder and manifest, as the stage leaves them."""
+    model = f"{cfg.run_dir}/{stage}/model"
+    os.makedirs(model)
+    open(f"{model}/model.safetensors", "w").write(config_hash)
+    mark_done(f"{cfg.run_dir}/{stage}", config_hash, {"model": model})
+    return model
+
+
+def test_continue_records_the_finished_models_as_parents_and_trains_a_share_of_the_steps(tmp_path):
+    cfg = finished_run(tmp_path, "distill.optim.steps=600")
+    old = pipeline_hashes(cfg)
+    for stage in ("student", "multitask"):
+        finish_student(cfg, stage, old[stage])
+    added = edited_config(cfg.run_dir, add_tasks=["shift"])  # after_edit=continue is the default
+    assert added.distill.continue_from.student == old["student"] and added.distill.continue_from.multitask == old["multitask"]
+    assert student_optim(added, "student").steps == 600 // 4 and student_optim(added, "multitask").steps == 150
+    assert student_optim(cfg, "student").steps == 600  # a run that continues nothing trains the full schedule
+    retrained = edited_config(cfg.run_dir, add_tasks=["shift"], overrides=["distill.after_edit=retrain"])
+    assert retrained.distill.continue_from.student == "" and student_optim(retrained, "student").steps == 600
+    new, fresh = pipeline_hashes(added), pipeline_hashes(retrained)
+    # Same upstream stages either way; only the students (and the report) differ between continue and retrain.
+    assert {k for k in new if new[k] != fresh[k]} == {"student", "multitask", "eval"}
+    assert edited_config(cfg.run_dir, add_tasks=["shift"], overrides=["distill.continue_steps=7"]).distill.continue_steps == 7
+
+
+def test_a_continued_hash_folds_in_its_parent_so_a_chain_of_edits_is_a_chain_of_hashes():
+    cfg = load_config("configs/demo.yaml", ["tasks.builtin=[copy,reverse]"])
+    hashes = {}
+    for parent in ("", "p1", "p2"):
+        cfg.distill.continue_from.student = parent
+        hashes[parent] = student_hash(cfg, "student", "soft")
+    assert len(set(hashes.values())) == 3  # a different parent is a different student
+    cfg.distill.continue_from.student = "p1"
+    cfg.distill.init = "scratch"  # a continued student starts from its parent: its init setting does not matter
+    assert student_hash(cfg, "student", "soft") == hashes["p1"]
+    assert student_hash(cfg, "multitask", "soft") != student_hash(cfg, "student", "soft")
+
+
+def test_the_parent_model_is_found_while_it_exists_and_named_when_it_is_gone(tmp_path):
+    cfg = finished_run(tmp_path)
+    model = finish_student(cfg, "student", "h-old")
+    assert parent_model(cfg, "student") == ""  # nothing to continue
+    cfg.distill.continue_from.student = "h-old"
+    assert parent_model(cfg, "student") == model  # the run's finished student, until it is replaced
+    mark_done(f"{cfg.run_dir}/student", "h-new", {"model": model})  # replaced by a later training
+    with pytest.raises(StageInputError, match="continue_from.student=h-old: that student is no longer"):
+        parent_model(cfg, "student")
+    os.makedirs(parent_folder(cfg, "student"))  # set aside by the interrupted run that is continuing it
+    assert parent_model(cfg, "student") == parent_folder(cfg, "student")
+
+
+def test_an_unfinished_student_is_retrained_even_with_continue(tmp_path):
+    cfg = finished_run(tmp_path)
+    mark_done(f"{cfg.run_dir}/student", "h", {"model": f"{cfg.run_dir}/student/model"})  # manifest, no model folder
+    added = edited_config(cfg.run_dir, add_tasks=["shift"])
+    assert added.distill.continue_from.student == "" and added.distill.continue_from.multitask == ""

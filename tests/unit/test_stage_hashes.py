@@ -83,6 +83,13 @@ ROWS = {
                                  (("distill.on_policy_ratio=0.5",), "distill.on_policy_sample=false", STUDENT)],
     "base.tasks": [((), "base.tasks=[copy]", EVERYTHING),  # the base's mixture
                    (("base.enabled=false",), "base.tasks=[copy]", NOTHING)],
+    "distill.after_edit": [((), "distill.after_edit=retrain", NOTHING)],  # read by add-task / remove-task only
+    "distill.continue_steps": [((), "distill.continue_steps=5", NOTHING),   # nothing continued: unused
+                               (("distill.continue_from.student=abc",), "distill.continue_steps=5", STUDENT),
+                               (("distill.continue_from.student=abc", "distill.continue_from.multitask=def"),
+                                "distill.continue_steps=5", STUDENTS)],
+    "distill.continue_from.student": [((), "distill.continue_from.student=abc", STUDENT)],
+    "distill.continue_from.multitask": [((), "distill.continue_from.multitask=def", {"multitask", "eval"})],
     "distill.init": [((), "distill.init=scratch", STUDENTS)],
     "distill.student_model": [((), "distill.student_model={hidden_size: 32}", NOTHING),  # init=base ignores it
                               (("distill.init=scratch",), "distill.student_model={hidden_size: 32}", STUDENTS)],
