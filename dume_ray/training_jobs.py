@@ -63,11 +63,16 @@ def fit_concurrently(train_fn: Callable, pending: dict[str, tuple[dict, object]]
     while queue or running:
         while queue and len(running) < limit:
             label, (loop_config, dataset) = queue.pop(0)
+            loop_config = {**loop_config, "submitted_at": time.time()}  # the job's profile counts worker start from here
             ref = fit.remote(train_fn, loop_config, to_dict(resources), dataset, storage_path, loop_config["run_name"])
-            running[ref] = label
+            running[ref] = label, loop_config["submitted_at"]
         done, _ = ray.wait(list(running), num_returns=1)
-        label = running.pop(done[0])
+        label, submitted_at = running.pop(done[0])
         results[label] = ray.get(done[0])
+        if "profile" in results[label]:  # what the job's own phases leave out: Ray Train's shutdown, the result's way back
+            profile = results[label]["profile"]
+            profile["job wall"] = round(time.time() - submitted_at, 2)
+            profile["teardown"] = round(profile["job wall"] - sum(v for k, v in profile.items() if k != "job wall"), 2)
         scores = results[label].get("validation", {})
         print(f"[{stage}] {len(results)}/{total} finished: {label} validation exact-match "
               f"{mean_score(scores):.3f} ({time.time() - start:.0f} s since stage start)", flush=True)
