@@ -11,7 +11,11 @@
    the same models, steps, batch sizes, schedules, checkpoint interval, validation scoring after each
    training job, soft targets (`TeacherScorer` + `write_shard`) and test-split scoring of every model.
    Experts train one after another here (the Ray run trains them concurrently, one CPU each).
-The ratio Ray / plain is the cost of the orchestration (target <= 1.5 on a 2-core machine). The upcycle stage
+The ratio Ray / plain is the cost of the orchestration (issue 16's target: <= 1.15 end to end, and <= 2 for the
+soft targets, which the Ray run scores at the end of each expert's training job: `soft_targets.in_expert_jobs`).
+A second table splits every training job into phases (`worker_utils.Phases`: worker start, model build, data
+load, steps, checkpoint, save, validation, soft targets, teardown; "Ray start" is the `run` process's time
+before its first stage), Ray and plain side by side. The upcycle stage
 is left out of both (`upcycle.enabled=false`) by default: its work is the same pure functions in both and
 its report rows would need the whole MoE evaluation duplicated here; `--with-upcycle` is not offered.
 The plain run uses the package's own loop (`training.train_loop` with `ce_step` / `kd_step`, as the workers do);
@@ -195,15 +199,28 @@ def summarize(runs: list[dict]) -> tuple[str, str, dict]:
                      f"{med(lambda r: r['plain']['stages']['student'] + r['plain']['stages']['multitask']):.1f}"])
     ray_total, plain_total = med(lambda r: r["ray"]["total_seconds"]), med(lambda r: r["plain"]["total_seconds"])
     ratio = med(lambda r: r["ray_over_plain"])
+    soft = med(lambda r: soft_target_seconds(r) / r["plain"]["stages"]["soft_targets"])
+    rows.append(["soft targets, all (stage + scoring in the expert jobs, summed)", f"{med(soft_target_seconds):.1f}",
+                 f"{med(lambda r: r['plain']['stages']['soft_targets']):.1f}"])
     rows.append(["**total wall** (Ray: process start to end, incl. Ray start)", f"{ray_total:.1f}", f"{plain_total:.1f}"])
     table = markdown_table([f"stage (median of {len(runs)} rounds)", "Ray pipeline, s", "plain process, s"], rows)
     per_round = ", ".join(f"{r['ray_over_plain']:.2f}" for r in runs)
     verdict = (f"Ray / plain = {ratio:.2f}, median of the rounds' ratios {per_round} "
-               f"(target <= 1.5: {'met' if ratio <= 1.5 else 'NOT met'})")
-    return table, verdict, {"ray_seconds": ray_total, "plain_seconds": plain_total, "ray_over_plain": ratio}
+               f"(target <= {TARGET_TOTAL}: {'met' if ratio <= TARGET_TOTAL else 'NOT met'}); soft targets Ray / plain = "
+               f"{soft:.2f} (target <= {TARGET_SOFT_TARGETS}: {'met' if soft <= TARGET_SOFT_TARGETS else 'NOT met'})")
+    return table, verdict, {"ray_seconds": ray_total, "plain_seconds": plain_total, "ray_over_plain": ratio,
+                            "soft_targets_ray_over_plain": soft}
 
 
-PHASES = ["Ray start", "worker start", "model build", "data load", "steps", "checkpoint", "save", "validation", "teardown"]
+PHASES = ["Ray start", "worker start", "model build", "data load", "steps", "checkpoint", "save", "validation",
+          "soft targets", "teardown"]
+TARGET_TOTAL, TARGET_SOFT_TARGETS = 1.15, 2.0  # issue 16's goals: Ray / plain end to end, and for the soft targets
+
+
+def soft_target_seconds(run: dict) -> float:
+    """The Ray run's soft-target time: the stage's own, plus the scoring at the end of the expert jobs (summed
+    over the jobs, though they overlap: an upper bound on the wall time it adds)."""
+    return run["ray"]["stages"].get("soft_targets", 0.0) + run["ray"]["profile"].get("experts", {}).get("soft targets", 0.0)
 
 
 def profile_table(runs: list[dict]) -> str:
@@ -235,12 +252,13 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [*(TINY_OVERRIDES if args.tiny else []), "upcycle.enabled=false", *args.overrides]
     if args.tiny:
         args.config, args.repeats = "configs/smoke/tiny.yaml", 1
-        args.runs_dir = os.path.join(os.path.dirname(result_path("end_to_end", args.out, True)), "runs")
+        args.out = args.out or result_path("end_to_end", None, True)
+        args.runs_dir = os.path.join(os.path.dirname(args.out), "runs")
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = load_config(os.path.join(REPO, args.config), overrides)
 
-    runs, load = [], []
+    runs, load, path = [], [], result_path("end_to_end", args.out, args.tiny)
     for repeat in range(args.repeats):  # Ray then plain, side by side in each round; medians over rounds
         before = list(os.getloadavg())
         ray_total, ray_stages, walls, ray_profile = ray_pipeline(args.config, overrides, os.path.abspath(args.runs_dir), "bench-e2e")
@@ -255,14 +273,16 @@ def main(argv: list[str] | None = None) -> int:
         load.append({"before": before, "after": list(os.getloadavg())})
         print(f"[end_to_end] round {repeat + 1}/{args.repeats}: Ray {ray_total:.1f} s, plain {plain_total:.1f} s, "
               f"ratio {ray_total / plain_total:.2f}; load average (1, 5, 15 min) {load[-1]}", flush=True)
-
-    table, verdict, median = summarize(runs)
-    table = f"{table}\n\n{profile_table(runs)}"
+        # Written after every round (marked partial until the last), so a cut-short run still leaves its rounds.
+        table, verdict, median = summarize(runs)
+        table = f"{table}\n\n{profile_table(runs)}"
+        write_result(path, "end_to_end", command_line(), started,
+                     {"config": args.config, "overrides": overrides, "plain_torch_threads": torch.get_num_threads(),
+                      "rounds": runs, "partial": len(runs) < args.repeats, "median": median,
+                      "ray_over_plain": median["ray_over_plain"], "target_met": median["ray_over_plain"] <= TARGET_TOTAL,
+                      "soft_targets_target_met": median["soft_targets_ray_over_plain"] <= TARGET_SOFT_TARGETS,
+                      "loadavg": load}, f"{table}\n\n{verdict}")
     print(f"\n{table}\n\n{verdict}", flush=True)
-    write_result(result_path("end_to_end", args.out, args.tiny), "end_to_end", command_line(), started,
-                 {"config": args.config, "overrides": overrides, "plain_torch_threads": torch.get_num_threads(),
-                  "rounds": runs, "median": median, "ray_over_plain": median["ray_over_plain"],
-                  "target_met": median["ray_over_plain"] <= 1.5, "loadavg": load}, f"{table}\n\n{verdict}")
     return 0
 
 

@@ -34,6 +34,7 @@ from dume_ray.experts.launch import finished_experts
 from dume_ray.experts.launch import soft_target_group_dir as group_dir
 from dume_ray.model import check_same_vocab, load_tokenizer
 from dume_ray.teacher_scoring import TeacherScorer
+from dume_ray.resources import SCORE_MEMORY_FACTOR, job_memory_bytes
 from dume_ray.stage_hashes import pipeline_hashes
 from dume_ray.tasks import encode_rows, load_tasks
 
@@ -99,7 +100,8 @@ def score_groups(cfg: PipelineConfig, groups: list[str], experts: dict, base_dir
                                                   "dtype": cfg.model.dtype, "torch_threads": 1,
                                                   "device": "cuda" if cfg.soft_targets.gpus_per_actor > 0 else "cpu"},
             compute=ray.data.ActorPoolStrategy(size=cfg.soft_targets.num_actors), batch_size=cfg.soft_targets.batch_size,
-            batch_format="numpy", num_cpus=cfg.soft_targets.cpus_per_actor, num_gpus=cfg.soft_targets.gpus_per_actor))
+            batch_format="numpy", num_cpus=cfg.soft_targets.cpus_per_actor, num_gpus=cfg.soft_targets.gpus_per_actor,
+            memory=job_memory_bytes(expert_dir, SCORE_MEMORY_FACTOR)))
     dataset = scored[0].union(*scored[1:]) if len(scored) > 1 else scored[0]
     os.makedirs(f"{cfg.run_dir}/soft_targets", exist_ok=True)
     done = {}
