@@ -55,8 +55,8 @@ def training_run(config: dict, train_step: TrainStep,
     history = StepHistory(config["history_path"], step)
     progress = Progress(config["label"], optim.steps, every=max(1, optim.steps // 10))
     dashboards = open_dashboards(config, step)  # rank 0: TensorBoard (+ MLflow when configured)
-    batches = phases.timed_iter(batch_stream("train", per_worker_batch_size(optim.batch_size), seed=config["seed"] + step),
-                                "data load")
+    batches = phases.timed_iter(batch_stream("train", per_worker_batch_size(optim.batch_size), seed=config["seed"] + step,
+                                             keep_in_memory=config.get("keep_in_memory", False)), "data load")
     start = time.time()
 
     def on_step(step: int, metrics: dict) -> None:
@@ -107,18 +107,34 @@ def per_worker_batch_size(global_batch_size: int) -> int:
     return max(1, global_batch_size // world)
 
 
-def batch_stream(dataset_name: str, batch_size: int, seed: int) -> Iterator[dict]:
-    """Endless numpy batches from this worker's Ray Data shard, reshuffled locally every epoch."""
+def batch_stream(dataset_name: str, batch_size: int, seed: int, keep_in_memory: bool = False) -> Iterator[dict]:
+    """Endless numpy batches from this worker's Ray Data shard, reshuffled locally every epoch.
+
+    `keep_in_memory` (a shard the driver already holds in memory: the experts' rows, a soft-target stream
+    within `soft_targets.cache_max_mb`): the first epoch streams from Ray Data and is kept; every later epoch
+    is a seeded permutation of those rows in this process (batches as dicts of per-row values, like
+    `data.encode.shuffled_batches`), instead of a new Ray Data execution per epoch (~0.2 s each, an expert
+    runs a dozen)."""
     shard = ray.train.get_dataset_shard(dataset_name)
-    epoch = 0
+    epoch, kept = 0, []
     while True:
         empty = True
         for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=False,
                                         local_shuffle_buffer_size=4 * batch_size, local_shuffle_seed=seed + epoch):
             empty = False
+            if keep_in_memory:
+                kept.extend({k: v[i] for k, v in batch.items()} for i in range(len(next(iter(batch.values())))))
             yield batch
         if empty:
             raise ValueError(f"dataset {dataset_name!r} is empty for this worker: nothing to train on")
+        epoch += 1
+        if keep_in_memory:
+            break
+    while True:
+        order = np.random.default_rng(seed + epoch).permutation(len(kept))
+        for start in range(0, len(kept), batch_size):
+            rows = [kept[i] for i in order[start:start + batch_size]]
+            yield {k: [row[k] for row in rows] for k in rows[0]}
         epoch += 1
 
 

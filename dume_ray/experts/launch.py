@@ -122,7 +122,7 @@ def run_training_jobs(cfg: PipelineConfig, jobs: list[TrainingJob], optim, resou
     for job in jobs:
         loop_config = {**job_config(cfg, job.label, job.init_dir, job.output_dir, optim, resources, job.config_hash,
                                     job.validation, os.path.basename(stage_dir)),
-                       "trainable": trainable or {}, **job.extra_config}
+                       "trainable": trainable or {}, "keep_in_memory": True, **job.extra_config}  # rows from memory
         pending[job.label] = (loop_config, ray.data.from_items(training_order(job.rows, cfg.seed)))
     return fit_concurrently(train_fn_per_worker, pending, resources, os.path.abspath(f"{stage_dir}/ray_train"),
                             stage=os.path.basename(stage_dir), on_finish=on_finish)
