@@ -222,6 +222,7 @@ class SoftTargetsConfig:
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0  # fractional GPUs are fine: several small teachers can share one card
     cache_max_mb: float = 1024.0  # shards up to this size (on disk) are read once into Ray's object store for training
+    in_expert_jobs: bool = True  # each expert's training job scores its group at its end, on the model it holds; false = actor pools in the soft_targets stage
 
     def __post_init__(self) -> None:
         _check(self.top_k >= 1, f"soft_targets.top_k must be >= 1, got {self.top_k}")

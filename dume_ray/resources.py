@@ -11,10 +11,17 @@ A bundle is one worker's or actor's resources ({"CPU": 1.0, "GPU": 1.0}); a job'
 one node and together fit in the cluster. Concurrency between jobs is Ray's business: one job that fits is
 enough to make progress.
 
+Memory: every training job and scoring actor also asks Ray for `memory=` sized from its model's weights on
+disk (`job_memory_bytes`), so on a big model the scheduler places (or queues) them by memory, instead of
+packing them by CPU until a node runs out and Ray warns or kills a worker.
+
 Pure: no Ray here. Tested in tests/unit/test_resources.py.
 """
 
 from __future__ import annotations
+
+import glob
+import os
 
 from dume_ray.config import PipelineConfig, ResourcesConfig
 
@@ -23,6 +30,25 @@ Bundle = dict[str, float]
 
 class ResourceShortage(RuntimeError):
     """The cluster cannot run a stage's job as configured; the message says what and which keys to change."""
+
+
+# Copies of the weights one job holds: training = weights + gradients + AdamW's two moments (4) plus as much
+# again for activations, the optimizer step's temporaries and checkpoint serialization; scoring = the weights
+# plus a forward's activations and the logits of a batch.
+TRAIN_MEMORY_FACTOR = 8.0
+SCORE_MEMORY_FACTOR = 3.0
+MIN_MEMORY_BYTES = 256 * 2**20  # Python, torch and Ray's worker itself, whatever the model
+
+
+def weights_bytes(model_dir: str) -> int:
+    """Size of a saved model's weights (its safetensors / .bin files), 0 when the folder has none."""
+    files = glob.glob(os.path.join(model_dir, "*.safetensors")) + glob.glob(os.path.join(model_dir, "*.bin"))
+    return sum(os.path.getsize(f) for f in files)
+
+
+def job_memory_bytes(model_dir: str, factor: float) -> int:
+    """The `memory=` a job on this model asks Ray for: its weights' size x `factor`, at least MIN_MEMORY_BYTES."""
+    return int(max(MIN_MEMORY_BYTES, weights_bytes(model_dir) * factor))
 
 
 def training_job_bundles(resources: ResourcesConfig) -> list[Bundle]:

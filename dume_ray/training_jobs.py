@@ -24,6 +24,7 @@ from ray.train.torch import TorchTrainer
 from dume_ray import storage
 from dume_ray.config import OptimConfig, PipelineConfig, ResourcesConfig, to_dict
 from dume_ray.dashboards import mlflow_tracking_uri, tensorboard_dir
+from dume_ray.resources import TRAIN_MEMORY_FACTOR, job_memory_bytes
 
 
 def job_config(cfg: PipelineConfig, label: str, init_dir: str, output_dir: str, optim: OptimConfig,
@@ -53,7 +54,9 @@ def validation_pairs(tasks: dict) -> dict[str, list[tuple[str, str]]]:
 def fit_concurrently(train_fn: Callable, pending: dict[str, tuple[dict, object]], resources: ResourcesConfig,
                      storage_path: str, stage: str, on_finish: Callable[[str, dict], None] | None = None) -> dict[str, dict]:
     """Run `trainer.fit()` for each (loop_config, dataset) in its own Ray task; at most
-    `resources.max_concurrent_jobs` at once (0 = let the cluster's free resources decide)."""
+    `resources.max_concurrent_jobs` at once (0 = let the cluster's free resources decide). Each job (its
+    task in local mode, each worker otherwise) asks for memory sized from its initial model
+    (`resources.job_memory_bytes`)."""
     limit = resources.max_concurrent_jobs or len(pending) or 1
     # In local mode the training runs inside the task, so the task holds the CPUs; otherwise it only drives.
     task_cpus = resources.cpus_per_worker if resources.num_workers == 0 else 0
@@ -67,13 +70,20 @@ def fit_concurrently(train_fn: Callable, pending: dict[str, tuple[dict, object]]
     while queue or running:
         while queue and len(running) < limit:
             label, (loop_config, dataset) = queue.pop(0)
-            ref = fit.remote(train_fn, loop_config, to_dict(resources), dataset, storage_path, loop_config["run_name"])
-            running[ref] = label
+            loop_config = {**loop_config, "submitted_at": time.time()}  # the job's profile counts worker start from here
+            memory = job_memory_bytes(loop_config["init_dir"], TRAIN_MEMORY_FACTOR)
+            ref = fit.options(memory=memory if resources.num_workers == 0 else None).remote(
+                train_fn, loop_config, {**to_dict(resources), "memory": memory}, dataset, storage_path, loop_config["run_name"])
+            running[ref] = label, loop_config["submitted_at"]
         done, _ = ray.wait(list(running), num_returns=1)
-        label = running.pop(done[0])
+        label, submitted_at = running.pop(done[0])
         results[label] = ray.get(done[0])
         if store is not None:  # its model, saved and pushed by a worker that may be on another node
             store.fetch(pending[label][0]["output_dir"])
+        if "profile" in results[label]:  # what the job's own phases leave out: Ray Train's shutdown, the result's way back
+            profile = results[label]["profile"]
+            profile["job wall"] = round(time.time() - submitted_at, 2)
+            profile["teardown"] = round(profile["job wall"] - sum(v for k, v in profile.items() if k != "job wall"), 2)
         scores = results[label].get("validation", {})
         print(f"[{stage}] {len(results)}/{total} finished: {label} validation exact-match "
               f"{mean_score(scores):.3f} ({time.time() - start:.0f} s since stage start)", flush=True)
@@ -90,7 +100,8 @@ def _fit(train_fn: Callable, loop_config: dict, resources: dict, dataset, storag
         train_fn,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=resources["num_workers"], use_gpu=resources["use_gpu"],
-                                     resources_per_worker={"CPU": resources["cpus_per_worker"]}),
+                                     resources_per_worker={"CPU": resources["cpus_per_worker"],
+                                                           **({"memory": resources["memory"]} if resources["num_workers"] else {})}),
         run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=filesystem,
                              failure_config=FailureConfig(max_failures=resources["max_failures"])),
         datasets={"train": dataset},

@@ -12,12 +12,13 @@ also keep the latest one in the stage folder.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import tempfile
 import time
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import ray.train
@@ -34,14 +35,17 @@ from dume_ray.training import (TrainStep, evaluate_tasks, load_training_state, m
                                train_loop, validation_loss)
 
 
-def training_run(config: dict, train_step: TrainStep) -> dict:
+def training_run(config: dict, train_step: TrainStep,
+                 after_save: Optional[Callable[[torch.nn.Module, object, dict], dict]] = None) -> dict:
     """One training job on this worker, from `config["init_dir"]` to a saved, validated `config["output_dir"]`.
 
     Resumes from the latest checkpoint, streams Ray Data shard "train", runs the pure `train_step` until
     `optim.steps`, reports a checkpoint every `checkpoint_every` steps, and on rank 0 saves the model and
     scores it on validation. Returns the result dict (rank 0; {} on other ranks)."""
+    phases = Phases(config.get("submitted_at"))
     optim = from_dict(OptimConfig, config["optim"])
     device = setup_worker(config["seed"], config["torch_threads"])
+    phases.enter("model build")
     tokenizer = load_tokenizer(config["init_dir"])
     model = make_trainable(load_model(config["init_dir"]), **config.get("trainable", {}))
     if config.get("gradient_checkpointing"):
@@ -51,8 +55,9 @@ def training_run(config: dict, train_step: TrainStep) -> dict:
     step = restore_checkpoint(model, optimizer, scheduler, config.get("local_checkpoint_dir"))
     history = StepHistory(config["history_path"], step)
     progress = Progress(config["label"], optim.steps, every=max(1, optim.steps // 10))
-    batches = batch_stream("train", per_worker_batch_size(optim.batch_size), seed=config["seed"] + step)
     dashboards = open_dashboards(config, step)  # rank 0: TensorBoard (+ MLflow when configured)
+    batches = phases.timed_iter(batch_stream("train", per_worker_batch_size(optim.batch_size), seed=config["seed"] + step,
+                                             keep_in_memory=config.get("keep_in_memory", False)), "data load")
     start = time.time()
 
     def on_step(step: int, metrics: dict) -> None:
@@ -62,17 +67,22 @@ def training_run(config: dict, train_step: TrainStep) -> dict:
             dashboards.log(step, {**metrics, "lr": scheduler.get_last_lr()[0]}, "train")
 
     def on_checkpoint(step: int, metrics: dict) -> None:
-        if dashboards:
-            dashboards.log(step, validation_loss(unwrap(model), tokenizer, config["validation"]), "val_loss")
-        report_checkpoint({**metrics, "step": step}, model, optimizer, scheduler, step, config.get("local_checkpoint_dir"))
+        with phases.pause("steps", "checkpoint"):
+            if dashboards:
+                dashboards.log(step, validation_loss(unwrap(model), tokenizer, config["validation"]), "val_loss")
+            report_checkpoint({**metrics, "step": step}, model, optimizer, scheduler, step, config.get("local_checkpoint_dir"))
 
     # ---- the shared training loop: pure steps; Ray only in the reporting and checkpoint callbacks ---------
+    phases.enter("steps")
     step, metrics = train_loop(model, optimizer, scheduler, batches, train_step, tokenizer.pad_token_id,
                                start_step=step, total_steps=optim.steps, checkpoint_every=optim.checkpoint_every,
                                device=device, on_step=on_step, on_checkpoint=on_checkpoint)
 
     # ---- save the Hugging Face model and score it on validation (rank 0) ---------------------------------
-    result = save_and_validate(model, tokenizer, config, step, metrics, start, history)
+    result = save_and_validate(model, tokenizer, config, step, metrics, start, history, phases, after_save)
+    phases.enter(None)
+    if result:
+        result["profile"] = phases.seconds
     if dashboards:
         dashboards.log(step, result["validation"], "validation")
         dashboards.close()
@@ -98,18 +108,34 @@ def per_worker_batch_size(global_batch_size: int) -> int:
     return max(1, global_batch_size // world)
 
 
-def batch_stream(dataset_name: str, batch_size: int, seed: int) -> Iterator[dict]:
-    """Endless numpy batches from this worker's Ray Data shard, reshuffled locally every epoch."""
+def batch_stream(dataset_name: str, batch_size: int, seed: int, keep_in_memory: bool = False) -> Iterator[dict]:
+    """Endless numpy batches from this worker's Ray Data shard, reshuffled locally every epoch.
+
+    `keep_in_memory` (a shard the driver already holds in memory: the experts' rows, a soft-target stream
+    within `soft_targets.cache_max_mb`): the first epoch streams from Ray Data and is kept; every later epoch
+    is a seeded permutation of those rows in this process (batches as dicts of per-row values, like
+    `data.encode.shuffled_batches`), instead of a new Ray Data execution per epoch (~0.2 s each, an expert
+    runs a dozen)."""
     shard = ray.train.get_dataset_shard(dataset_name)
-    epoch = 0
+    epoch, kept = 0, []
     while True:
         empty = True
         for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=False,
                                         local_shuffle_buffer_size=4 * batch_size, local_shuffle_seed=seed + epoch):
             empty = False
+            if keep_in_memory:
+                kept.extend({k: v[i] for k, v in batch.items()} for i in range(len(next(iter(batch.values())))))
             yield batch
         if empty:
             raise ValueError(f"dataset {dataset_name!r} is empty for this worker: nothing to train on")
+        epoch += 1
+        if keep_in_memory:
+            break
+    while True:
+        order = np.random.default_rng(seed + epoch).permutation(len(kept))
+        for start in range(0, len(kept), batch_size):
+            rows = [kept[i] for i in order[start:start + batch_size]]
+            yield {k: [row[k] for row in rows] for k in rows[0]}
         epoch += 1
 
 
@@ -212,10 +238,14 @@ class Progress:
 
 
 def save_and_validate(model, tokenizer, config: dict, step: int, metrics: dict, start: float,
-                      history: StepHistory) -> dict:
-    """Rank 0: `save_pretrained` the final model + tokenizer and score it on the validation pairs."""
+                      history: StepHistory, phases: Optional["Phases"] = None,
+                      after_save: Optional[Callable[[torch.nn.Module, object, dict], dict]] = None) -> dict:
+    """Rank 0: `save_pretrained` the final model + tokenizer, score it on the validation pairs, then
+    `after_save` (see `training_run`)."""
     if not is_rank_zero():
         return {}
+    phases = phases or Phases(None)
+    phases.enter("save")
     final = merge_adapters(unwrap(model))  # LoRA experts are saved as plain dense models
     with atomic_dir(config["output_dir"]) as tmp:
         final.save_pretrained(tmp)
@@ -223,9 +253,52 @@ def save_and_validate(model, tokenizer, config: dict, step: int, metrics: dict, 
     storage.push_path(config["output_dir"])  # with a storage URI: the driver may run on another node
     validation = {name: Task(name, {"validation": [Example(p, r) for p, r in pairs]})
                   for name, pairs in config["validation"].items()}
+    phases.enter("validation")
     scores = evaluate_tasks(final, tokenizer, validation, "validation", config["max_new_tokens"])
-    return {"steps": step, "final_loss": metrics.get("loss"), "validation": scores,
-            "train_seconds": round(time.time() - start, 2), **history.summary()}
+    result = {"steps": step, "final_loss": metrics.get("loss"), "validation": scores,
+              "train_seconds": round(time.time() - start, 2), **history.summary()}
+    if after_save:
+        phases.enter("soft targets")
+        result["after_save"] = after_save(final, tokenizer, config)
+    return result
+
+
+class Phases:
+    """Where one job's wall time goes, in seconds per phase: "worker start" (from the driver submitting the job
+    to this function running: Ray task, Ray Train controller and worker group start), "model build", "data
+    load" (waiting on the Ray Data shard), "steps", "checkpoint", "save", "validation". One phase runs at a
+    time: `enter(name)` ends the current one. Reported as the job's `profile` (benchmarks/end_to_end.py)."""
+
+    def __init__(self, submitted_at: Optional[float]):
+        now = time.time()
+        self.seconds: dict[str, float] = {"worker start": round(now - submitted_at, 2)} if submitted_at else {}
+        self.current, self.since = None, now
+
+    def enter(self, name: Optional[str]) -> None:
+        now = time.time()
+        if self.current:
+            self.seconds[self.current] = round(self.seconds.get(self.current, 0.0) + now - self.since, 2)
+        self.current, self.since = name, now
+
+    @contextlib.contextmanager
+    def pause(self, outer: str, inner: str):
+        """Time `inner` inside `outer`, then go back to `outer`."""
+        self.enter(inner)
+        try:
+            yield
+        finally:
+            self.enter(outer)
+
+    def timed_iter(self, items: Iterator, phase: str) -> Iterator:
+        """`items`, the wait for each one counted as `phase` (and taken out of the phase around it)."""
+        while True:
+            outer = self.current
+            self.enter(phase)
+            try:
+                item = next(items)
+            finally:
+                self.enter(outer)
+            yield item
 
 
 def open_dashboards(config: dict, step: int) -> Optional[ScalarLog]:

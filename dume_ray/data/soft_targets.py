@@ -19,6 +19,7 @@ Pure pyarrow/numpy/torch, no Ray. Test with:
 
 from __future__ import annotations
 
+import glob
 import os
 from typing import Any, Callable, Dict, List, Mapping, Sequence, Tuple
 
@@ -261,6 +262,19 @@ def validate_shard(path: str, vocab_size: int, top_k: int, atol: float = 2e-2) -
     _check_ids(lists, vocab_size, fail)
     _check_distributions(lists, top_k, atol, fail)
     return table.num_rows
+
+
+def validate_shards(directory: str, vocab_size: int, top_k: int, expected_rows: int) -> int:
+    """Validate every Parquet shard in `directory` and the total row count; raises SoftTargetError naming
+    the bad file (or FileNotFoundError when there are no shards)."""
+    paths = sorted(glob.glob(os.path.join(directory, "*.parquet")))
+    if not paths:
+        raise FileNotFoundError(f"no soft-target shards in {directory}")
+    rows = sum(validate_shard(p, vocab_size, top_k) for p in paths)
+    if rows != expected_rows:
+        raise SoftTargetError(f"{directory}: {len(paths)} shards hold {rows} rows, expected {expected_rows} "
+                              f"(one per training example): a shard is missing or extra")
+    return rows
 
 
 RowError = Callable[[int, str, str], SoftTargetError]

@@ -19,12 +19,12 @@ from typing import Callable
 
 import ray.data
 
-from dume_ray import manifest
+from dume_ray import manifest, storage
 from dume_ray.config import PipelineConfig, ResourcesConfig
 from dume_ray.data.encode import training_order
 from dume_ray.experts.worker import train_fn_per_worker
 from dume_ray.model import create_initial_model, expert_trainable, load_tokenizer
-from dume_ray.stage_hashes import base_hash, base_tasks, expert_hash, pipeline_hashes
+from dume_ray.stage_hashes import base_hash, base_tasks, expert_hash, pipeline_hashes, soft_target_group_hash
 from dume_ray.tasks import encode_rows, load_tasks
 from dume_ray.training_jobs import fit_concurrently, job_config, mean_score, validation_pairs
 
@@ -71,25 +71,44 @@ def run_experts(cfg: PipelineConfig) -> dict[str, dict]:
             continue
         rows = encode_rows({t: tasks[t] for t in names}, tokenizer, "train", cfg.model.max_seq_len, {t: group for t in names})
         jobs.append(TrainingJob(group, base_dir, f"{group_dir}/model", rows, {t: tasks[t] for t in names}, hashes[group]))
+        if cfg.soft_targets.in_expert_jobs:  # the job scores its group's soft targets on the model it holds
+            st = cfg.soft_targets
+            jobs[-1].extra_config["soft_targets"] = {
+                "rows": rows, "top_k": st.top_k, "batch_size": st.batch_size,
+                "shards_dir": os.path.abspath(f"{soft_target_group_dir(cfg, group)}/shards")}
 
     def mark_expert_done(group: str, result: dict) -> None:  # at once, so a driver crash keeps finished experts
         group_dir = f"{cfg.run_dir}/experts/{group}"
+        soft_targets = result.pop("after_save", None)
         manifests[group] = manifest.mark_done(group_dir, hashes[group], {"model": f"{group_dir}/model"},
                                               metrics=result, inputs={"base": base_dir, "tasks": cfg.groups[group]},
                                               seconds=result["train_seconds"])
+        if soft_targets:  # the group's soft-target manifest, as the soft_targets stage would write it
+            storage.fetch(soft_targets["shards"])  # with a storage URI: written by a worker maybe on another node
+            manifest.mark_done(soft_target_group_dir(cfg, group), soft_target_group_hash(cfg, cfg.groups[group], hashes[group]),
+                               {"shards": soft_targets["shards"]}, seconds=result["profile"].get("soft targets", 0.0),
+                               inputs={"expert": f"{group_dir}/model", "tasks": cfg.groups[group]},
+                               metrics={"rows": soft_targets["rows"], "bytes": soft_targets["bytes"], "scored_in": "expert job"})
 
     run_training_jobs(cfg, jobs, cfg.experts.optim, cfg.experts.resources, f"{cfg.run_dir}/experts",
                       trainable=expert_trainable(cfg.experts), on_finish=mark_expert_done)
     return manifests
 
 
+def soft_target_group_dir(cfg: PipelineConfig, group: str) -> str:
+    """One group's soft targets (shards + manifest): written by its expert's job, or by the soft_targets stage."""
+    return f"{cfg.run_dir}/soft_targets/groups/{group}"
+
+
 class TrainingJob:
-    """One model to train with cross-entropy: where it starts, where it goes, what it reads."""
+    """One model to train with cross-entropy: where it starts, where it goes, what it reads; `extra_config`:
+    what the job does beyond training (an expert's soft targets), merged into the worker's config."""
 
     def __init__(self, label: str, init_dir: str, output_dir: str, rows: list[dict], validation_tasks: dict, config_hash: str):
         if not rows:
             raise ValueError(f"{label}: no training examples")
         self.label, self.init_dir, self.output_dir, self.rows = label, init_dir, output_dir, rows
+        self.extra_config: dict = {}
         self.config_hash = config_hash  # checkpoints are keyed by it: a changed config never resumes a stale run
         self.validation = validation_pairs(validation_tasks)
 
@@ -104,7 +123,7 @@ def run_training_jobs(cfg: PipelineConfig, jobs: list[TrainingJob], optim, resou
     for job in jobs:
         loop_config = {**job_config(cfg, job.label, job.init_dir, job.output_dir, optim, resources, job.config_hash,
                                     job.validation, os.path.basename(stage_dir)),
-                       "trainable": trainable or {}}
+                       "trainable": trainable or {}, "keep_in_memory": True, **job.extra_config}  # rows from memory
         pending[job.label] = (loop_config, ray.data.from_items(training_order(job.rows, cfg.seed)))
     return fit_concurrently(train_fn_per_worker, pending, resources, os.path.abspath(f"{stage_dir}/ray_train"),
                             stage=os.path.basename(stage_dir), on_finish=on_finish)

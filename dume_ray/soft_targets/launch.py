@@ -2,6 +2,10 @@
 
     python -m dume_ray soft-targets --config configs/demo.yaml soft_targets.top_k=16
 
+With `soft_targets.in_expert_jobs` (the default) each expert's training job has already scored its group at
+its end, on the model it held (`experts/worker.py`), into `soft_targets/groups/<group>` with that group's
+manifest: this stage then only links the groups into the union the student reads. What is left to score
+here (experts trained before, a changed top_k, a corrupted shard, `in_expert_jobs=false`) goes through
 A Ray Data pipeline per group: `from_items(encoded rows)` -> `map_batches(TeacherScorer, ...)` on an actor
 pool of that group's expert (CPUs/GPUs per actor from `soft_targets`), written as that group's Parquet shards
 in `soft_targets/groups/<group>/shards` with the group's own manifest. A group whose expert and tasks are
@@ -26,43 +30,55 @@ import ray.data
 
 from dume_ray import manifest, storage
 from dume_ray.config import PipelineConfig
-from dume_ray.data.soft_targets import SoftTargetError, validate_shard
+from dume_ray.data.soft_targets import SoftTargetError, validate_shards
 from dume_ray.experts.launch import finished_experts
+from dume_ray.experts.launch import soft_target_group_dir as group_dir
 from dume_ray.model import check_same_vocab, load_tokenizer
-from dume_ray.soft_targets.teacher_scoring import TeacherScorer
+from dume_ray.teacher_scoring import TeacherScorer
+from dume_ray.resources import SCORE_MEMORY_FACTOR, job_memory_bytes
 from dume_ray.stage_hashes import pipeline_hashes
 from dume_ray.tasks import encode_rows, load_tasks
 
 
-def run_soft_targets(cfg: PipelineConfig) -> dict:
-    """Score the groups whose soft targets are missing or stale, then record the union the student reads."""
+def run_soft_targets(cfg: PipelineConfig, previous: dict | None = None) -> dict:
+    """Score the groups whose soft targets are missing or stale, then record the union the student reads.
+
+    With `soft_targets.in_expert_jobs` every expert trained in this run has already scored its group at the
+    end of its job: those groups are only linked here. `previous`: {group: soft-target hash} of the union
+    this run had before (read from this stage's manifest, stale or not), so the manifest can tell the groups
+    new since then ("scored", by their expert job or here) from those kept ("reused")."""
     stage_dir = f"{cfg.run_dir}/soft_targets"
     hashes = pipeline_hashes(cfg)
     stage_hash = hashes["soft_targets"]
     if manifest.is_done(stage_dir, stage_hash):
         print(f"[soft_targets] done already ({stage_dir}), skipping", flush=True)
         return manifest.read_manifest(stage_dir)
+    if previous is None:
+        previous = (manifest.read_manifest(stage_dir) or {}).get("metrics", {}).get("group_hashes", {})
     start = time.time()
     experts = finished_experts(cfg)
     base_dir = manifest.require(f"{cfg.run_dir}/base", "base", hashes["base"])["outputs"]["model"]
     todo = [g for g in cfg.groups if not manifest.is_done(group_dir(cfg, g), hashes[f"soft_targets/{g}"])]
-    reused = [g for g in cfg.groups if g not in todo]
+    in_jobs = [g for g in cfg.groups if g not in todo and previous.get(g) != hashes[f"soft_targets/{g}"]
+               and manifest.read_manifest(group_dir(cfg, g)).get("metrics", {}).get("scored_in") == "expert job"]
+    reused = [g for g in cfg.groups if g not in todo and g not in in_jobs]
     if reused:
         print(f"[soft_targets] reusing the soft targets of {reused} (their expert and tasks are unchanged)", flush=True)
+    if in_jobs:
+        print(f"[soft_targets] {in_jobs}: scored at the end of their expert's training job", flush=True)
     groups = score_groups(cfg, todo, experts, base_dir, hashes) if todo else {}
-    groups.update({g: manifest.read_manifest(group_dir(cfg, g)) for g in reused})
+    groups.update({g: manifest.read_manifest(group_dir(cfg, g)) for g in cfg.groups if g not in todo})
     shards = {g: groups[g]["outputs"]["shards"] for g in cfg.groups}
     rows = sum(groups[g]["metrics"]["rows"] for g in cfg.groups)
+    scored = [g for g in cfg.groups if g in todo or g in in_jobs]
     seconds = time.time() - start
-    print(f"[soft_targets] {rows} examples from {len(cfg.groups)} experts ({len(todo)} scored now) in {seconds:.1f} s",
-          flush=True)
+    print(f"[soft_targets] {rows} examples from {len(cfg.groups)} experts ({len(scored)} scored now"
+          + (f", {len(in_jobs)} in their expert jobs" if in_jobs else "") + f") in {seconds:.1f} s", flush=True)
     return manifest.mark_done(stage_dir, stage_hash, {"shards": shards}, seconds=seconds,
-                              metrics={"rows": rows, "top_k": cfg.soft_targets.top_k, "scored": todo, "reused": reused,
+                              metrics={"rows": rows, "top_k": cfg.soft_targets.top_k, "scored": scored, "reused": reused,
+                                       "scored_in_expert_jobs": in_jobs,
+                                       "group_hashes": {g: hashes[f"soft_targets/{g}"] for g in cfg.groups},
                                        "bytes": sum(groups[g]["metrics"]["bytes"] for g in cfg.groups)})
-
-
-def group_dir(cfg: PipelineConfig, group: str) -> str:
-    return f"{cfg.run_dir}/soft_targets/groups/{group}"
 
 
 def score_groups(cfg: PipelineConfig, groups: list[str], experts: dict, base_dir: str, hashes: dict) -> dict[str, dict]:
@@ -85,7 +101,8 @@ def score_groups(cfg: PipelineConfig, groups: list[str], experts: dict, base_dir
                                                   "dtype": cfg.model.dtype, "torch_threads": 1,
                                                   "device": "cuda" if cfg.soft_targets.gpus_per_actor > 0 else "cpu"},
             compute=ray.data.ActorPoolStrategy(size=cfg.soft_targets.num_actors), batch_size=cfg.soft_targets.batch_size,
-            batch_format="numpy", num_cpus=cfg.soft_targets.cpus_per_actor, num_gpus=cfg.soft_targets.gpus_per_actor))
+            batch_format="numpy", num_cpus=cfg.soft_targets.cpus_per_actor, num_gpus=cfg.soft_targets.gpus_per_actor,
+            memory=job_memory_bytes(expert_dir, SCORE_MEMORY_FACTOR)))
     dataset = scored[0].union(*scored[1:]) if len(scored) > 1 else scored[0]
     os.makedirs(f"{cfg.run_dir}/soft_targets", exist_ok=True)
     done = {}
@@ -150,17 +167,4 @@ def checked_soft_targets(cfg: PipelineConfig) -> dict:
     for group in rejected:
         manifest.clear(group_dir(cfg, group))
     manifest.clear(stage_dir)
-    return run_soft_targets(cfg)
-
-
-def validate_shards(directory: str, vocab_size: int, top_k: int, expected_rows: int) -> int:
-    """Validate every Parquet shard in `directory` and the total row count; raises SoftTargetError naming
-    the bad file (or FileNotFoundError when there are no shards)."""
-    paths = sorted(glob.glob(os.path.join(directory, "*.parquet")))
-    if not paths:
-        raise FileNotFoundError(f"no soft-target shards in {directory}")
-    rows = sum(validate_shard(p, vocab_size, top_k) for p in paths)
-    if rows != expected_rows:
-        raise SoftTargetError(f"{directory}: {len(paths)} shards hold {rows} rows, expected {expected_rows} "
-                              f"(one per training example): a shard is missing or extra")
-    return rows
+    return run_soft_targets(cfg, previous=found["metrics"].get("group_hashes", {}))

@@ -8,7 +8,8 @@ Layers, lowest first (a module may import from its own layer and every layer lis
                   storage URI, pyarrow.fs): schemas, files on disk and on storage, hashes
     data          data/ (tokenizer, encoding, batches, soft-target format), tasks/
     model         model.py (build/load/adapt Hugging Face models), losses.py (pure loss functions)
-    training      training.py: the one training loop, its steps, evaluation, training state on disk
+    training      training.py: the one training loop, its steps, evaluation, training state on disk;
+                  teacher_scoring.py: an expert's soft targets (scored in its own job and by the stage)
     jobs          the Ray Train edge: worker_utils.py (worker side, around the training loop) and
                   training_jobs.py (driver side: a job's config, fit_concurrently)
     stages        one layer per stage package, in pipeline order: experts, upcycle, soft_targets, distill,
@@ -41,7 +42,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                     "dume_ray.storage")),
     ("data", ("dume_ray.data", "dume_ray.tasks")),
     ("model", ("dume_ray.model", "dume_ray.losses")),
-    ("training", ("dume_ray.training",)),
+    ("training", ("dume_ray.training", "dume_ray.teacher_scoring")),
     ("jobs", ("dume_ray.worker_utils", "dume_ray.training_jobs")),
     ("stage experts", ("dume_ray.experts",)),
     ("stage upcycle", ("dume_ray.upcycle",)),

@@ -55,3 +55,17 @@ def test_only_the_stages_about_to_run_are_checked():
 def test_explain_says_what_to_change():
     text = explain(["experts: one worker asks for 1 GPU"], 3.2)
     assert "waited 3 s" in text and "use_gpu=false" in text and "resource_wait_s" in text
+
+
+def test_memory_requests_grow_with_the_model_and_have_a_floor(tmp_path):
+    from dume_ray.resources import MIN_MEMORY_BYTES, TRAIN_MEMORY_FACTOR, job_memory_bytes, weights_bytes
+
+    small, big = tmp_path / "small", tmp_path / "big"
+    small.mkdir(), big.mkdir()
+    (small / "model.safetensors").write_bytes(b"\0" * 1000)
+    (big / "model-00001-of-00002.safetensors").write_bytes(b"\0" * 2**20)
+    (big / "model-00002-of-00002.safetensors").write_bytes(b"\0" * 2**20)
+    (big / "tokenizer.json").write_bytes(b"\0" * 2**20)  # not weights
+    assert weights_bytes(str(small)) == 1000 and weights_bytes(str(big)) == 2 * 2**20
+    assert job_memory_bytes(str(small), TRAIN_MEMORY_FACTOR) == MIN_MEMORY_BYTES  # tiny models: the floor
+    assert job_memory_bytes(str(big), 200.0) == 400 * 2**20  # weights x factor

@@ -66,6 +66,7 @@ ROWS = {
     "soft_targets.cpus_per_actor": [((), "soft_targets.cpus_per_actor=2", NOTHING)],
     "soft_targets.gpus_per_actor": [((), "soft_targets.gpus_per_actor=0.5", NOTHING)],
     "soft_targets.cache_max_mb": [((), "soft_targets.cache_max_mb=0", NOTHING)],
+    "soft_targets.in_expert_jobs": [((), "soft_targets.in_expert_jobs=false", NOTHING)],  # same bytes either way
     "distill.alpha": [((), "distill.alpha=0.3", STUDENT)],
     "distill.temperature": [((), "distill.temperature=3.0", STUDENT)],
     "distill.divergence": [((), "distill.divergence=reverse_kl", STUDENT)],

@@ -1,0 +1,95 @@
+"""TeacherScorer: an expert turns a batch of encoded examples into top-k soft targets.
+
+A plain callable class over dicts of numpy arrays, so Ray Data can run it on an actor pool
+(`ds.map_batches(TeacherScorer, fn_constructor_kwargs=..., compute=ActorPoolStrategy(size=n))`, see
+`soft_targets/launch.py`) and a unit test can call it directly on a tiny model. Full-vocabulary logits
+never leave this class: per response token it keeps the top-k ids (int32), their log-probs (float16)
+and the log of the mass outside the top k, in the schema of `data/soft_targets.py`.
+
+`score_rows` runs it in this process over a list of rows, for the loops without Ray Data (the search
+proxy, benchmarks/end_to_end.py). `write_group_shards` is how an expert's training job scores its own
+group at its end, on the model it holds (`TeacherScorer.from_model`, no second load; `experts/worker.py`):
+the same batches as `score_rows`, so the same bytes as the `soft_targets` stage's pool given the same
+batch size. It sits below the stage packages (the expert stage uses it, and the soft_targets stage comes
+after that one). Pure: no Ray here. Tested in tests/unit/test_model_and_training.py and
+tests/unit/test_soft_targets_in_expert_job.py.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from dume_ray.data.encode import batch_rows, collate, to_columns
+from dume_ray.data.soft_targets import encode_top_k, rows_to_table, validate_shards, write_shard
+from dume_ray.manifest import atomic_dir
+from dume_ray.model import load_model, load_tokenizer
+from dume_ray.training import response_logits
+
+
+class TeacherScorer:
+    def __init__(self, model_dir: str, top_k: int, dtype: str = "float32", torch_threads: int = 0, device: str = "auto"):
+        """`device`: "cuda" (the actor was given a GPU, `soft_targets.gpus_per_actor` > 0), "cpu", or "auto"."""
+        if torch_threads > 0:
+            torch.set_num_threads(torch_threads)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("TeacherScorer: soft_targets.gpus_per_actor > 0 but this actor sees no CUDA device")
+        self.device = torch.device(device)
+        use_bf16 = dtype == "bfloat16" and self.device.type == "cuda"
+        self.model = load_model(model_dir, torch.bfloat16 if use_bf16 else torch.float32).to(self.device).eval()
+        self.pad_id = load_tokenizer(model_dir).pad_token_id
+        self.top_k = top_k
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, pad_id: int, top_k: int) -> "TeacherScorer":
+        """A scorer on a model already in memory (an expert's job, at its end), on the model's own device."""
+        scorer = cls.__new__(cls)
+        scorer.model, scorer.pad_id, scorer.top_k = model.eval(), pad_id, top_k
+        scorer.device = next(model.parameters()).device
+        return scorer
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        rows = batch_rows(batch)
+        inputs = collate(rows, self.pad_id)
+        logits, _ = response_logits(self.model, {k: v.to(self.device) for k, v in inputs.items()})  # [n, v]
+        logprobs = torch.log_softmax(logits, dim=-1)  # [n, v]
+        topk_ids, topk_logprobs, tail_logmass = encode_top_k(logprobs.cpu(), self.top_k)  # [n, k], [n, k], [n]
+        k = topk_ids.shape[1]
+        out, offset = [], 0
+        for i, row in enumerate(rows):
+            n_resp = len(row["input_ids"]) - row["response_start"]
+            out.append({"example_id": batch["example_id"][i], "task": batch["task"][i], "group": batch["group"][i],
+                        "input_ids": row["input_ids"], "response_start": row["response_start"],
+                        "topk_ids": topk_ids[offset:offset + n_resp], "topk_logprobs": topk_logprobs[offset:offset + n_resp],
+                        "tail_logmass": tail_logmass[offset:offset + n_resp]})
+            offset += n_resp
+        return rows_to_table(out, k)
+
+
+def score_rows(model_dir: str | TeacherScorer, rows: list[dict], top_k: int, batch_size: int = 256) -> pa.Table:
+    """The expert's soft targets for encoded `rows`, `batch_size` rows at a time, as one table in the
+    schema of `data/soft_targets.py`: what the soft_targets stage's actor pool computes, in one process.
+    `model_dir` may be a scorer already built (then `top_k` is its own)."""
+    scorer = model_dir if isinstance(model_dir, TeacherScorer) else TeacherScorer(model_dir, top_k)
+    return pa.concat_tables([scorer(to_columns(rows[start:start + batch_size]))
+                             for start in range(0, len(rows), batch_size)])
+
+
+def write_group_shards(scorer: TeacherScorer, rows: list[dict], batch_size: int, shards_dir: str, vocab_size: int) -> dict:
+    """Score `rows` (one expert group's training rows) and write them as that group's shards folder: one
+    Parquet shard, validated (schema, ids, distributions, one row per example) before the folder is renamed
+    into place. {"shards": folder, "rows": n, "bytes": size on disk}."""
+    table = score_rows(scorer, rows, scorer.top_k, batch_size)
+    k = int(table.schema.metadata[b"top_k"])
+    with atomic_dir(shards_dir) as tmp:
+        write_shard(table, os.path.join(tmp, "part-00000.parquet"))
+        written = validate_shards(tmp, vocab_size, k, len(rows))
+    return {"shards": shards_dir, "rows": written,
+            "bytes": sum(os.path.getsize(p) for p in glob.glob(os.path.join(shards_dir, "*.parquet")))}
