@@ -1,15 +1,19 @@
 """Does the search's proxy predict the full pipeline? Proxy score vs full score per task grouping, Spearman rho.
 
-    python benchmarks/search_predicts.py                     # 4 demo tasks, all 15 groupings, seeds 0 1 2
+    python benchmarks/search_predicts.py                     # 4 demo tasks, 11 groupings, seeds 0 1 2
+    python benchmarks/search_predicts.py --shard 1/3         # one of 3 processes sharing the cells (same files)
+    python benchmarks/search_predicts.py --fidelities proxy --variant steps600 --proxy-set search.proxy_steps=600
+    python benchmarks/search_predicts.py --fidelities        # only summarise the cells on disk into the JSON
     python benchmarks/search_predicts.py --tiny              # 2 tasks, a few steps, temp folder (smoke test)
 
-For every grouping of `--tasks` (a subset of configs/demo.yaml's tasks: 4 tasks have 15 groupings) and every
-seed, two scores on the VALIDATION split (the test split is never read):
+For every grouping of `--tasks` (a subset of configs/demo.yaml's tasks) and seed, two scores on the VALIDATION
+split (the test split is never read):
 
 - **proxy**: what one `search` trial computes (configs/search.yaml: experts of `experts.optim`, cached per group,
   then `search.proxy_steps` steps of KD from the base), the student's mean validation exact match after the last
-  report, at the default point T = distill.temperature, alpha = distill.alpha. Also kept per report step: the
-  student's validation loss and the experts' own validation exact match (other proxies one could use).
+  report, at the default point T = distill.temperature, alpha = distill.alpha. Also kept: the student's validation
+  loss and the experts' own validation exact match (other proxies one could use). `--variant NAME --proxy-set ...`
+  measures a changed proxy as cells `proxy-NAME`.
 - **full**: the pipeline's stages for that grouping with configs/demo.yaml's settings (base -> one expert per
   group -> top-k soft targets -> student with `distill.optim`), run IN-PROCESS with the same library pieces the
   Ray stages run (`training.train_loop` with `ce_step` for the base and experts, `teacher_scoring.score_rows` for
@@ -17,17 +21,20 @@ seed, two scores on the VALIDATION split (the test split is never read):
   `python -m dume_ray run ... experts.groups=<grouping> eval.split=validation`'s student validation score, not
   that run itself: the data order differs (no Ray Data) and nothing runs in parallel.
 
-Then Spearman rho between proxy and full over the groupings, per seed and on the seed means, with a permutation
-p-value (one-sided: does the proxy rank like the full pipeline?) and a bootstrap interval over groupings; the
-full-vs-full rho between seeds is the ceiling (how well a full run predicts another seed's full run).
+`--space pairs` (default) measures the groupings whose groups have at most 2 tasks plus the single group: 11 of
+the 15 groupings of 4 tasks, needing 11 distinct experts instead of 15. The full score of a grouping is its mean
+over the seeds with every full cell measured (the "judge"). Spearman rho of each proxy seed against it, and of the
+proxy's seed mean, with a one-sided permutation p-value (10,000 shuffles) and a bootstrap 95% interval over
+groupings; one seed against another seed of the same fidelity is the noise ceiling.
 
-Last, the search itself at equal trial counts, replayed on these scores: per seed, the "seeded" arm tries the
-default grouping (one expert per task) and the groupings the gradient-affinity matrix (on the proxy's base) ranks
-best, the "random" arm the default and uniform draws (as Tune's `tune.choice`); each arm picks its best trial by
-PROXY score and is judged by that grouping's FULL score. T and alpha stay at the default and ASHA stops nothing
-(every trial runs all its steps), so this measures the groupings the arms propose, not Tune's scheduler.
+Last, the search at equal trial counts, replayed on these scores: per proxy seed, the "seeded" arm tries the
+default grouping (one expert per task) and the groupings the gradient-affinity matrix (the search stage's
+`compute_affinity` on the proxy's base) ranks best, the "random" arm the default and uniform draws (as Tune's
+`tune.choice`); each arm picks its best trial by PROXY score and is judged by that grouping's FULL score. T and
+alpha stay at the default and ASHA stops nothing, so this measures the groupings the arms propose, not Tune.
 
-Cells (fidelity, seed, grouping) are written to the JSON as they finish, so an interrupted run resumes.
+Every (fidelity, seed, grouping) cell is a file under `<runs-dir>/cells/`, written when measured: a rerun resumes
+and parallel shards never clash (experts and bases are cached per content hash with a file lock, as in a search).
 Writes benchmarks/results/search_predicts.json (or --out) and prints the tables.
 """
 
@@ -221,7 +228,9 @@ def main() -> None:
     parser.add_argument("--full-config", default="configs/demo.yaml")
     parser.add_argument("--proxy-set", nargs="*", default=[], help="key=value overrides of the proxy's config")
     parser.add_argument("--full-set", nargs="*", default=[], help="key=value overrides of the full pipeline's config")
-    parser.add_argument("--fidelities", nargs="+", default=["proxy", "full"])
+    parser.add_argument("--fidelities", nargs="*", default=["proxy", "full"], help="none: only summarise the cells on disk")
+    parser.add_argument("--variant", default="", help="name of a changed proxy (with --proxy-set): its cells are "
+                        "'proxy-<name>', it reuses the proxy's base and experts when its overrides leave them alone")
     parser.add_argument("--runs-dir", default="runs/search_predicts")
     parser.add_argument("--shard", default="0/1", help="i/n: measure every n-th grouping from the i-th (n processes share "
                         "the cells of a seed; cells and experts are files, so they never clash)")
@@ -246,13 +255,14 @@ def main() -> None:
     shard, shards = (int(v) for v in args.shard.split("/"))
     torch.set_num_threads(1)
     for seed in args.seeds:
-        for fidelity in args.fidelities:
-            cfg = dataclasses.replace(base_cfgs[fidelity], seed=seed)
-            cache_dir = os.path.abspath(os.path.join(runs_dir, fidelity, "cache"))
+        for kind in args.fidelities:
+            cfg = dataclasses.replace(base_cfgs[kind], seed=seed)
+            cache_dir = os.path.abspath(os.path.join(runs_dir, kind, "cache"))
+            fidelity = f"proxy-{args.variant}" if kind == "proxy" and args.variant else kind
             if all((fidelity, seed, g) in cells for g in labels) and (fidelity != "proxy" or seed in affinity):
                 continue
             base_dir, key = in_process_base(cfg, cache_dir)
-            if fidelity == "proxy" and seed not in affinity and shard == 0:
+            if fidelity == "proxy" and seed not in affinity and shard == 0:  # the search stage's own code
                 matrix = compute_affinity(cfg, base_dir, os.path.join(runs_dir, f"affinity-s{seed}"))
                 affinity[seed] = {"tasks": names, "matrix": matrix.tolist()}
             expert_scores: dict = {}
@@ -260,7 +270,8 @@ def main() -> None:
             for label in labels[shard::shards]:
                 if (fidelity, seed, label) in cells:
                     continue
-                cell = grouping_cell(cfg, fidelity, base_dir, key, cache_dir, parse_readable(label), expert_scores)
+                cell = grouping_cell(cfg, kind, base_dir, key, cache_dir, parse_readable(label), expert_scores)
+                cell["overrides"] = args.proxy_set if kind == "proxy" else args.full_set
                 cells[(fidelity, seed, label)] = write_cell(runs_dir, fidelity, seed, label, cell)
                 print(f"[search_predicts] {fidelity} seed {seed} {label}: student {cell['exact_match']:.3f} loss "
                       f"{cell['loss']:.3f} experts {cell['experts']:.3f} in {cell['seconds']:.0f} s", flush=True)
@@ -318,70 +329,83 @@ def read_affinity(runs_dir: str, seeds: list[int]) -> dict:
 
 
 def summarise(args, cfgs: dict, labels: list[str], cells: dict, affinity: dict) -> dict:
-    """Per grouping: proxy and full over seeds; rho of each candidate proxy against the full score; the replay."""
-    seeds = [s for s in args.seeds if all(("proxy", s, g) in cells and ("full", s, g) in cells for g in labels)]
+    """Per grouping: proxy and full over seeds; rho of each candidate proxy against the full score; the replay.
+
+    The full score of a grouping is its mean over the seeds whose full cells are all measured ("judge"); each
+    proxy seed is correlated with it (and with the same seed's full score where that exists)."""
+    def complete(fidelity: str) -> list[int]:
+        return [s for s in sorted({k[1] for k in cells}) if all((fidelity, s, g) in cells for g in labels)]
+
+    proxies = sorted({k[0] for k in cells if k[0].startswith("proxy")}, key=lambda f: (f != "proxy", f))
+    full_seeds = complete("full")
     rows = []
     for g in labels:
         row = [g]
-        for fidelity, field in (("proxy", "exact_match"), ("proxy", "loss"), ("proxy", "experts"), ("full", "exact_match")):
-            row.append(fmt_pm([cells[(fidelity, s, g)][field] for s in args.seeds if (fidelity, s, g) in cells]))
+        for fidelity, field in [*((p, "exact_match") for p in proxies), ("proxy", "loss"), ("proxy", "experts"), ("full", "exact_match")]:
+            row.append(fmt_pm([cells[(fidelity, s, g)][field] for s in complete(fidelity)]))
         rows.append(row)
-    table = markdown_table(["grouping", "proxy student EM (val)", "proxy student loss (val)", "proxy experts EM (val)",
-                            "full student EM (val)"], rows)
-    payload = {"tasks": cfgs["full"].tasks.names, "split": "validation", "seeds": args.seeds, "complete_seeds": seeds,
-               "groupings": labels, "proxy_config": args.proxy_config, "full_config": args.full_config,
-               "proxy_overrides": args.proxy_set, "full_overrides": args.full_set,
+    table = markdown_table(["grouping", *(f"{p} student EM" for p in proxies), "proxy student loss", "proxy experts EM",
+                            "full student EM"], rows)
+    payload = {"tasks": cfgs["full"].tasks.names, "split": "validation", "seeds": args.seeds, "full_seeds": full_seeds,
+               "proxy_seeds": {p: complete(p) for p in proxies}, "groupings": labels,
+               "proxy_config": args.proxy_config, "full_config": args.full_config,
                "full_is": "in-process equivalent of the pipeline's base -> experts -> soft targets -> student stages "
                           "(same train_loop/ce_step/score_rows/kd_step, no Ray; data order differs from Ray Data's)",
                "settings": {"proxy": {"experts_steps": cfgs["proxy"].experts.optim.steps, "student_steps": cfgs["proxy"].search.proxy_steps,
                                       "num_train": cfgs["proxy"].tasks.num_train, "num_validation": cfgs["proxy"].tasks.num_validation},
                             "full": {"experts_steps": cfgs["full"].experts.optim.steps, "student_steps": cfgs["full"].distill.optim.steps,
                                      "num_train": cfgs["full"].tasks.num_train, "num_validation": cfgs["full"].tasks.num_validation},
-                            "temperature": cfgs["full"].distill.temperature, "alpha": cfgs["full"].distill.alpha}}
-    if seeds:
-        full = {s: {g: cells[("full", s, g)]["exact_match"] for g in labels} for s in seeds}
-        candidates = {  # higher = better for every candidate (loss negated)
-            "proxy student EM (the search's proxy)": lambda s, g: cells[("proxy", s, g)]["exact_match"],
-            "proxy student -loss": lambda s, g: -cells[("proxy", s, g)]["loss"],
-            "proxy experts EM": lambda s, g: cells[("proxy", s, g)]["experts"],
-            "full experts EM": lambda s, g: cells[("full", s, g)]["experts"],
-        }
+                            "temperature": cfgs["full"].distill.temperature, "alpha": cfgs["full"].distill.alpha,
+                            "proxy_variants": "proxy-<name> cells: the proxy with overrides (see their 'overrides' field)"}}
+    rankings: dict = {}
+    if full_seeds:
+        judge = {g: sum(cells[("full", s, g)]["exact_match"] for s in full_seeds) / len(full_seeds) for g in labels}
+        candidates = {f"{p} student EM" + (" (the search's proxy)" if p == "proxy" else ""): (p, "exact_match", 1) for p in proxies}
+        candidates.update({"proxy student -loss": ("proxy", "loss", -1), "proxy experts EM": ("proxy", "experts", 1),
+                           "full experts EM": ("full", "experts", 1)})
         corr, corr_rows = {}, []
-        for name, score in candidates.items():
-            per_seed = [correlation([score(s, g) for g in labels], [full[s][g] for g in labels]) for s in seeds]
-            means = correlation([sum(score(s, g) for s in seeds) / len(seeds) for g in labels],
-                                [sum(full[s][g] for s in seeds) / len(seeds) for g in labels])
-            corr[name] = {"per_seed": per_seed, "seed_means": means}
-            corr_rows.append([name, _fmt_rho([c["rho"] for c in per_seed]), " ".join(f"{c['p_permutation']:.3f}" for c in per_seed),
+        for name, (fidelity, field, sign) in candidates.items():
+            seeds = complete(fidelity)
+            if not seeds:
+                continue
+            score = {s: [sign * cells[(fidelity, s, g)][field] for g in labels] for s in seeds}
+            per_seed = [correlation(score[s], [judge[g] for g in labels]) for s in seeds]
+            matched = [correlation(score[s], [cells[("full", s, g)]["exact_match"] for g in labels]) for s in seeds if s in full_seeds]
+            means = correlation([sum(score[s][i] for s in seeds) / len(seeds) for i in range(len(labels))], [judge[g] for g in labels])
+            corr[name] = {"seeds": seeds, "vs_judge_per_seed": per_seed, "vs_same_seed_full": matched, "seed_means_vs_judge": means}
+            corr_rows.append([name, len(seeds), _fmt_rho([c["rho"] for c in per_seed]), " ".join(f"{c['p_permutation']:.3f}" for c in per_seed),
                               f"{means['rho']:.3f}", f"{means['p_permutation']:.3f}",
                               "[" + ", ".join(f"{v:.2f}" for v in means["bootstrap_95"]) + "]"])
-        ceiling = [spearman([full[a][g] for g in labels], [full[b][g] for g in labels])
-                   for i, a in enumerate(seeds) for b in seeds[i + 1:]]
-        if ceiling:
-            corr_rows.append(["full EM of another seed (ceiling)", _fmt_rho(ceiling), "", "", "", ""])
-        table += "\n\n" + markdown_table(["predictor of the full student's val EM", "rho per seed (mean ± std)",
-                                          "p per seed", "rho of seed means", "p", "bootstrap 95%"], corr_rows)
+        for fidelity in ("full", "proxy"):  # how well one seed's score ranks like another seed's (a noise ceiling)
+            seeds = complete(fidelity)
+            pairs = [spearman([cells[(fidelity, a, g)]["exact_match"] for g in labels], [cells[(fidelity, b, g)]["exact_match"] for g in labels])
+                     for i, a in enumerate(seeds) for b in seeds[i + 1:]]
+            corr[f"{fidelity}_seed_vs_seed"] = pairs
+            if pairs:
+                corr_rows.append([f"{fidelity} EM of another seed (vs that seed, not the judge)", len(seeds), _fmt_rho(pairs), "", "", "", ""])
+        table += "\n\n" + markdown_table([f"predictor of the full student's val EM (judge: mean of seeds {full_seeds})", "seeds",
+                                          "rho per seed", "p per seed", "rho of seed means", "p", "bootstrap 95%"], corr_rows)
         replays, replay_rows = {}, []
         names = cfgs["full"].tasks.names
         space = [encode(parse_readable(g), names) for g in labels]
         rankings = {s: [readable(decode(r, names)) for _, r in rank_groupings(torch.tensor(affinity[s]["matrix"]), len(space),
-                                                                           candidates=space)] for s in seeds if s in affinity}
+                                                                           candidates=space)] for s in complete("proxy") if s in affinity}
         for trials in args.trials:
             per_seed = {s: replay_search(labels, readable([[t] for t in names]), rankings[s],
-                                         {g: cells[("proxy", s, g)]["exact_match"] for g in labels}, full[s], trials, s)
-                        for s in seeds if s in rankings}
+                                         {g: cells[("proxy", s, g)]["exact_match"] for g in labels}, judge, trials, s)
+                        for s in rankings}
             replays[str(trials)] = per_seed
             if per_seed:
                 v = list(per_seed.values())
                 replay_rows.append([trials, len(v), fmt_pm([r["seeded"]["full"] for r in v]), fmt_pm([r["random"]["full"] for r in v]),
                                     fmt_pm([r["random_expected_full"] for r in v]), fmt_pm([r["default_full"] for r in v]),
                                     fmt_pm([r["oracle_full"] for r in v])])
-        table += "\n\n" + markdown_table(["trials per arm", "seeds", "affinity-seeded: best's full EM", "random: best's full EM",
+        table += "\n\n" + markdown_table(["trials per arm", "search seeds", "affinity-seeded: best's full EM", "random: best's full EM",
                                           "random, mean of 2000 draws", "default (1 expert/task)", "best of all groupings"],
                                          replay_rows)
-        payload.update({"correlations": corr, "full_vs_full_rho": ceiling, "replay": replays})
+        payload.update({"judge": judge, "correlations": corr, "replay": replays})
     payload.update({"table": table, "affinity": {str(s): a for s, a in sorted(affinity.items())},
-                    "affinity_rankings": {str(s): r for s, r in sorted(rankings.items())} if seeds else {},
+                    "affinity_rankings": {str(s): r for s, r in sorted(rankings.items())},
                     "cells": [{"key": list(k), "value": v} for k, v in sorted(cells.items())]})
     return payload
 
