@@ -223,6 +223,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--space", choices=["pairs", "all"], default="pairs", help="which groupings (see grouping_space)")
     parser.add_argument("--max-groupings", type=int, default=0, help="0 = every grouping of --space")
+    parser.add_argument("--groupings", nargs="*", default=[], help="measure these groupings ('reverse+shift | add | sub') "
+                        "instead of --space's")
     parser.add_argument("--trials", type=int, nargs="+", default=[2, 4, 6], help="trials per search arm")
     parser.add_argument("--proxy-config", default="configs/search.yaml")
     parser.add_argument("--full-config", default="configs/demo.yaml")
@@ -244,7 +246,8 @@ def main() -> None:
     runs_dir = os.path.join(os.path.dirname(out), "runs") if args.tiny else args.runs_dir
     base_cfgs = configs(args)
     names = base_cfgs["full"].tasks.names
-    labels = [readable(decode(r, names)) for r in grouping_space(len(names), args.space, args.max_groupings)]
+    space = [encode(parse_readable(g), names) for g in args.groupings] or grouping_space(len(names), args.space, args.max_groupings)
+    labels = [readable(decode(r, names)) for r in space]
     cells, affinity = read_cells(runs_dir), read_affinity(runs_dir, args.seeds)
 
     def save() -> dict:
