@@ -236,6 +236,7 @@ def main() -> None:
     parser.add_argument("--runs-dir", default="runs/search_predicts")
     parser.add_argument("--shard", default="0/1", help="i/n: measure every n-th grouping from the i-th (n processes share "
                         "the cells of a seed; cells and experts are files, so they never clash)")
+    parser.add_argument("--reverse", action="store_true", help="measure the groupings last to first (a helper process)")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -270,7 +271,7 @@ def main() -> None:
                 affinity[seed] = {"tasks": names, "matrix": matrix.tolist()}
             expert_scores: dict = {}
             cells.update(read_cells(runs_dir))  # what the other shards finished meanwhile
-            for label in labels[shard::shards]:
+            for label in labels[shard::shards][::-1 if args.reverse else 1]:
                 if (fidelity, seed, label) in cells:
                     continue
                 cell = grouping_cell(cfg, kind, base_dir, key, cache_dir, parse_readable(label), expert_scores)
