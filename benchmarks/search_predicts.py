@@ -237,6 +237,7 @@ def main() -> None:
     parser.add_argument("--shard", default="0/1", help="i/n: measure every n-th grouping from the i-th (n processes share "
                         "the cells of a seed; cells and experts are files, so they never clash)")
     parser.add_argument("--reverse", action="store_true", help="measure the groupings last to first (a helper process)")
+    parser.add_argument("--note", default="", help="free text kept in the JSON (how the cells were produced)")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -350,7 +351,7 @@ def summarise(args, cfgs: dict, labels: list[str], cells: dict, affinity: dict) 
         rows.append(row)
     table = markdown_table(["grouping", *(f"{p} student EM" for p in proxies), "proxy student loss", "proxy experts EM",
                             "full student EM"], rows)
-    payload = {"tasks": cfgs["full"].tasks.names, "split": "validation", "seeds": args.seeds, "full_seeds": full_seeds,
+    payload = {"note": args.note, "tasks": cfgs["full"].tasks.names, "split": "validation", "seeds": args.seeds, "full_seeds": full_seeds,
                "proxy_seeds": {p: complete(p) for p in proxies}, "groupings": labels,
                "proxy_config": args.proxy_config, "full_config": args.full_config,
                "full_is": "in-process equivalent of the pipeline's base -> experts -> soft targets -> student stages "
