@@ -50,7 +50,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import REPO, command_line, fmt_pm, markdown_table, mean_std, result_path, write_result  # noqa: E402
+from common import REPO, command_line, fmt_pm, markdown_table, result_path, write_result  # noqa: E402
 
 sys.path.insert(0, REPO)
 import torch  # noqa: E402
