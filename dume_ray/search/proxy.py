@@ -6,10 +6,12 @@ the same `TeacherScorer` for soft targets (`teacher_scoring.score_rows`). Expert
 content hash of (task group, base model, expert config): a group seen by an earlier or a concurrent trial
 is trained once. The cache entry holds the Hugging Face expert and its group's top-k soft targets (Parquet).
 
-    expert_dir, hit = cached_expert(cache_root, key, train=lambda out: train_expert(...))
+    soft_rows, hits = grouping_soft_targets(cfg, base_dir, base_hash, cache_dir, groups, tokenizer, tasks)
     proxy_distill(student, tokenizer, soft_rows, optim, optimizer, scheduler, ..., on_report=report)
 
-Pure: no Ray. Tested through tests/integration/test_search.py (and the cache in tests/unit/test_partitions.py).
+A search trial (`search/worker.py`) and benchmarks/search_predicts.py (proxy vs full pipeline per grouping)
+both run these. Pure: no Ray. Tested in tests/unit/test_search_proxy.py, tests/unit/test_partitions.py (the
+cache) and through tests/integration/test_search.py.
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ from typing import Callable
 import pyarrow.parquet as pq
 import torch
 
-from dume_ray.config import OptimConfig
+from dume_ray.config import OptimConfig, PipelineConfig, config_hash
 from dume_ray.data.encode import shuffled_batches
-from dume_ray.model import merge_adapters
+from dume_ray.model import expert_trainable, load_model, make_trainable, merge_adapters
 from dume_ray.soft_targets.teacher_scoring import score_rows
+from dume_ray.tasks import encode_rows
 from dume_ray.training import ce_step, kd_step, make_optimizer, train_loop
 
 SOFT_TARGETS = "soft_targets.parquet"
@@ -85,3 +88,30 @@ def proxy_distill(model, tokenizer, rows: list[dict], optim: OptimConfig, optimi
     train_step = kd_step(optim.grad_clip, top_k, alpha, optim.steps, anneal, temperature, divergence, jsd_beta)
     return train_loop(model, optimizer, scheduler, stream, train_step, tokenizer.pad_token_id, start_step=start_step,
                       total_steps=optim.steps, checkpoint_every=report_every, on_checkpoint=on_report)
+
+
+def grouping_soft_targets(cfg: PipelineConfig, base_dir: str, base_hash: str, cache_dir: str, groups: list[list[str]],
+                          tokenizer, tasks: dict) -> tuple[list[dict], int]:
+    """The soft-target rows of every group's expert (cached by content hash; trained here on a miss), and
+    how many of the experts came from the cache."""
+    soft_rows, hits = [], 0
+    for group in groups:
+        key = expert_cache_key(base_hash, group, cfg)
+        rows = encode_rows({t: tasks[t] for t in group}, tokenizer, "train", cfg.model.max_seq_len, {t: "+".join(group) for t in group})
+        entry, hit = cached_expert(cache_dir, key, lambda tmp: build_expert(cfg, base_dir, tokenizer, rows, tmp))
+        hits += hit
+        soft_rows += read_soft_targets(os.path.join(entry, SOFT_TARGETS))
+    return soft_rows, hits
+
+
+def expert_cache_key(base_hash: str, group: list[str], cfg: PipelineConfig) -> str:
+    """Content hash of (task group, base model, expert config, tasks, soft-target k): equal keys, same expert."""
+    return config_hash("search-expert", base_hash, sorted(group), cfg.experts.optim, expert_trainable(cfg.experts),
+                       cfg.tasks, cfg.model.max_seq_len, cfg.soft_targets.top_k, cfg.seed)
+
+
+def build_expert(cfg: PipelineConfig, base_dir: str, tokenizer, rows: list[dict], out_dir: str) -> None:
+    model = make_trainable(load_model(base_dir), **expert_trainable(cfg.experts))
+    model_dir = os.path.join(out_dir, "model")
+    train_expert(model, tokenizer, rows, cfg.experts.optim, cfg.seed, model_dir, cfg.model.dtype)
+    score_soft_targets(model_dir, rows, cfg.soft_targets.top_k, os.path.join(out_dir, SOFT_TARGETS))

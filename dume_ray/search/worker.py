@@ -18,12 +18,11 @@ import time
 import torch
 from ray import tune
 
-from dume_ray.config import PipelineConfig, config_hash, from_dict
-from dume_ray.model import expert_trainable, load_model, load_tokenizer, make_trainable
+from dume_ray.config import PipelineConfig, from_dict
+from dume_ray.model import load_model, load_tokenizer
 from dume_ray.search.partitions import encode, parse_readable, readable
-from dume_ray.search.proxy import (SOFT_TARGETS, cached_expert, proxy_distill, read_soft_targets, score_soft_targets,
-                                   train_expert)
-from dume_ray.tasks import encode_rows, load_tasks
+from dume_ray.search.proxy import grouping_soft_targets, proxy_distill
+from dume_ray.tasks import load_tasks
 from dume_ray.training import evaluate_tasks, load_training_state, make_optimizer, save_training_state
 
 
@@ -40,7 +39,7 @@ def search_trial(config: dict, setup: dict) -> None:
     start = time.time()
 
     # ---- experts for this grouping: from the cache, or trained once and cached ---------------------------
-    soft_rows, hits = grouping_soft_targets(cfg, setup, groups, tokenizer, tasks)
+    soft_rows, hits = grouping_soft_targets(cfg, base_dir, setup["base_hash"], setup["cache_dir"], groups, tokenizer, tasks)
     expert_seconds = time.time() - start
 
     # ---- proxy distillation from the base, reporting validation every report_every steps ------------------
@@ -70,30 +69,3 @@ def search_trial(config: dict, setup: dict) -> None:
                   alpha=config["alpha"], temperature=config["temperature"], divergence=cfg.distill.divergence,
                   jsd_beta=cfg.distill.jsd_beta, anneal=cfg.distill.anneal, seed=cfg.seed, start_step=step,
                   report_every=s.report_every, on_report=report)
-
-
-def grouping_soft_targets(cfg: PipelineConfig, setup: dict, groups: list[list[str]], tokenizer,
-                          tasks: dict) -> tuple[list[dict], int]:
-    """The soft-target rows of every group's expert (cached by content hash; trained here on a miss), and
-    how many of the experts came from the cache."""
-    soft_rows, hits = [], 0
-    for group in groups:
-        key = expert_cache_key(setup["base_hash"], group, cfg)
-        rows = encode_rows({t: tasks[t] for t in group}, tokenizer, "train", cfg.model.max_seq_len, {t: "+".join(group) for t in group})
-        entry, hit = cached_expert(setup["cache_dir"], key, lambda tmp: _build_expert(cfg, setup["base_dir"], tokenizer, rows, tmp))
-        hits += hit
-        soft_rows += read_soft_targets(os.path.join(entry, SOFT_TARGETS))
-    return soft_rows, hits
-
-
-def expert_cache_key(base_hash: str, group: list[str], cfg: PipelineConfig) -> str:
-    """Content hash of (task group, base model, expert config, tasks, soft-target k): equal keys, same expert."""
-    return config_hash("search-expert", base_hash, sorted(group), cfg.experts.optim, expert_trainable(cfg.experts),
-                       cfg.tasks, cfg.model.max_seq_len, cfg.soft_targets.top_k, cfg.seed)
-
-
-def _build_expert(cfg: PipelineConfig, base_dir: str, tokenizer, rows: list[dict], out_dir: str) -> None:
-    model = make_trainable(load_model(base_dir), **expert_trainable(cfg.experts))
-    model_dir = os.path.join(out_dir, "model")
-    train_expert(model, tokenizer, rows, cfg.experts.optim, cfg.seed, model_dir, cfg.model.dtype)
-    score_soft_targets(model_dir, rows, cfg.soft_targets.top_k, os.path.join(out_dir, SOFT_TARGETS))
