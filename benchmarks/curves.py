@@ -339,7 +339,7 @@ def plot(curve_cells: dict, path: str, steps: int) -> str | None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return path
+    return os.path.relpath(path, REPO)
 
 
 if __name__ == "__main__":
