@@ -243,6 +243,9 @@ def main() -> None:
 
     def save() -> dict:
         payload = {**summarise(args, cells, configs, out), "overrides": overrides}
+        if args.merge:  # where each merged cell was measured
+            payload["merged_from"] = [{k: record.get(k) for k in ("command", "started_utc", "finished_utc", "wall_seconds",
+                                                                  "git_commit", "machine")} for record in previous]
         write_result(out, "curves", command_line(), started, payload, payload["table"])
         return payload
 
