@@ -228,14 +228,15 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.tiny:
-        args.seeds, args.every = args.seeds[:1], 4
+    if args.tiny:  # one seed, two of the schedules, 4 new tokens: minutes on a loaded 2-core machine
+        args.seeds, args.every, args.schedules = args.seeds[:1], 4, ["interleaved", "annealed"]
     started = time.time()
     out = result_path("curves", args.out, args.tiny)
     work_root = os.path.join(os.path.dirname(out), "runs") if args.tiny else args.work_dir
     overrides = [*(TINY_OVERRIDES if args.tiny else []), *args.set]
-    configs = {"curves": load_config(args.config, overrides),
-               "two_skill": load_config(args.config, [*overrides, *TWO_SKILL_OVERRIDES])}  # bad input fails here
+    part_overrides = {"curves": overrides,  # --tiny keeps its 4 new tokens for the word tasks too
+                      "two_skill": [*overrides, *TWO_SKILL_OVERRIDES, *(["eval.max_new_tokens=4"] if args.tiny else [])]}
+    configs = {part: load_config(args.config, o) for part, o in part_overrides.items()}  # bad input fails here
     previous = [json.load(open(path)) for path in args.merge or ([out] if os.path.exists(out) and not args.tiny else [])]
     cells = {(c["part"], c["seed"]): c["values"] for record in previous for c in record.get("cells", [])}
     if any(record.get("overrides", overrides) != overrides for record in previous):
@@ -253,7 +254,7 @@ def main() -> None:
         for part in args.parts:
             if (part, seed) in cells:
                 continue
-            cfg = load_config(args.config, [*overrides, *(TWO_SKILL_OVERRIDES if part == "two_skill" else []), f"seed={seed}"])
+            cfg = load_config(args.config, [*part_overrides[part], f"seed={seed}"])
             work = os.path.join(work_root, f"{part}-s{seed}")
             start = time.time()
             cells[(part, seed)] = (curves_and_schedules(cfg, work, args.every, args.schedules) if part == "curves"
