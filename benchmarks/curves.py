@@ -2,7 +2,7 @@
 
     python benchmarks/curves.py                              # configs/demo.yaml, seeds 0 1 2, every part
     python benchmarks/curves.py --parts curves schedules     # some parts only (two_skill is the third)
-    python benchmarks/curves.py --tiny                       # seconds, temp folder
+    python benchmarks/curves.py --tiny                       # minutes on the loaded 2-core machine, temp folder
 
 The pipeline's stages run here as plain loops, without Ray (as the search proxy does, `search/proxy.py`): a base
 from the embedded model (CE on every training task), one expert per group (`proxy.train_expert`), its top-k soft
