@@ -1,7 +1,8 @@
 """Learning curves, teacher schedules and a two-skill task, trained in one process (issue 14, items 7 and 8).
 
-    python benchmarks/curves.py                              # configs/demo.yaml, seeds 0 1 2, every part
-    python benchmarks/curves.py --parts curves schedules     # some parts only (two_skill is the third)
+    python benchmarks/curves.py                              # configs/demo.yaml, seeds 0 1 2, both parts
+    python benchmarks/curves.py --parts two_skill            # one part (curves = learning curves + schedules)
+    python benchmarks/curves.py --seeds 0 --out F0 ...; python benchmarks/curves.py --merge F0 F1 F2   # seeds apart
     python benchmarks/curves.py --tiny                       # minutes on the loaded 2-core machine, temp folder
 
 The pipeline's stages run here as plain loops, without Ray (as the search proxy does, `search/proxy.py`): a base
