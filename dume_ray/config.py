@@ -29,7 +29,7 @@ BUILTIN_TASK_NAMES = ["copy", "reverse", "sort", "shift", "add", "sub", "reverse
 STORAGE_SCHEMES = ("s3", "gs", "gcs", "file", "hdfs", "abfs", "abfss")  # what pyarrow.fs opens
 LOCAL_TASK_FORMATS = ("jsonl", "json", "parquet", "csv")
 TOO_LONG_POLICIES = ("error", "drop", "truncate")
-TEACHER_SCHEDULES = ("interleaved", "sequential")  # distill.teacher_schedule
+TEACHER_SCHEDULES = ("interleaved", "sequential", "annealed")  # distill.teacher_schedule
 AFTER_EDIT = ("continue", "retrain")  # distill.after_edit
 ROUTING_GRANULARITIES = ("token", "sequence_mean", "whole_sequence", "prompt")  # upcycle.routing
 
@@ -251,9 +251,12 @@ class DistillConfig:
     divergence: str = "forward_kl"  # "forward_kl" | "reverse_kl" | "generalized_jsd"
     jsd_beta: float = 0.5  # generalized_jsd only
     anneal: bool = False  # BAM! teacher annealing: KD weight decays linearly from alpha to 0
-    teacher_schedule: str = "interleaved"  # order of the student's stream: "interleaved" (every group's rows mixed,
-    #   the default) or "sequential" (one expert's rows after another, each group shuffled within; per epoch). The
-    #   multitask baseline always reads the interleaved stream. Annealing is `anneal`
+    teacher_schedule: str = "interleaved"  # order of the student's stream, per epoch: "interleaved" (every group's
+    #   rows mixed, the default), "sequential" (one expert's rows after another, each group shuffled within) or
+    #   "annealed" (rounds in which every group, in turn, gives a block of half its rows left: one expert after
+    #   another for the first half of the epoch, blocks halving each round, row-by-row alternation at the end;
+    #   data.encode.stream_order). The multitask baseline always reads the interleaved stream. KD-weight annealing
+    #   (BAM!) is `anneal`, a different thing
     on_policy_ratio: float = 0.0  # lambda: share of the student's steps that are on-policy (it answers the batch's
     #   prompts itself and the prompt's expert scores its tokens, GKD); 0 = off-policy only (the stored soft targets)
     on_policy_divergence: str = "reverse_kl"  # on-policy loss: "reverse_kl" | "generalized_jsd" (with jsd_beta)

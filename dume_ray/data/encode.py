@@ -189,6 +189,18 @@ def shuffled_batches(rows: list[dict], batch_size: int, seed: int) -> Iterator[d
             yield to_columns([rows[i] for i in order[start:start + batch_size]])
 
 
+def scheduled_batches(rows: list[dict], batch_size: int, seed: int, schedule: str, groups: list[str]) -> Iterator[dict[str, list]]:
+    """Endless columnar batches of `rows` (each with a "group") in `stream_order(..., schedule)`, a new order
+    every epoch (seed + epoch), for loops that run without Ray Data (benchmarks/curves.py). The incomplete
+    last batch of an epoch is dropped as in `shuffled_batches`."""
+    epoch = 0
+    while True:
+        order = stream_order([r["group"] for r in rows], groups, seed + epoch, schedule)
+        for start in range(0, len(order) - batch_size + 1 if len(order) >= batch_size else 1, batch_size):
+            yield to_columns([rows[i] for i in order[start:start + batch_size]])
+        epoch += 1
+
+
 def response_positions(batch_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Finds the logits positions that predict response tokens.
 
@@ -219,3 +231,29 @@ def training_order(rows: list, seed: int) -> list:
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     return [rows[i] for i in order]
+
+
+def stream_order(row_groups: list[str], groups: list[str], seed: int, schedule: str) -> list[int]:
+    """Row indices of one epoch in the order of `distill.teacher_schedule` (`row_groups[i]` = row i's group):
+
+    * "interleaved": one seeded shuffle of all rows (every group's rows mixed);
+    * "sequential": each group's rows shuffled, the groups one after another in `groups` order;
+    * "annealed": from sequential to interleaved over the epoch, in rounds: in each round every group, in
+      `groups` order, gives one block of half its rows still left (at least one row). The first half of the
+      epoch is one expert after another (blocks of half a group), the blocks halve round by round, and the
+      last rounds alternate the groups row by row. Each group's rows are shuffled within, as for "sequential".
+    """
+    if schedule == "interleaved":
+        return training_order(list(range(len(row_groups))), seed)
+    queues = {g: training_order([i for i, x in enumerate(row_groups) if x == g], seed) for g in groups}
+    if schedule == "sequential":
+        return [i for g in groups for i in queues[g]]
+    if schedule != "annealed":
+        raise ValueError(f"unknown teacher schedule {schedule!r}; expected interleaved, sequential or annealed")
+    order = []
+    while any(queues.values()):
+        for g in groups:
+            block = (len(queues[g]) + 1) // 2
+            order += queues[g][:block]
+            queues[g] = queues[g][block:]
+    return order

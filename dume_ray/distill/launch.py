@@ -28,7 +28,7 @@ from ray.data.datasource import FileShuffleConfig
 
 from dume_ray import manifest, storage
 from dume_ray.config import PipelineConfig
-from dume_ray.data.encode import training_order
+from dume_ray.data.encode import stream_order
 from dume_ray.distill.on_policy import ExpertTeacher
 from dume_ray.distill.worker import train_fn_per_worker
 from dume_ray.experts.launch import finished_experts
@@ -136,13 +136,13 @@ def _loop_config(cfg: PipelineConfig, stage: str, stage_hash: str, init_dir: str
 def soft_target_stream(soft_targets: dict, cache_max_mb: float, seed: int,
                        schedule: str = "interleaved") -> ray.data.Dataset:
     """The shards as one Ray Dataset, its rows mixed across tasks (the shards hold one expert group each), or
-    with `schedule="sequential"` one group's rows after another (each group shuffled within, in config order).
+    in the order of another `distill.teacher_schedule` ("sequential", "annealed": `data.encode.stream_order`).
 
     Up to `cache_max_mb` on disk, the rows are read once, put in one seeded order and handed to Ray as
     in-memory blocks (Ray Train's advice for data that fits in memory: every epoch iterates blocks already in
     the object store, where `read_parquet` would re-run its read tasks each epoch). Larger streams are read
     from Parquet each epoch with the files in a new random order (`FileShuffleConfig`); rows then mix only
-    within the workers' local shuffle buffer, so a sequential schedule needs the stream in memory."""
+    within the workers' local shuffle buffer, so the other schedules need the stream in memory."""
     groups = list(soft_targets["outputs"]["shards"])
     paths = [p for g in groups for p in sorted(glob.glob(os.path.join(soft_targets["outputs"]["shards"][g], "*.parquet")))]
     if soft_targets["metrics"].get("bytes", float("inf")) <= cache_max_mb * 2**20:
@@ -159,14 +159,6 @@ def soft_target_stream(soft_targets: dict, cache_max_mb: float, seed: int,
     if store is not None:  # the read tasks may run on any node: read the stored copies, not this node's
         return ray.data.read_parquet(sorted(store.remote_path(p) for p in paths), filesystem=store.fs, shuffle=shuffle)
     return ray.data.read_parquet(sorted(paths), shuffle=shuffle)
-
-
-def stream_order(row_groups: list[str], groups: list[str], seed: int, schedule: str) -> list[int]:
-    """Row indices in stream order: one seeded shuffle of all rows ("interleaved"), or each group's rows
-    shuffled and the groups one after another in `groups` order ("sequential")."""
-    if schedule == "interleaved":
-        return training_order(list(range(len(row_groups))), seed)
-    return [i for g in groups for i in training_order([i for i, x in enumerate(row_groups) if x == g], seed)]
 
 
 def continued_init(cfg: PipelineConfig, stage: str) -> str:

@@ -152,7 +152,7 @@ def test_on_policy_step_trains_on_its_rollouts_on_its_share_of_steps_only():
 def test_teacher_schedules_order_the_students_stream():
     """distill.teacher_schedule: "interleaved" mixes every group; "sequential" gives one group's rows after
     another in config order, each group shuffled within; both are permutations and seeded."""
-    from dume_ray.distill.launch import stream_order  # imports ray.data; starts nothing
+    from dume_ray.data.encode import stream_order  # pure: no Ray
     row_groups = ["b", "a", "b", "c", "a", "a", "c", "b"]
     sequential = stream_order(row_groups, ["a", "b", "c"], seed=0, schedule="sequential")
     assert sorted(sequential) == list(range(8))
@@ -163,7 +163,28 @@ def test_teacher_schedules_order_the_students_stream():
     assert [row_groups[i] for i in interleaved] != [row_groups[i] for i in sequential]
 
 
+def test_annealed_schedule_goes_from_one_group_at_a_time_to_mixed():
+    """"annealed": a seeded permutation in rounds; each round every group gives half its rows left, so the first
+    half of the epoch is one group after another and the end alternates the groups row by row."""
+    from dume_ray.data.encode import scheduled_batches, stream_order
+    row_groups = [g for g in "abc" for _ in range(600)]
+    order = stream_order(row_groups, ["a", "b", "c"], seed=0, schedule="annealed")
+    assert sorted(order) == list(range(1800)) and order == stream_order(row_groups, ["a", "b", "c"], 0, "annealed")
+    assert order != stream_order(row_groups, ["a", "b", "c"], 1, "annealed")  # shuffled within each group
+    seen = "".join(row_groups[i] for i in order)
+    assert seen[:900] == "a" * 300 + "b" * 300 + "c" * 300 and seen[900:1350] == "a" * 150 + "b" * 150 + "c" * 150
+    assert seen.endswith("aabbcc" + "abc" * 2)  # the last two rounds: one row per group
+    for prefix in (900, 1350, 1575):  # balanced after every round
+        assert seen[:prefix].count("a") == seen[:prefix].count("b") == seen[:prefix].count("c")
+    with pytest.raises(ValueError, match="teacher schedule"):
+        stream_order(row_groups, ["a", "b", "c"], 0, "random")
+    rows = [{"group": g, "id": i} for i, g in enumerate(row_groups)]
+    batches = scheduled_batches(rows, 600, 0, "sequential", ["a", "b", "c"])
+    assert [set(next(batches)["group"]) for _ in range(4)] == [{"a"}, {"b"}, {"c"}, {"a"}]  # one group per block, per epoch
+
+
 def test_teacher_schedule_is_a_config_error_when_unknown():
     from dume_ray.config import ConfigError, load_config
     with pytest.raises(ConfigError, match=r"distill\.teacher_schedule"):
         load_config("configs/demo.yaml", ["distill.teacher_schedule=random"])
+    assert load_config("configs/demo.yaml", ["distill.teacher_schedule=annealed"]).distill.teacher_schedule == "annealed"
