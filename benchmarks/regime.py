@@ -404,8 +404,8 @@ def main() -> None:
             cells[cell_key(cell["model"], cell["tasks"], cell["budget"], cell["seed"])] = cell
             save(cells)
 
-    for label, _ in variants:
-        for budget in args.budgets:
+    for budget in args.budgets:  # the smaller budget first everywhere: an interrupted map still has whole rows
+        for label, _ in variants:
             for seed in args.seeds:
                 done = read_cells(out)
                 todo = [n for n in counts if cell_key(label, n, budget, seed) not in done]
