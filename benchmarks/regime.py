@@ -171,22 +171,19 @@ def run_group(cfg, label: str, budget: float, counts: list[int], task_order: lis
     start = time.time()
     base_dir = train_base(cfg, cache, label)
     tokenizer = load_tokenizer(base_dir)
-    all_tasks = {name: task for name, task in load_tasks(cfg.tasks, tokenizer, cfg.model.max_seq_len).items()
-                 if name in task_order[:max(counts)]}  # experts only for the tasks some cell uses
+    all_tasks = load_tasks(cfg.tasks, tokenizer, cfg.model.max_seq_len)
     expert_optim, student_optim = with_steps(cfg.experts.optim, budget), with_steps(cfg.distill.optim, budget)
-    expert_dirs = train_experts(cfg, base_dir, cache, label, all_tasks, expert_optim)
     ev = cfg.eval
 
     def score(model, tasks: dict) -> dict[str, float]:
         return evaluate_tasks(model, tokenizer, tasks, "test", ev.max_new_tokens, ev.batch_size)
 
-    expert_scores = {}
-    for name in all_tasks:
-        expert_scores.update(score(load_model(expert_dirs[name]), {name: all_tasks[name]}))
-    shared_seconds = time.time() - start
-    for n in counts:
-        t0 = time.time()
+    expert_scores: dict[str, float] = {}
+    for n in counts:  # experts are trained as the task count grows (cached: the cells of 2, 4, 6 tasks share them)
         tasks = {name: all_tasks[name] for name in task_order[:n]}
+        expert_dirs = train_experts(cfg, base_dir, cache, label, tasks, expert_optim)
+        for name in tasks.keys() - expert_scores.keys():
+            expert_scores.update(score(load_model(expert_dirs[name]), {name: tasks[name]}))
         rows = [row for name in tasks for row in pq.read_table(f"{expert_dirs[name]}/{SOFT_TARGETS}").to_pylist()]
         whole_optim = with_steps(student_optim, 1.0 + n * expert_optim.steps / student_optim.steps)
         per_task = {"experts": {name: expert_scores[name] for name in tasks},
@@ -200,10 +197,11 @@ def run_group(cfg, label: str, budget: float, counts: list[int], task_order: lis
                           "student": student_optim.steps, "multitask_student_budget": student_optim.steps,
                           "multitask_whole_budget": whole_optim.steps},
                 "test": {col: statistics.fmean(v.values()) for col, v in per_task.items()}, "per_task": per_task,
-                "seconds": round(time.time() - t0 + (shared_seconds if n == counts[0] else 0.0), 1)}
+                "seconds": round(time.time() - start, 1)}  # since the previous cell (the first: base and experts too)
         print(f"[regime] {cell_key(label, n, budget, cfg.seed)}: " + ", ".join(f"{c} {v:.3f}" for c, v in cell["test"].items())
               + f" ({cell['seconds']:.0f} s)", flush=True)
         record(cell)
+        start = time.time()
 
 
 # ---------------------------------------------------------------------------------------------------------
