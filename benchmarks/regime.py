@@ -323,6 +323,8 @@ def heatmap(groups: list[dict], path: str) -> str | None:
 
 @contextlib.contextmanager
 def locked(path: str):
+    """An exclusive lock beside `path`: processes filling disjoint slices of the map write the JSON in turn."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(f"{path}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
@@ -353,6 +355,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--report-only", action="store_true", help="rewrite the JSON, table and PNG from the cached cells")
     args = parser.parse_args()
     started = time.time()
     from dume_ray.config import ConfigError, load_config
@@ -379,13 +382,20 @@ def main() -> None:
     out = result_path("regime", args.out, args.tiny)
     cache = os.path.join(os.path.dirname(out), "cache") if args.tiny else args.cache
     png = os.path.splitext(out)[0] + ".png"
-    all_labels = [label for label, _ in variants] if args.tiny else [  # the whole map: tiny widths and SmolLM2
-        label for kind in ("tiny", "smollm2") for label, _ in model_variants(argparse.Namespace(**{**vars(args), "model": kind}))]
+    smol_labels = [label for label, _ in model_variants(argparse.Namespace(**{**vars(args), "model": "smollm2"}))]
+
+    def map_labels(cells: dict) -> list[str]:
+        """The whole map whichever slice this process runs: every width measured or planned, then SmolLM2."""
+        if args.tiny:
+            return [label for label, _ in variants]
+        widths = set(WIDTHS) | set(args.widths) | {int(c["model"][6:]) for c in cells.values() if c["model"].startswith("tiny-h")}
+        return [f"tiny-h{w}" for w in sorted(widths)] + smol_labels
 
     def save(cells: dict) -> dict:
         budgets = sorted(set(BUDGETS) | set(args.budgets))  # the map's; other budgets' cells stay in "cells" only
         seeds = sorted({c["seed"] for c in cells.values()} | set(args.seeds))
-        summary = summarise(cells, [(m, [4] if m.startswith("smollm2") and not args.tiny else counts) for m in all_labels],
+        map_counts = lambda m: counts if args.tiny else [4] if m.startswith("smollm2") else [2, 4, len(TASK_ORDER)]  # noqa: E731
+        summary = summarise(cells, [(m, map_counts(m)) for m in map_labels(cells)],
                             budgets, seeds)
         not_measured = [{k: g[k] for k in ("model", "tasks", "budget")} for g in summary["groups"] if not g["measured"]]
         payload = {"config": config, "task_order": {"tiny": TASK_ORDER, "smollm2": SMOLLM2_TASKS}, "split": "test",
@@ -404,7 +414,7 @@ def main() -> None:
             cells[cell_key(cell["model"], cell["tasks"], cell["budget"], cell["seed"])] = cell
             save(cells)
 
-    for budget in args.budgets:  # the smaller budget first everywhere: an interrupted map still has whole rows
+    for budget in [] if args.report_only else args.budgets:  # the smaller budget first everywhere: an interrupted map still has whole rows
         for label, _ in variants:
             for seed in args.seeds:
                 done = read_cells(out)
