@@ -228,6 +228,7 @@ def summarise(cells: dict, variants: list[tuple[str, list[int]]], budgets: list[
                 measured = [cells[k] for s in seeds if (k := cell_key(model, n, budget, s)) in cells]
                 if not measured:
                     groups.append({"model": model, "tasks": n, "budget": budget, "seeds": 0, "measured": False})
+                    rows.append([model, n, f"{budget:g}", "–", 0, "not measured", *["–"] * (len(COLUMNS) + 1)])
                     continue
                 test = {col: [c["test"][col] for c in measured if col in c["test"]] for col in COLUMNS}
                 diffs = {f"student_minus_{col}": [c["test"]["student"] - c["test"][col] for c in measured]
