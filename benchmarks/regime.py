@@ -55,7 +55,7 @@ TINY_OVERRIDES = ["tasks.num_train=32", "tasks.num_test=8", "tasks.num_validatio
                   "experts.optim.steps=4", "distill.optim.steps=4", "eval.max_new_tokens=4",
                   "upcycle.stats_examples_per_task=8"]
 WIDTHS, BUDGETS = [16, 32, 64], [0.125, 0.5]  # the map: 1/8 and 1/2 of demo.yaml's expert (800) and student (600) steps
-REPRODUCE = ("tiny-h64", 6, 1.0, 0)  # demo.yaml itself, seed 0: compared with the pipeline's numbers (quality.json)
+REPRODUCE = ("tiny-h64", 6, 0.125, 0)  # the cell compared with the CLI pipeline run alike (--pipeline-report)
 COLUMNS = ["experts", "student", "multitask_student_budget", "multitask_whole_budget", "dume_top1", "dume_top2"]
 
 
@@ -271,20 +271,27 @@ def goal(groups: list[dict]) -> dict:
             "cells_with_3_seeds": len(measured)}
 
 
-def reproduction(cells: dict) -> dict:
-    """The in-process demo cell (demo.yaml's own steps, 6 tasks, seed 0) beside the pipeline's test numbers for
-    seed 0 and its spread over seeds 0-2 (benchmarks/results/quality.json, the CLI pipeline on Ray)."""
+def reproduction(cells: dict, previous: dict | None, report_path: str | None) -> dict | None:
+    """The in-process cell REPRODUCE beside the CLI pipeline (on Ray) run with the same settings and seed
+    (`python -m dume_ray run --config configs/demo.yaml seed=0 experts.optim.steps=100 distill.optim.steps=75
+    upcycle.score_all_routings=false`): its eval/report.json given with --pipeline-report, or kept from the JSON."""
+    if report_path:
+        with open(report_path) as f:
+            report = json.load(f)
+        means = report["means"]
+        pipeline = {"source": report_path, "split": report["split"], "settings": report["settings"],
+                    "test": {"experts": means["experts"], "student": means["student"],
+                             "multitask_student_budget": means["multitask"], "dume_top1": means.get("dume")},
+                    "per_task": {k: report["scores"][k] for k in ("experts", "student", "multitask", "dume") if k in report["scores"]}}
+    elif previous and previous.get("pipeline"):
+        pipeline = previous["pipeline"]
+    else:
+        return None
     cell = cells.get(cell_key(*REPRODUCE))
-    with open(os.path.join(REPO, "benchmarks", "results", "quality.json")) as f:
-        summary = json.load(f)["summary"]
-    pipeline = {"experts": summary["demo.yaml:experts"]["means"], "student": summary["demo.yaml:student"]["means"],
-                "multitask_student_budget": summary["demo.yaml:multitask"]["means"],
-                "multitask_whole_budget": summary["matched_compute"]["means"]}
-    rows = {col: {"pipeline_seed0": values[0], "pipeline_seeds_0_2_min_max": [min(values), max(values)],
-                  "in_process_seed0": cell["test"][col] if cell else None} for col, values in pipeline.items()}
-    return {"cell": cell_key(*REPRODUCE), "measured": cell is not None, "columns": rows,
-            "note": "same config and seed; the pipeline streams batches through Ray Data (another order), so only "
-                    "agreement within the pipeline's spread over seeds is expected"}
+    return {"cell": cell_key(*REPRODUCE), "pipeline": pipeline,
+            "in_process": {col: cell["test"][col] for col in pipeline["test"]} if cell else None,
+            "note": "same config, steps and seed; the pipeline streams batches through Ray Data (another data order, "
+                    "another base), so only agreement within the map's spread over seeds is expected"}
 
 
 def heatmap(groups: list[dict], path: str) -> str | None:
@@ -356,6 +363,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--pipeline-report", default=None, help="eval/report.json of the pipeline run of REPRODUCE")
     parser.add_argument("--report-only", action="store_true", help="rewrite the JSON, table and PNG from the cached cells")
     args = parser.parse_args()
     started = time.time()
@@ -393,6 +401,7 @@ def main() -> None:
         return [f"tiny-h{w}" for w in sorted(widths)] + smol_labels
 
     def save(cells: dict) -> dict:
+        previous = json.load(open(out)) if os.path.exists(out) else {}
         budgets = sorted(set(BUDGETS) | set(args.budgets))  # the map's; other budgets' cells stay in "cells" only
         seeds = sorted({c["seed"] for c in cells.values()} | set(args.seeds))
         map_counts = lambda m: counts if args.tiny else [4] if m.startswith("smollm2") else [2, 4, len(TASK_ORDER)]  # noqa: E731
@@ -404,7 +413,8 @@ def main() -> None:
                    "settings": {"temperature": cfgs[next(iter(cfgs))].distill.temperature,
                                 "alpha": cfgs[next(iter(cfgs))].distill.alpha,
                                 "routing": cfgs[next(iter(cfgs))].upcycle.routing},
-                   **summary, "reproduction": reproduction(cells), "not_measured": not_measured, "png": heatmap(summary["groups"], png),
+                   **summary, "reproduction": reproduction(cells, previous.get("reproduction"), args.pipeline_report),
+                   "not_measured": not_measured, "png": heatmap(summary["groups"], png),
                    "cells": [cells[k] for k in sorted(cells)]}
         write_result(out, "regime", command_line(), started, payload, payload["table"])
         return payload
