@@ -1,9 +1,10 @@
 """Regime map: distilled student, DUME MoE and multitask vs model capacity, number of tasks and budget, on TEST.
 
-    nice -n 5 python benchmarks/regime.py                        # tiny model, widths 32 64 128 x tasks 2 4 6 x 2 budgets x 3 seeds
+    nice -n 5 python benchmarks/regime.py                        # tiny model, widths 16 32 64 x tasks 2 4 6 x budgets 0.125 0.5 x 3 seeds
     python benchmarks/regime.py --widths 64 --seeds 0 --budgets 0.125     # a slice; the map fills over sittings
     python benchmarks/regime.py --model smollm2                   # SmolLM2 whole and cut to --keep-layers, 4 tasks
     python benchmarks/regime.py --tiny                            # smoke setting, temp folder
+    python benchmarks/regime.py --report-only --pipeline-report runs/.../eval/report.json   # rewrite JSON, table, PNG
 
 One cell = (model, number of tasks n, budget b, seed), run IN THIS PROCESS (no Ray: the CLI pipeline costs minutes of
 Ray start-up per stage) from the library's own pieces, with the settings of `--config` (configs/demo.yaml, whose
@@ -401,7 +402,10 @@ def main() -> None:
         return [f"tiny-h{w}" for w in sorted(widths)] + smol_labels
 
     def save(cells: dict) -> dict:
-        previous = json.load(open(out)) if os.path.exists(out) else {}
+        previous = {}
+        if os.path.exists(out):
+            with open(out) as f:
+                previous = json.load(f)
         budgets = sorted(set(BUDGETS) | set(args.budgets))  # the map's; other budgets' cells stay in "cells" only
         seeds = sorted({c["seed"] for c in cells.values()} | set(args.seeds))
         map_counts = lambda m: counts if args.tiny else [4] if m.startswith("smollm2") else [2, 4, len(TASK_ORDER)]  # noqa: E731
