@@ -295,6 +295,13 @@ def reproduction(cells: dict, previous: dict | None, report_path: str | None) ->
                     "another base), so only agreement within the map's spread over seeds is expected"}
 
 
+def png_relative(path: str | None) -> str | None:
+    """The PNG's path as the JSON records it: relative to the repository when inside it (the JSON is committed)."""
+    if path is None or not os.path.abspath(path).startswith(REPO + os.sep):
+        return path
+    return os.path.relpath(os.path.abspath(path), REPO)
+
+
 def heatmap(groups: list[dict], path: str) -> str | None:
     """Two panels (student − multitask at the student's / the whole budget), rows = model, columns = (budget, tasks)."""
     try:
@@ -418,7 +425,7 @@ def main() -> None:
                                 "alpha": cfgs[next(iter(cfgs))].distill.alpha,
                                 "routing": cfgs[next(iter(cfgs))].upcycle.routing},
                    **summary, "reproduction": reproduction(cells, previous.get("reproduction"), args.pipeline_report),
-                   "not_measured": not_measured, "png": heatmap(summary["groups"], png),
+                   "not_measured": not_measured, "png": png_relative(heatmap(summary["groups"], png)),
                    "cells": [cells[k] for k in sorted(cells)]}
         write_result(out, "regime", command_line(), started, payload, payload["table"])
         return payload

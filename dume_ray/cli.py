@@ -436,6 +436,9 @@ def _run(args: argparse.Namespace, state: dict) -> int:
         preflight(cfg)  # before anything is written: bad input leaves the run folder as it was
         check_local_format(cfg.run_dir)
         store = open_storage(cfg)  # reachable, writable, a compatible run; its finished stages pulled here
+        if store is not None and args.stage in EDIT_HELP:  # the parents to continue, as stored, not as found before the pull
+            from dume_ray.run_edit import finished_students
+            cfg.distill.continue_from = finished_students(cfg.run_dir, cfg)
         check_stage_inputs(cfg, order)
         check_local_resources(cfg, order)
     except ResourceShortage as exc:

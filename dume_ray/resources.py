@@ -46,9 +46,12 @@ def weights_bytes(model_dir: str) -> int:
     return sum(os.path.getsize(f) for f in files)
 
 
-def job_memory_bytes(model_dir: str, factor: float) -> int:
-    """The `memory=` a job on this model asks Ray for: its weights' size x `factor`, at least MIN_MEMORY_BYTES."""
-    return int(max(MIN_MEMORY_BYTES, weights_bytes(model_dir) * factor))
+def job_memory_bytes(model_dir: str, factor: float, largest_node: float = 0) -> int:
+    """The `memory=` a job on this model asks Ray for: its weights' size x `factor`, at least MIN_MEMORY_BYTES,
+    and at most `largest_node` (the most memory any node offers, when known): a request no node can meet would
+    leave the job queued forever, while a capped one runs where it fits best."""
+    wanted = max(MIN_MEMORY_BYTES, weights_bytes(model_dir) * factor)
+    return int(min(wanted, largest_node) if largest_node > 0 else wanted)
 
 
 def training_job_bundles(resources: ResourcesConfig) -> list[Bundle]:

@@ -255,6 +255,18 @@ class RunStorage:
         if rel:
             self.push(rel)
 
+    def remove(self, path: str) -> None:
+        """After `path` (a folder inside the run) was deleted locally: delete it on storage too, so no node
+        downloads it again (a continued student's parent weights, once the new model is in place)."""
+        rel = self.relative(path)
+        if not rel:
+            return
+        remote = _join(self.root, rel)
+        if self.fs.get_file_info(remote).type != pafs.FileType.NotFound:
+            self.fs.delete_dir(remote)
+        state = self._state()
+        self._save_state({k: v for k, v in state.items() if k != rel and not k.startswith(rel + "/")})
+
     # ---- helpers ---------------------------------------------------------------------------------------------
     def _state(self) -> dict:
         """{run-relative path: [local size, local mtime_ns, stored size, stored mtime]} at the last transfer."""
@@ -389,3 +401,10 @@ def push_path(path: str) -> None:
     store = active()
     if store is not None:
         store.push_path(path)
+
+
+def remove_path(path: str) -> None:
+    """`RunStorage.remove` for the run's storage, if any (no-op otherwise)."""
+    store = active()
+    if store is not None:
+        store.remove(path)

@@ -71,7 +71,7 @@ def fit_concurrently(train_fn: Callable, pending: dict[str, tuple[dict, object]]
         while queue and len(running) < limit:
             label, (loop_config, dataset) = queue.pop(0)
             loop_config = {**loop_config, "submitted_at": time.time()}  # the job's profile counts worker start from here
-            memory = job_memory_bytes(loop_config["init_dir"], TRAIN_MEMORY_FACTOR)
+            memory = job_memory_bytes(loop_config["init_dir"], TRAIN_MEMORY_FACTOR, largest_node_memory())
             ref = fit.options(memory=memory if resources.num_workers == 0 else None).remote(
                 train_fn, loop_config, {**to_dict(resources), "memory": memory}, dataset, storage_path, loop_config["run_name"])
             running[ref] = label, loop_config["submitted_at"]
@@ -90,6 +90,11 @@ def fit_concurrently(train_fn: Callable, pending: dict[str, tuple[dict, object]]
         if on_finish:
             on_finish(label, results[label])
     return results
+
+
+def largest_node_memory() -> float:
+    """The most `memory` any live node of the cluster offers Ray (0 when unknown)."""
+    return max((node["Resources"].get("memory", 0) for node in ray.nodes() if node.get("Alive")), default=0)
 
 
 def _fit(train_fn: Callable, loop_config: dict, resources: dict, dataset, storage_path: str, name: str) -> dict:

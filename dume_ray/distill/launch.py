@@ -93,6 +93,7 @@ def run_students(cfg: PipelineConfig, stages: list[str]) -> dict[str, dict]:
                                          metrics=result, inputs=inputs, seconds=time.time() - start)
         if parent_hash(cfg, stage):  # the new model and its manifest are in place: the parent's weights may go
             shutil.rmtree(parent_folder(cfg, stage), ignore_errors=True)
+            storage.remove_path(parent_folder(cfg, stage))
 
     try:
         fit_concurrently(train_fn_per_worker, pending, cfg.distill.resources,

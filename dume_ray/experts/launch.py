@@ -12,6 +12,7 @@ resources (`resources` section of the config). Finished experts are skipped on r
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
 import shutil
 import time
@@ -75,7 +76,8 @@ def run_experts(cfg: PipelineConfig) -> dict[str, dict]:
             st = cfg.soft_targets
             jobs[-1].extra_config["soft_targets"] = {
                 "rows": rows, "top_k": st.top_k, "batch_size": st.batch_size,
-                "shards_dir": os.path.abspath(f"{soft_target_group_dir(cfg, group)}/shards")}
+                # relative like the model's output_dir: a worker on another node writes into its own working copy
+                "shards_dir": f"{soft_target_group_dir(cfg, group)}/shards"}
 
     def mark_expert_done(group: str, result: dict) -> None:  # at once, so a driver crash keeps finished experts
         group_dir = f"{cfg.run_dir}/experts/{group}"
@@ -83,12 +85,15 @@ def run_experts(cfg: PipelineConfig) -> dict[str, dict]:
         manifests[group] = manifest.mark_done(group_dir, hashes[group], {"model": f"{group_dir}/model"},
                                               metrics=result, inputs={"base": base_dir, "tasks": cfg.groups[group]},
                                               seconds=result["train_seconds"])
-        if soft_targets:  # the group's soft-target manifest, as the soft_targets stage would write it
-            storage.fetch(soft_targets["shards"])  # with a storage URI: written by a worker maybe on another node
+        storage.push_path(group_dir)  # with a storage URI: a driver restarted elsewhere keeps this expert
+        # The group's soft-target manifest, as the soft_targets stage would write it, once its shards are here (with
+        # a storage URI a worker on another node wrote them); without them the soft_targets stage scores the group.
+        if soft_targets and glob.glob(os.path.join(storage.fetch(soft_targets["shards"]), "*.parquet")):
             manifest.mark_done(soft_target_group_dir(cfg, group), soft_target_group_hash(cfg, cfg.groups[group], hashes[group]),
                                {"shards": soft_targets["shards"]}, seconds=result["profile"].get("soft targets", 0.0),
                                inputs={"expert": f"{group_dir}/model", "tasks": cfg.groups[group]},
                                metrics={"rows": soft_targets["rows"], "bytes": soft_targets["bytes"], "scored_in": "expert job"})
+            storage.push_path(soft_target_group_dir(cfg, group))
 
     run_training_jobs(cfg, jobs, cfg.experts.optim, cfg.experts.resources, f"{cfg.run_dir}/experts",
                       trainable=expert_trainable(cfg.experts), on_finish=mark_expert_done)

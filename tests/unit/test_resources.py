@@ -69,3 +69,6 @@ def test_memory_requests_grow_with_the_model_and_have_a_floor(tmp_path):
     assert weights_bytes(str(small)) == 1000 and weights_bytes(str(big)) == 2 * 2**20
     assert job_memory_bytes(str(small), TRAIN_MEMORY_FACTOR) == MIN_MEMORY_BYTES  # tiny models: the floor
     assert job_memory_bytes(str(big), 200.0) == 400 * 2**20  # weights x factor
+    # never more than the largest node offers: a request no node meets would queue the job forever
+    assert job_memory_bytes(str(big), 200.0, largest_node=300 * 2**20) == 300 * 2**20
+    assert job_memory_bytes(str(big), 200.0, largest_node=0) == 400 * 2**20  # unknown: uncapped

@@ -7,6 +7,7 @@ and against an S3-compatible server (moto, on loopback; `s3_server` in tests/con
 import io
 import json
 import os
+import shutil
 import time
 
 import pyarrow.fs as pafs
@@ -218,3 +219,18 @@ def test_the_cli_adopts_a_local_run_on_new_storage_then_pulls_it_on_another_node
     open_storage(other)
     assert "3 file(s) fetched" in capsys.readouterr().out
     assert (tmp_path / "b" / "r" / "base" / "DONE.json").exists()
+
+
+def test_a_folder_removed_locally_is_removed_on_storage_and_not_pulled_again(store_uri, tmp_path):
+    run = tmp_path / "node_a" / "myrun"
+    _stage(run, "student", {"model/w.bin": "new", "parent-abc/w.bin": "old"})
+    store = RunStorage.for_run(store_uri, "myrun", str(run))
+    store.push()
+    assert "student/parent-abc/w.bin" in _stored(store)
+    shutil.rmtree(run / "student" / "parent-abc")
+    store.remove(str(run / "student" / "parent-abc"))
+    store.remove(str(run / "student" / "parent-abc"))  # twice: nothing left to delete is fine
+    assert sorted(_stored(store)) == ["student/DONE.json", "student/model/w.bin"]
+    other = tmp_path / "node_b" / "myrun"
+    RunStorage.for_run(store_uri, "myrun", str(other)).pull()
+    assert not (other / "student" / "parent-abc").exists() and (other / "student" / "model" / "w.bin").exists()
