@@ -167,7 +167,7 @@ class ResourcesConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     max_concurrent_jobs: int = 0  # experts trained at once; 0 = as many as the cluster's resources allow
-    torch_threads: int = 1  # intra-op threads per job on CPU, so concurrent jobs do not oversubscribe cores
+    torch_threads: int = 1  # intra-op threads per job on CPU, so concurrent jobs do not oversubscribe cores; in local mode a stage with fewer jobs than free cores multiplies this and cpus_per_worker by a whole share of them
     max_failures: int = 1  # Ray Train restarts a failed worker group this often, from its latest checkpoint
 
     def __post_init__(self) -> None:

@@ -54,6 +54,15 @@ def job_memory_bytes(model_dir: str, factor: float, largest_node: float = 0) -> 
     return int(min(wanted, largest_node) if largest_node > 0 else wanted)
 
 
+def idle_core_share(cpus_per_job: float, jobs: int, free_cpus: float, largest_node_cpus: float) -> int:
+    """How many times its configured CPUs (and torch threads) each of `jobs` local-mode jobs takes, so that
+    fewer jobs than free cores leave none idle (the base alone, one expert added to a finished run): a whole
+    share of the free CPUs, never more than one node holds; 1 when the jobs already fill the cluster."""
+    if jobs <= 0 or cpus_per_job <= 0:
+        return 1
+    return max(1, int(min(free_cpus / jobs, largest_node_cpus) // cpus_per_job))
+
+
 def training_job_bundles(resources: ResourcesConfig) -> list[Bundle]:
     """One Ray Train job: `num_workers` workers, or (local mode) the single Ray task that runs it."""
     if resources.num_workers == 0:

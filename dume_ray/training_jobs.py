@@ -24,7 +24,7 @@ from ray.train.torch import TorchTrainer
 from dume_ray import storage
 from dume_ray.config import OptimConfig, PipelineConfig, ResourcesConfig, to_dict
 from dume_ray.dashboards import mlflow_tracking_uri, tensorboard_dir
-from dume_ray.resources import TRAIN_MEMORY_FACTOR, job_memory_bytes
+from dume_ray.resources import TRAIN_MEMORY_FACTOR, idle_core_share, job_memory_bytes
 
 
 def job_config(cfg: PipelineConfig, label: str, init_dir: str, output_dir: str, optim: OptimConfig,
@@ -59,7 +59,12 @@ def fit_concurrently(train_fn: Callable, pending: dict[str, tuple[dict, object]]
     (`resources.job_memory_bytes`)."""
     limit = resources.max_concurrent_jobs or len(pending) or 1
     # In local mode the training runs inside the task, so the task holds the CPUs; otherwise it only drives.
-    task_cpus = resources.cpus_per_worker if resources.num_workers == 0 else 0
+    # Fewer local-mode jobs than free cores (the base alone, one added expert): each takes a whole share of them.
+    share = 1
+    if resources.num_workers == 0 and resources.torch_threads > 0:
+        share = idle_core_share(resources.cpus_per_worker, min(limit, len(pending)),
+                                ray.available_resources().get("CPU", 0), largest_node_cpus())
+    task_cpus = resources.cpus_per_worker * share if resources.num_workers == 0 else 0
     # A died task (its node lost, its process killed) is retried; the rerun resumes from the checkpoint.
     fit = ray.remote(num_cpus=task_cpus, max_retries=resources.max_failures)(_fit)
     queue, running, results, start = list(pending.items()), {}, {}, time.time()
@@ -70,7 +75,8 @@ def fit_concurrently(train_fn: Callable, pending: dict[str, tuple[dict, object]]
     while queue or running:
         while queue and len(running) < limit:
             label, (loop_config, dataset) = queue.pop(0)
-            loop_config = {**loop_config, "submitted_at": time.time()}  # the job's profile counts worker start from here
+            loop_config = {**loop_config, "submitted_at": time.time(),  # the job's profile counts worker start from here
+                           "torch_threads": loop_config["torch_threads"] * share}
             memory = job_memory_bytes(loop_config["init_dir"], TRAIN_MEMORY_FACTOR, largest_node_memory())
             ref = fit.options(memory=memory if resources.num_workers == 0 else None).remote(
                 train_fn, loop_config, {**to_dict(resources), "memory": memory}, dataset, storage_path, loop_config["run_name"])
@@ -90,6 +96,11 @@ def fit_concurrently(train_fn: Callable, pending: dict[str, tuple[dict, object]]
         if on_finish:
             on_finish(label, results[label])
     return results
+
+
+def largest_node_cpus() -> float:
+    """The most CPUs any live node of the cluster has (0 when unknown)."""
+    return max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node.get("Alive")), default=0)
 
 
 def largest_node_memory() -> float:

@@ -72,3 +72,13 @@ def test_memory_requests_grow_with_the_model_and_have_a_floor(tmp_path):
     # never more than the largest node offers: a request no node meets would queue the job forever
     assert job_memory_bytes(str(big), 200.0, largest_node=300 * 2**20) == 300 * 2**20
     assert job_memory_bytes(str(big), 200.0, largest_node=0) == 400 * 2**20  # unknown: uncapped
+
+
+def test_idle_core_share_gives_a_lone_job_the_free_cores_within_one_node():
+    from dume_ray.resources import idle_core_share
+    assert idle_core_share(1, jobs=1, free_cpus=2, largest_node_cpus=2) == 2  # one added expert on 2 cores
+    assert idle_core_share(1, jobs=6, free_cpus=2, largest_node_cpus=2) == 1  # six experts fill the machine
+    assert idle_core_share(1, jobs=2, free_cpus=8, largest_node_cpus=8) == 4
+    assert idle_core_share(1, jobs=1, free_cpus=2, largest_node_cpus=1) == 1  # two 1-CPU nodes: no 2-CPU task fits
+    assert idle_core_share(2, jobs=1, free_cpus=3, largest_node_cpus=4) == 1  # whole multiples of the request only
+    assert idle_core_share(1, jobs=0, free_cpus=4, largest_node_cpus=4) == 1
