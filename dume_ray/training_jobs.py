@@ -63,10 +63,11 @@ def fit_concurrently(train_fn: Callable, pending: dict[str, tuple[dict, object]]
     share = 1
     if resources.num_workers == 0 and resources.torch_threads > 0:
         share = idle_core_share(resources.cpus_per_worker, min(limit, len(pending)),
-                                ray.available_resources().get("CPU", 0), largest_node_cpus())
+                                ray.available_resources().get("CPU", 0), largest_node("CPU"))
     task_cpus = resources.cpus_per_worker * share if resources.num_workers == 0 else 0
     # A died task (its node lost, its process killed) is retried; the rerun resumes from the checkpoint.
     fit = ray.remote(num_cpus=task_cpus, max_retries=resources.max_failures)(_fit)
+    largest_memory = largest_node("memory")  # once per stage: a job's memory request never exceeds it
     queue, running, results, start = list(pending.items()), {}, {}, time.time()
     total = len(queue)
     store = storage.active()
@@ -77,7 +78,7 @@ def fit_concurrently(train_fn: Callable, pending: dict[str, tuple[dict, object]]
             label, (loop_config, dataset) = queue.pop(0)
             loop_config = {**loop_config, "submitted_at": time.time(),  # the job's profile counts worker start from here
                            "torch_threads": loop_config["torch_threads"] * share}
-            memory = job_memory_bytes(loop_config["init_dir"], TRAIN_MEMORY_FACTOR, largest_node_memory())
+            memory = job_memory_bytes(loop_config["init_dir"], TRAIN_MEMORY_FACTOR, largest_memory)
             ref = fit.options(memory=memory if resources.num_workers == 0 else None).remote(
                 train_fn, loop_config, {**to_dict(resources), "memory": memory}, dataset, storage_path, loop_config["run_name"])
             running[ref] = label, loop_config["submitted_at"]
@@ -98,14 +99,9 @@ def fit_concurrently(train_fn: Callable, pending: dict[str, tuple[dict, object]]
     return results
 
 
-def largest_node_cpus() -> float:
-    """The most CPUs any live node of the cluster has (0 when unknown)."""
-    return max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node.get("Alive")), default=0)
-
-
-def largest_node_memory() -> float:
-    """The most `memory` any live node of the cluster offers Ray (0 when unknown)."""
-    return max((node["Resources"].get("memory", 0) for node in ray.nodes() if node.get("Alive")), default=0)
+def largest_node(resource: str) -> float:
+    """The most of `resource` ("CPU", "memory") any live node of the cluster offers Ray (0 when unknown)."""
+    return max((node["Resources"].get(resource, 0) for node in ray.nodes() if node.get("Alive")), default=0)
 
 
 def _fit(train_fn: Callable, loop_config: dict, resources: dict, dataset, storage_path: str, name: str) -> dict:

@@ -38,7 +38,7 @@ from dume_ray.teacher_scoring import TeacherScorer
 from dume_ray.resources import SCORE_MEMORY_FACTOR, job_memory_bytes
 from dume_ray.stage_hashes import pipeline_hashes
 from dume_ray.tasks import encode_rows, load_tasks
-from dume_ray.training_jobs import largest_node_memory
+from dume_ray.training_jobs import largest_node
 
 
 def run_soft_targets(cfg: PipelineConfig, previous: dict | None = None) -> dict:
@@ -103,7 +103,7 @@ def score_groups(cfg: PipelineConfig, groups: list[str], experts: dict, base_dir
                                                   "device": "cuda" if cfg.soft_targets.gpus_per_actor > 0 else "cpu"},
             compute=ray.data.ActorPoolStrategy(size=cfg.soft_targets.num_actors), batch_size=cfg.soft_targets.batch_size,
             batch_format="numpy", num_cpus=cfg.soft_targets.cpus_per_actor, num_gpus=cfg.soft_targets.gpus_per_actor,
-            memory=job_memory_bytes(expert_dir, SCORE_MEMORY_FACTOR, largest_node_memory())))
+            memory=job_memory_bytes(expert_dir, SCORE_MEMORY_FACTOR, largest_node("memory"))))
     dataset = scored[0].union(*scored[1:]) if len(scored) > 1 else scored[0]
     os.makedirs(f"{cfg.run_dir}/soft_targets", exist_ok=True)
     done = {}
