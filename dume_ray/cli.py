@@ -86,7 +86,8 @@ EXAMPLES = {
                "python -m dume_ray run --config configs/demo.yaml grouping=from_search   # train with the winner"],
     "add-task": ["python -m dume_ray add-task --run runs/demo --task initials",
                  "python -m dume_ray add-task --run runs/demo --source '{name: faq, source: jsonl, data_files: "
-                 "{train: faq.jsonl, validation: faq_val.jsonl, test: faq_test.jsonl}}'"],
+                 "{train: faq.jsonl, validation: faq_val.jsonl, test: faq_test.jsonl}}'",
+                 "python -m dume_ray add-task --run s3://bucket/prefix/demo --task initials   # a run on storage"],
     "remove-task": ["python -m dume_ray remove-task --run runs/demo --task sub"],
 }
 
@@ -111,7 +112,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         epilog = EXIT_CODES + "\n\nexamples:\n" + "\n".join(f"  {line}" for line in EXAMPLES[name])
         p = sub.add_parser(name, help=text, description=text, epilog=epilog,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.add_argument("--run", required=True, help="the run folder to change, e.g. runs/demo (its config.yaml)")
+        p.add_argument("--run", required=True, help="the run to change: its folder, e.g. runs/demo, or its place on storage, "
+                            "e.g. s3://bucket/prefix/demo (<storage>/<name>)")
         p.add_argument("--task", action="append", default=[], help="a built-in task name (repeatable)")
         if name == "add-task":
             p.add_argument("--source", action="append", default=[],

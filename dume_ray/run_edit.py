@@ -4,6 +4,11 @@ retrains only what the change touches.
     python -m dume_ray add-task --run runs/demo --task shift
     python -m dume_ray add-task --run runs/demo --source '{name: faq, source: jsonl, data_files: {train: faq.jsonl, validation: faq_val.jsonl, test: faq_test.jsonl}}'
     python -m dume_ray remove-task --run runs/demo --task sub
+    python -m dume_ray add-task --run s3://bucket/prefix/demo --task shift    # a run on storage (`storage=`)
+
+`--run` is the run's local folder, or its place on storage (`<storage>/<name>`) when it has one: then its
+config.yaml is read from there, so any node can edit a run, with or without a working copy of it (the CLI
+pulls the stored stages before deciding what to redo).
 
 An expert and its soft targets depend on their own group's tasks only (`stage_hashes.task_data`), so with the
 edited config the `run` that follows trains one new expert and scores one new group (adding), or drops one
@@ -24,21 +29,17 @@ import tempfile
 
 from omegaconf import OmegaConf
 
-from dume_ray import manifest
+from dume_ray import manifest, storage
 from dume_ray.config import BUILTIN_TASK_NAMES, ConfigError, ContinueFromConfig, PipelineConfig, load_config, to_dict
 
 
-def edited_config(run_dir: str, add_tasks: list[str] = (), add_sources: list[str] = (), remove: list[str] = (),
+def edited_config(run: str, add_tasks: list[str] = (), add_sources: list[str] = (), remove: list[str] = (),
                   overrides: list[str] = ()) -> PipelineConfig:
-    """The run's `config.yaml` with built-in tasks `add_tasks`, user task sources `add_sources` (each a YAML
-    mapping as in `tasks.sources`) added and the tasks named in `remove` removed; ConfigError naming the task or
-    file at fault, before anything is written."""
-    path = os.path.join(run_dir, "config.yaml")
-    if not os.path.isfile(path):
-        raise ConfigError(f"{run_dir}: not a dume_ray run folder (no config.yaml); run the pipeline first")
-    cfg = load_config(path)
-    if os.path.abspath(cfg.run_dir) != os.path.abspath(run_dir):
-        raise ConfigError(f"{path}: this config belongs to the run folder {cfg.run_dir}, not {run_dir}")
+    """The config.yaml of the run `run` (a local run folder or a storage URI, `run_config`) with built-in tasks
+    `add_tasks`, user task sources `add_sources` (each a YAML mapping as in `tasks.sources`) added and the tasks
+    named in `remove` removed; ConfigError naming the task or file at fault, before anything is written."""
+    cfg = run_config(run)
+    run_dir = cfg.run_dir
     if not (add_tasks or add_sources or remove):
         raise ConfigError("nothing to do: name a task to add (--task / --source) or to remove (--task)")
     names = cfg.tasks.names
@@ -74,6 +75,32 @@ def edited_config(run_dir: str, add_tasks: list[str] = (), add_sources: list[str
         edited = load_config(edited_path, list(overrides))
     edited.distill.continue_from = finished_students(run_dir, edited)
     return edited
+
+
+def run_config(run: str) -> PipelineConfig:
+    """The config a run was made with: `<run>/config.yaml` of a local run folder, or of a run on storage
+    (`run` = `<storage>/<name>`, read with pyarrow.fs); ConfigError naming the folder or URI when it holds no run
+    or the config there belongs to another run folder."""
+    if not storage.is_uri(run):
+        path = os.path.join(run, "config.yaml")
+        if not os.path.isfile(path):
+            raise ConfigError(f"{run}: not a dume_ray run folder (no config.yaml); run the pipeline first")
+        cfg = load_config(path)
+        if os.path.abspath(cfg.run_dir) != os.path.abspath(run):
+            raise ConfigError(f"{path}: this config belongs to the run folder {cfg.run_dir}, not {run}")
+        return cfg
+    text = storage.read_text(run, "config.yaml")
+    if text is None:
+        raise ConfigError(f"{run}: no dume_ray run there (no config.yaml); check the URI (<storage>/<name>)")
+    with tempfile.TemporaryDirectory() as scratch:
+        path = os.path.join(scratch, "config.yaml")
+        with open(path, "w") as f:
+            f.write(text)
+        cfg = load_config(path)
+    stored_at = storage.RunStorage.for_run(cfg.storage, cfg.name, cfg.run_dir).uri if cfg.storage else ""
+    if stored_at.split("?")[0].rstrip("/") != run.split("?")[0].rstrip("/"):
+        raise ConfigError(f"{run}/config.yaml: this config belongs to the run {stored_at or cfg.run_dir}, not {run}")
+    return cfg
 
 
 STUDENT_STAGES = ("student", "multitask")

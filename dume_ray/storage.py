@@ -384,6 +384,26 @@ def active() -> Optional[RunStorage]:
 _ACTIVE: Optional[tuple] = None
 
 
+def is_uri(path: str) -> bool:
+    """Whether `path` names a place on storage (`s3://...`, `gs://...`, `file://...`) rather than a local path."""
+    return "://" in path
+
+
+def read_text(uri: str, rel: str) -> Optional[str]:
+    """The text of `<uri>/<rel>` on storage, read with pyarrow.fs; None when there is no such file, ConfigError
+    naming the URI when the storage cannot be read."""
+    fs, root = resolve(uri)
+    path = _join(root, rel)
+    try:
+        if fs.get_file_info(path).type != pafs.FileType.File:
+            return None
+        with fs.open_input_stream(path) as f:
+            return f.read().decode()
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{uri}: cannot read {rel} there ({_short(exc)}); check the URI, the bucket, the "
+                          f"credentials and the endpoint (AWS_ENDPOINT_URL)") from None
+
+
 def ensure_local(path: str) -> str:
     """`RunStorage.ensure_local` for the run's storage, if any; returns the path to read."""
     store = active()

@@ -1,11 +1,13 @@
 """The whole tiny pipeline with its run folder on S3 (`storage=s3://bucket/prefix`), the store being moto's
 server on loopback (`s3_server` in tests/conftest.py); then the outputs are read back with plain pyarrow.fs.
 
-    .venv/bin/python -m pytest -q tests/smoke/test_storage_run.py      # about 90 s on 2 CPUs
+    .venv/bin/python -m pytest -q tests/smoke/test_storage_run.py      # about 2 min on 2 CPUs
 
 What it shows: every stage's manifest and FORMAT.json are on storage, the student loads with plain
-transformers from the stored files, and another node's empty working copy, pulled from storage, sees every
-stage finished for this config (what `run` checks before it skips a stage).
+transformers from the stored files, another node's empty working copy, pulled from storage, sees every
+stage finished for this config (what `run` checks before it skips a stage), and from a third working directory
+with no copy of the run, `add-task --run s3://.../smoke` trains only the new task's expert and leaves the
+stored experts' manifests as they were.
 """
 
 import json
@@ -25,7 +27,7 @@ STAGES = {"base": "base", "experts/copy": "experts/copy", "experts/reverse": "ex
 
 
 def test_tiny_pipeline_with_its_run_folder_on_s3(tmp_path, s3_env, new_bucket):
-    overrides = [f"runs_dir={tmp_path / 'node_a'}", f"storage=s3://{new_bucket}/prefix", "upcycle.dume_plus_steps=0"]
+    overrides = ["runs_dir=runs", f"storage=s3://{new_bucket}/prefix", "upcycle.dume_plus_steps=0"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run([sys.executable, "-m", "dume_ray", "run", "--config", TINY, *overrides], cwd=tmp_path,
@@ -70,3 +72,15 @@ def test_tiny_pipeline_with_its_run_folder_on_s3(tmp_path, s3_env, new_bucket):
     hashes = pipeline_hashes(cfg)
     for folder, key in STAGES.items():
         assert manifest.is_done(f"{cfg.run_dir}/{folder}", hashes[key]), folder
+
+    # ---- that node adds a task to the stored run, naming it by its URI: one new expert, the others reused -----
+    node_b = tmp_path / "node_b_cli"
+    node_b.mkdir()
+    experts_before = {g: read(f"experts/{g}/DONE.json") for g in ("copy", "reverse", "add")}
+    proc = subprocess.run([sys.executable, "-m", "dume_ray", "add-task", "--run", f"s3://{new_bucket}/prefix/smoke",
+                           "--task", "sort"], cwd=node_b, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert json.loads(read("experts/sort/DONE.json"))["metrics"]["steps"] == 4
+    assert {g: read(f"experts/{g}/DONE.json") for g in experts_before} == experts_before  # untouched on storage
+    assert "sort" in json.loads(read("eval/report.json"))["tasks"]
+    assert (node_b / "runs" / "smoke" / "experts" / "copy" / "DONE.json").exists()  # its working copy, pulled

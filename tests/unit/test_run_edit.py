@@ -150,3 +150,40 @@ def test_an_unfinished_student_is_retrained_even_with_continue(tmp_path):
     mark_done(f"{cfg.run_dir}/student", "h", {"model": f"{cfg.run_dir}/student/model"})  # manifest, no model folder
     added = edited_config(cfg.run_dir, add_tasks=["shift"])
     assert added.distill.continue_from.student == "" and added.distill.continue_from.multitask == ""
+
+
+@pytest.fixture(params=["file", "s3"])
+def stored_run(request, tmp_path):
+    """A finished run's config on storage (a file:// folder, or a moto S3 bucket) and no working copy here."""
+    from dume_ray.storage import RunStorage
+
+    where = f"file://{tmp_path / 'storage'}" if request.param == "file" else f"s3://{request.getfixturevalue('new_bucket')}/p"
+    cfg = finished_run(tmp_path / "node_a", f"storage={where}")
+    store = RunStorage.for_run(cfg.storage, cfg.name, cfg.run_dir)
+    store.push()
+    return cfg, store.uri
+
+
+def test_a_run_on_storage_is_edited_from_its_uri_without_a_working_copy(stored_run, tmp_path, monkeypatch):
+    cfg, uri = stored_run
+    monkeypatch.chdir(tmp_path)  # another node: no runs/ folder here
+    added = edited_config(uri, add_tasks=["shift"])
+    assert added.tasks.names == ["copy", "reverse", "sort", "shift"] and added.storage == cfg.storage
+    assert changed_stages(cfg, added) == {"experts/shift", "soft_targets/shift", "soft_targets", "upcycle", "student",
+                                          "multitask", "eval"}
+    with pytest.raises(ConfigError, match="no dume_ray run there"):
+        edited_config(uri + "-other", add_tasks=["shift"])
+    with pytest.raises(ConfigError, match="'copy' is already in this run"):
+        edited_config(uri, add_tasks=["copy"])
+
+
+def test_a_stored_config_that_belongs_to_another_run_is_named(stored_run):
+    cfg, uri = stored_run
+    from dume_ray.storage import resolve
+
+    fs, root = resolve(uri)
+    fs.create_dir(f"{root}-copy")
+    with fs.open_output_stream(f"{root}-copy/config.yaml") as f:  # the run copied to another prefix by hand
+        f.write(open(f"{cfg.run_dir}/config.yaml", "rb").read())
+    with pytest.raises(ConfigError, match="belongs to the run"):
+        edited_config(uri + "-copy", add_tasks=["shift"])
