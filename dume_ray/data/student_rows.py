@@ -14,7 +14,8 @@ key never depends on the other rows, the subsets nest:
 * a smaller budget reads a subset of a larger one's rows (a continued student after `add-task` reads rows
   its parent's soft targets already hold);
 * more rows (a group added) only push rows out of the other groups' subsets, never in; fewer rows (a group
-  removed) can pull rows in, so the soft_targets stage checks each kept group's count (`is_covered`).
+  removed) can pull rows in, so the soft_targets stage rescores a kept group that now holds too few
+  (`soft_targets.launch.short_groups`).
 
     from dume_ray.data.student_rows import rows_read
     keep = rows_read(["copy/train/0", ...], budget=720, seed=0)     # a set of example ids

@@ -4,7 +4,8 @@
     python -m dume_ray multitask --config configs/demo.yaml
 
 Both read the soft-target shards as one Ray Data stream (passed to the TorchTrainer as `datasets={"train": ...}`
-and consumed with `get_dataset_shard`), start from the same init, and use `distill.optim` and
+and consumed with `get_dataset_shard`) holding exactly the rows each reads (`data.student_rows.rows_read`:
+steps x batch size rows, the draw the scorers scored; every row when that covers them all), start from the same init, and use `distill.optim` and
 `distill.resources`; the multitask baseline sets alpha = 0 (plain mixed CE). `python -m dume_ray run` trains
 the two side by side (`run_distill_and_multitask`), each in its own TorchTrainer, each with its own manifest.
 

@@ -1,4 +1,5 @@
-"""Driver side of the `soft_targets` stage: every expert scores its own group's training examples.
+"""Driver side of the `soft_targets` stage: every expert scores its own group's training examples (those the
+student will read, `soft_targets.rows=read`, drawn by `data.student_rows.rows_read`; or all of them).
 
     python -m dume_ray soft-targets --config configs/demo.yaml soft_targets.top_k=16
 
