@@ -130,7 +130,7 @@ def test_the_shards_hold_exactly_the_rows_read_with_the_bytes_of_scoring_every_r
     assert read == [r for r in every if r["example_id"] in keep]  # ids, float16 log-probs and tails, exactly
     # the stage's pool path: the saved expert loaded again, the same rows in the same batches
     pool = score_rows(TeacherScorer(expert_dir, TOP_K), keep_rows(rows, keep), TOP_K, BATCH).to_pylist()
-    assert [r["topk_logprobs"] for r in pool] == [r["topk_logprobs"] for r in read]
+    assert pool == read
 
 
 def test_a_student_that_reads_every_row_still_scores_every_row(tiny_model_dir):
@@ -145,3 +145,9 @@ def test_a_group_the_student_never_reads_gets_an_empty_validated_shard(tiny_mode
     st = {"rows": [], "top_k": TOP_K, "batch_size": BATCH, "shards_dir": str(tmp_path / "none")}
     written = score_soft_targets(model, load_tokenizer(str(tmp_path / "expert")), {"soft_targets": st})
     assert written["rows"] == 0 and _shard_rows(written) == []
+
+
+def test_an_unknown_rows_setting_is_a_config_error_naming_the_key():
+    from dume_ray.config import ConfigError
+    with pytest.raises(ConfigError, match=r"soft_targets\.rows must be one of \('read', 'all'\), got 'some'"):
+        load_config("configs/demo.yaml", ["soft_targets.rows=some"])
