@@ -151,3 +151,25 @@ def test_an_unknown_rows_setting_is_a_config_error_naming_the_key():
     from dume_ray.config import ConfigError
     with pytest.raises(ConfigError, match=r"soft_targets\.rows must be one of \('read', 'all'\), got 'some'"):
         load_config("configs/demo.yaml", ["soft_targets.rows=some"])
+
+
+def test_after_remove_task_a_kept_group_holding_too_few_rows_is_scored_again(tiny_model_dir, tmp_path):
+    """`soft_targets.launch.short_groups`: a group whose manifest holds fewer rows than the student now reads
+    from it (its share grew when another group left) is scored again; one holding enough is kept."""
+    from dume_ray import manifest
+    from dume_ray.experts.launch import soft_target_group_dir
+    from dume_ray.soft_targets.launch import short_groups
+
+    cfg = load_config(None, ["tasks.builtin=[copy,reverse,add]", "tasks.num_train=40", "distill.optim.batch_size=4",
+                             "distill.optim.steps=6", f"runs_dir={tmp_path}", "model.max_seq_len=32"])
+    tasks = load_tasks(cfg.tasks, load_tokenizer(tiny_model_dir), cfg.model.max_seq_len)
+    keep = scored_rows(cfg, tasks)
+    needed = {g: len(keep & set(train_ids(tasks, names))) for g, names in cfg.groups.items()}
+    assert sum(needed.values()) == 24
+    for g in cfg.groups:  # copy holds one row too few, the others exactly what is read
+        held = needed[g] - 1 if g == "copy" else needed[g]
+        manifest.mark_done(soft_target_group_dir(cfg, g), "h", {"shards": "x"}, metrics={"rows": held})
+    assert short_groups(cfg, list(cfg.groups), tiny_model_dir) == ["copy"]
+    every = load_config(None, ["tasks.builtin=[copy,reverse,add]", "tasks.num_train=40", "distill.optim.steps=6",
+                               "soft_targets.rows=all", f"runs_dir={tmp_path}"])
+    assert short_groups(every, list(every.groups), tiny_model_dir) == []  # every row scored: nothing to check
