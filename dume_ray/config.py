@@ -31,6 +31,7 @@ LOCAL_TASK_FORMATS = ("jsonl", "json", "parquet", "csv")
 TOO_LONG_POLICIES = ("error", "drop", "truncate")
 TEACHER_SCHEDULES = ("interleaved", "sequential", "annealed")  # distill.teacher_schedule
 AFTER_EDIT = ("continue", "retrain")  # distill.after_edit
+SOFT_TARGET_ROWS = ("read", "all")  # soft_targets.rows
 ROUTING_GRANULARITIES = ("token", "sequence_mean", "whole_sequence", "prompt")  # upcycle.routing
 
 
@@ -223,6 +224,9 @@ class SoftTargetsConfig:
     gpus_per_actor: float = 0.0  # fractional GPUs are fine: several small teachers can share one card
     cache_max_mb: float = 1024.0  # shards up to this size (on disk) are read once into Ray's object store for training
     in_expert_jobs: bool = True  # each expert's training job scores its group at its end, on the model it holds; false = actor pools in the soft_targets stage
+    rows: str = "read"  # which training rows get soft targets: "read" = only those the student (and baseline) will read,
+    #   steps x batch_size rows drawn by data.student_rows (every row when that covers them all); "all" = every row,
+    #   for a student to be rerun with more steps on the same soft targets
 
     def __post_init__(self) -> None:
         _check(self.top_k >= 1, f"soft_targets.top_k must be >= 1, got {self.top_k}")
@@ -231,6 +235,7 @@ class SoftTargetsConfig:
         _check(math.isfinite(self.cpus_per_actor) and self.cpus_per_actor >= 0, f"soft_targets.cpus_per_actor must be >= 0, got {self.cpus_per_actor}")
         _check(math.isfinite(self.gpus_per_actor) and self.gpus_per_actor >= 0, f"soft_targets.gpus_per_actor must be >= 0, got {self.gpus_per_actor}")
         _check(self.cache_max_mb >= 0, f"soft_targets.cache_max_mb must be >= 0, got {self.cache_max_mb}")
+        _check(self.rows in SOFT_TARGET_ROWS, f"soft_targets.rows must be one of {SOFT_TARGET_ROWS}, got {self.rows!r}")
 
 
 @dataclass

@@ -14,6 +14,8 @@ config that leaves them alone keeps its hashes. The dependency graph is all in t
 
 An expert and its group's soft targets depend on that group's own tasks only (`task_data`), so a run that
 gains or loses a task retrains one expert and rescores one group; the student reads the union of the groups.
+With `soft_targets.rows=read` a group's soft targets also hash the student's read budget (`score_budget`:
+steps x batch size), since that decides which of its rows are scored (data/student_rows.py).
 A student (or baseline) continued after such an edit (`distill.continue_from`, set by `add-task`) hashes its
 parent's stage hash and its own steps instead of its init, so a chain of edits gives a chain of hashes.
 
@@ -71,8 +73,33 @@ def expert_hash(base: str, task_names: list[str], cfg: PipelineConfig) -> str:
 
 
 def soft_target_group_hash(cfg: PipelineConfig, task_names: list[str], expert: str) -> str:
-    """One group's soft targets: its expert, its tasks' training rows, and k."""
-    return config_hash("soft_targets", expert, cfg.soft_targets.top_k, task_data(cfg, task_names))
+    """One group's soft targets: its expert, its tasks' training rows, k, and which of the rows get targets
+    (`score_budget`: the hash of a group scored on every row is the one it had before the subsets existed)."""
+    budget = score_budget(cfg)
+    rows = () if budget is None else (("read", budget),)
+    return config_hash("soft_targets", expert, cfg.soft_targets.top_k, task_data(cfg, task_names), *rows)
+
+
+def read_budget(cfg: PipelineConfig, stage: str) -> int:
+    """How many rows `stage` ("student" or "multitask") reads: its steps x batch size (`student_optim`), the
+    budget `data.student_rows.rows_read` draws its rows with."""
+    optim = student_optim(cfg, stage)
+    return optim.steps * optim.batch_size
+
+
+def score_budget(cfg: PipelineConfig) -> int | None:
+    """The budget the soft targets are scored for: what a student trained from the init reads (`distill.optim`),
+    or a continued student's when that is larger. A continued student (`add-task`) reads a subset of those rows
+    (data/student_rows.py), so its parent's groups keep their hash and their shards. None = every training
+    row, with `soft_targets.rows=all` or when the config alone shows the students read them all (built-in tasks
+    only: at most num_train rows each)."""
+    if cfg.soft_targets.rows == "all":
+        return None
+    optim = cfg.distill.optim
+    budget = max(optim.steps * optim.batch_size, *(read_budget(cfg, stage) for stage in ("student", "multitask")))
+    if not cfg.tasks.sources and budget >= cfg.tasks.num_train * len(cfg.tasks.names):
+        return None
+    return budget
 
 
 def soft_targets_hash(cfg: PipelineConfig, expert_hashes: dict[str, str]) -> str:

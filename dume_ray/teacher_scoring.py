@@ -8,7 +8,8 @@ and the log of the mass outside the top k, in the schema of `data/soft_targets.p
 
 `score_rows` runs it in this process over a list of rows, for the loops without Ray Data (the search
 proxy, benchmarks/end_to_end.py). `write_group_shards` is how an expert's training job scores its own
-group at its end, on the model it holds (`TeacherScorer.from_model`, no second load; `experts/worker.py`):
+group (the rows the student reads, `data/student_rows.py`) at its end, on the model it holds
+(`TeacherScorer.from_model`, no second load; `experts/worker.py`):
 the same batches as `score_rows`, so the same bytes as the `soft_targets` stage's pool given the same
 batch size. It sits below the stage packages (the expert stage uses it, and the soft_targets stage comes
 after that one). Pure: no Ray here. Tested in tests/unit/test_model_and_training.py and
@@ -83,10 +84,11 @@ def score_rows(model_dir: str | TeacherScorer, rows: list[dict], top_k: int, bat
 
 
 def write_group_shards(scorer: TeacherScorer, rows: list[dict], batch_size: int, shards_dir: str, vocab_size: int) -> dict:
-    """Score `rows` (one expert group's training rows) and write them as that group's shards folder: one
-    Parquet shard, validated (schema, ids, distributions, one row per example) before the folder is renamed
-    into place. {"shards": folder, "rows": n, "bytes": size on disk}."""
-    table = score_rows(scorer, rows, scorer.top_k, batch_size)
+    """Score `rows` (the expert group's training rows the student reads) and write them as that group's shards
+    folder: one Parquet shard, validated (schema, ids, distributions, one row per example) before the folder is
+    renamed into place; an empty shard when the student reads none of the group's rows.
+    {"shards": folder, "rows": n, "bytes": size on disk}."""
+    table = score_rows(scorer, rows, scorer.top_k, batch_size) if rows else rows_to_table([], min(scorer.top_k, vocab_size))
     k = int(table.schema.metadata[b"top_k"])
     with atomic_dir(shards_dir) as tmp:
         write_shard(table, os.path.join(tmp, "part-00000.parquet"))

@@ -4,7 +4,8 @@
     python -m dume_ray multitask --config configs/demo.yaml
 
 Both read the soft-target shards as one Ray Data stream (passed to the TorchTrainer as `datasets={"train": ...}`
-and consumed with `get_dataset_shard`), start from the same init, and use `distill.optim` and
+and consumed with `get_dataset_shard`) holding exactly the rows each reads (`data.student_rows.rows_read`:
+steps x batch size rows, the draw the scorers scored; every row when that covers them all), start from the same init, and use `distill.optim` and
 `distill.resources`; the multitask baseline sets alpha = 0 (plain mixed CE). `python -m dume_ray run` trains
 the two side by side (`run_distill_and_multitask`), each in its own TorchTrainer, each with its own manifest.
 
@@ -22,6 +23,7 @@ import shutil
 import time
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray.data
 from ray.data.datasource import FileShuffleConfig
@@ -29,13 +31,14 @@ from ray.data.datasource import FileShuffleConfig
 from dume_ray import manifest, storage
 from dume_ray.config import PipelineConfig
 from dume_ray.data.encode import stream_order
+from dume_ray.data.student_rows import rows_read, train_ids
 from dume_ray.distill.on_policy import ExpertTeacher
 from dume_ray.distill.worker import train_fn_per_worker
 from dume_ray.experts.launch import finished_experts
 from dume_ray.model import build_embedded_model, check_same_vocab, load_tokenizer
 from dume_ray.soft_targets.launch import checked_soft_targets
 from dume_ray.run_edit import parent_folder, parent_model
-from dume_ray.stage_hashes import parent_hash, pipeline_hashes, student_hash, student_optim
+from dume_ray.stage_hashes import parent_hash, pipeline_hashes, read_budget, student_hash, student_optim
 from dume_ray.tasks import load_tasks
 from dume_ray.training_jobs import fit_concurrently, job_config, validation_pairs
 
@@ -72,13 +75,18 @@ def run_students(cfg: PipelineConfig, stages: list[str]) -> dict[str, dict]:
     soft_targets = checked_soft_targets(cfg)  # every shard validated (regenerated if bad) before it is trained on
     tokenizer = load_tokenizer(base_dir)
     tasks = load_tasks(cfg.tasks, tokenizer, cfg.model.max_seq_len)
-    stream = soft_target_stream(soft_targets, cfg.soft_targets.cache_max_mb, cfg.seed)
+    all_ids = train_ids(tasks, [t for names in cfg.groups.values() for t in names])
+    reads = {stage: rows_read(all_ids, read_budget(cfg, stage), cfg.seed) for stage in todo}  # the scorers' draw
+    streams = {}  # one per (rows read, schedule): the student and baseline share it when both agree
     pending, inits = {}, {}
     for stage in todo:
         inits[stage] = continued_init(cfg, stage) or student_init(cfg, base_dir, f"{cfg.run_dir}/{stage}/init")
         check_same_vocab(base_dir, inits[stage])
-        stage_stream = stream if stage == "multitask" or cfg.distill.teacher_schedule == "interleaved" else \
-            soft_target_stream(soft_targets, cfg.soft_targets.cache_max_mb, cfg.seed, cfg.distill.teacher_schedule)
+        schedule = "interleaved" if stage == "multitask" else cfg.distill.teacher_schedule
+        key = (frozenset(reads[stage]), schedule)
+        if key not in streams:
+            streams[key] = soft_target_stream(soft_targets, cfg.soft_targets.cache_max_mb, cfg.seed, schedule, reads[stage])
+        stage_stream = streams[key]
         pending[stage] = (_loop_config(cfg, stage, stage_hashes[stage], inits[stage], tasks, len(tokenizer)), stage_stream)
     teachers = start_teachers(cfg, tokenizer, pending) if "student" in pending and cfg.distill.on_policy_ratio > 0 else {}
 
@@ -134,10 +142,14 @@ def _loop_config(cfg: PipelineConfig, stage: str, stage_hash: str, init_dir: str
     }
 
 
-def soft_target_stream(soft_targets: dict, cache_max_mb: float, seed: int,
-                       schedule: str = "interleaved") -> ray.data.Dataset:
+def soft_target_stream(soft_targets: dict, cache_max_mb: float, seed: int, schedule: str = "interleaved",
+                       reads: set[str] | None = None) -> ray.data.Dataset:
     """The shards as one Ray Dataset, its rows mixed across tasks (the shards hold one expert group each), or
     in the order of another `distill.teacher_schedule` ("sequential", "annealed": `data.encode.stream_order`).
+
+    `reads`: the example ids the stage reads (`data.student_rows.rows_read`, the draw the scorers made); the
+    stream holds exactly those rows. StageInputError, before any training, when one of them has no soft target
+    (the shards were scored for fewer rows); None = every row of the shards.
 
     Up to `cache_max_mb` on disk, the rows are read once, put in one seeded order and handed to Ray as
     in-memory blocks (Ray Train's advice for data that fits in memory: every epoch iterates blocks already in
@@ -146,8 +158,18 @@ def soft_target_stream(soft_targets: dict, cache_max_mb: float, seed: int,
     within the workers' local shuffle buffer, so the other schedules need the stream in memory."""
     groups = list(soft_targets["outputs"]["shards"])
     paths = [p for g in groups for p in sorted(glob.glob(os.path.join(soft_targets["outputs"]["shards"][g], "*.parquet")))]
+    scored = {e for path in paths for e in pq.read_table(path, columns=["example_id"]).column("example_id").to_pylist()}
+    subset = reads is not None and reads != scored
+    if reads is not None and not reads <= scored:
+        missing = sorted(reads - scored)
+        raise manifest.StageInputError(
+            f"{len(missing)} of the {len(reads)} rows this stage reads have no soft targets in the shards of "
+            f"{groups} (e.g. {missing[0]!r}): they were scored for fewer rows (soft_targets.rows); rerun the "
+            f"soft-targets stage for this config")
     if soft_targets["metrics"].get("bytes", float("inf")) <= cache_max_mb * 2**20:
         table = pa.concat_tables([pq.read_table(path) for path in paths])
+        if subset:
+            table = table.filter(pc.is_in(table.column("example_id"), value_set=pa.array(sorted(reads), pa.string())))
         table = table.take(stream_order(table.column("group").to_pylist(), groups, seed, schedule))
         block = max(1, -(-table.num_rows // 16))
         return ray.data.from_arrow([table.slice(i, block) for i in range(0, table.num_rows, block)])
@@ -158,8 +180,14 @@ def soft_target_stream(soft_targets: dict, cache_max_mb: float, seed: int,
     shuffle = FileShuffleConfig(seed=seed, reseed_after_execution=True)
     store = storage.active()
     if store is not None:  # the read tasks may run on any node: read the stored copies, not this node's
-        return ray.data.read_parquet(sorted(store.remote_path(p) for p in paths), filesystem=store.fs, shuffle=shuffle)
-    return ray.data.read_parquet(sorted(paths), shuffle=shuffle)
+        dataset = ray.data.read_parquet(sorted(store.remote_path(p) for p in paths), filesystem=store.fs, shuffle=shuffle)
+    else:
+        dataset = ray.data.read_parquet(sorted(paths), shuffle=shuffle)
+    if subset:  # shards scored for more rows than this stage reads (a continued student): keep its rows
+        keep = pa.array(sorted(reads), pa.string())
+        dataset = dataset.map_batches(lambda t: t.filter(pc.is_in(t.column("example_id"), value_set=keep)),
+                                      batch_format="pyarrow")
+    return dataset
 
 
 def continued_init(cfg: PipelineConfig, stage: str) -> str:

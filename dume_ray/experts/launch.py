@@ -23,9 +23,10 @@ import ray.data
 from dume_ray import manifest, storage
 from dume_ray.config import PipelineConfig, ResourcesConfig
 from dume_ray.data.encode import training_order
+from dume_ray.data.student_rows import keep_rows, rows_read, train_ids
 from dume_ray.experts.worker import train_fn_per_worker
 from dume_ray.model import create_initial_model, expert_trainable, load_tokenizer
-from dume_ray.stage_hashes import base_hash, base_tasks, expert_hash, pipeline_hashes, soft_target_group_hash
+from dume_ray.stage_hashes import base_hash, base_tasks, expert_hash, pipeline_hashes, score_budget, soft_target_group_hash
 from dume_ray.tasks import encode_rows, load_tasks
 from dume_ray.training_jobs import fit_concurrently, job_config, mean_score, validation_pairs
 
@@ -63,6 +64,7 @@ def run_experts(cfg: PipelineConfig) -> dict[str, dict]:
     tokenizer = load_tokenizer(base_dir)
     tasks = load_tasks(cfg.tasks, tokenizer, cfg.model.max_seq_len)
     manifests, jobs, hashes = {}, [], {}
+    scored = scored_rows(cfg, tasks)  # the example ids the student will read (soft_targets.rows)
     for group, names in cfg.groups.items():
         group_dir = f"{cfg.run_dir}/experts/{group}"
         hashes[group] = expert_hash(base["config_hash"], names, cfg)
@@ -75,7 +77,7 @@ def run_experts(cfg: PipelineConfig) -> dict[str, dict]:
         if cfg.soft_targets.in_expert_jobs:  # the job scores its group's soft targets on the model it holds
             st = cfg.soft_targets
             jobs[-1].extra_config["soft_targets"] = {
-                "rows": rows, "top_k": st.top_k, "batch_size": st.batch_size,
+                "rows": keep_rows(rows, scored), "top_k": st.top_k, "batch_size": st.batch_size,
                 # relative like the model's output_dir: a worker on another node writes into its own working copy
                 "shards_dir": f"{soft_target_group_dir(cfg, group)}/shards"}
 
@@ -98,6 +100,13 @@ def run_experts(cfg: PipelineConfig) -> dict[str, dict]:
     run_training_jobs(cfg, jobs, cfg.experts.optim, cfg.experts.resources, f"{cfg.run_dir}/experts",
                       trainable=expert_trainable(cfg.experts), on_finish=mark_expert_done)
     return manifests
+
+
+def scored_rows(cfg: PipelineConfig, tasks: dict) -> set[str]:
+    """The example ids that get soft targets: the rows the student reads (`soft_targets.rows=read`, drawn from
+    every group's training rows with `stage_hashes.score_budget`), or every row. Both scoring paths (an expert's
+    job, the soft_targets stage's pool) call this, so they score the same rows."""
+    return rows_read(train_ids(tasks, [t for names in cfg.groups.values() for t in names]), score_budget(cfg), cfg.seed)
 
 
 def soft_target_group_dir(cfg: PipelineConfig, group: str) -> str:

@@ -1,4 +1,5 @@
-"""Driver side of the `soft_targets` stage: every expert scores its own group's training examples.
+"""Driver side of the `soft_targets` stage: every expert scores its own group's training examples (those the
+student will read, `soft_targets.rows=read`, drawn by `data.student_rows.rows_read`; or all of them).
 
     python -m dume_ray soft-targets --config configs/demo.yaml soft_targets.top_k=16
 
@@ -30,13 +31,14 @@ import ray.data
 
 from dume_ray import manifest, storage
 from dume_ray.config import PipelineConfig
-from dume_ray.data.soft_targets import SoftTargetError, validate_shards
-from dume_ray.experts.launch import finished_experts
+from dume_ray.data.soft_targets import SoftTargetError, rows_to_table, validate_shards, write_shard
+from dume_ray.data.student_rows import keep_rows, train_ids
+from dume_ray.experts.launch import finished_experts, scored_rows
 from dume_ray.experts.launch import soft_target_group_dir as group_dir
 from dume_ray.model import check_same_vocab, load_tokenizer
 from dume_ray.teacher_scoring import TeacherScorer
 from dume_ray.resources import SCORE_MEMORY_FACTOR, job_memory_bytes
-from dume_ray.stage_hashes import pipeline_hashes
+from dume_ray.stage_hashes import pipeline_hashes, score_budget
 from dume_ray.tasks import encode_rows, load_tasks
 from dume_ray.training_jobs import largest_node
 
@@ -60,6 +62,7 @@ def run_soft_targets(cfg: PipelineConfig, previous: dict | None = None) -> dict:
     experts = finished_experts(cfg)
     base_dir = manifest.require(f"{cfg.run_dir}/base", "base", hashes["base"])["outputs"]["model"]
     todo = [g for g in cfg.groups if not manifest.is_done(group_dir(cfg, g), hashes[f"soft_targets/{g}"])]
+    todo += short_groups(cfg, [g for g in cfg.groups if g not in todo], base_dir)
     in_jobs = [g for g in cfg.groups if g not in todo and previous.get(g) != hashes[f"soft_targets/{g}"]
                and manifest.read_manifest(group_dir(cfg, g)).get("metrics", {}).get("scored_in") == "expert job"]
     reused = [g for g in cfg.groups if g not in todo and g not in in_jobs]
@@ -82,6 +85,21 @@ def run_soft_targets(cfg: PipelineConfig, previous: dict | None = None) -> dict:
                                        "bytes": sum(groups[g]["metrics"]["bytes"] for g in cfg.groups)})
 
 
+def short_groups(cfg: PipelineConfig, groups: list[str], base_dir: str) -> list[str]:
+    """Of `groups` (soft targets done for this config's hash), those holding fewer rows than the student now
+    reads from them: with `soft_targets.rows=read`, after a group was removed the others' shares of the reads
+    grow (data/student_rows.py). A group's rows are the first of one seeded order, so counts tell."""
+    if score_budget(cfg) is None or not groups:
+        return []
+    tasks = load_tasks(cfg.tasks, load_tokenizer(base_dir), cfg.model.max_seq_len)
+    keep = scored_rows(cfg, tasks)
+    needed = {g: len(keep.intersection(train_ids(tasks, cfg.groups[g]))) for g in groups}
+    short = [g for g in groups if manifest.read_manifest(group_dir(cfg, g))["metrics"]["rows"] < needed[g]]
+    if short:
+        print(f"[soft_targets] {short}: the student now reads more of their rows than were scored, scoring again", flush=True)
+    return short
+
+
 def score_groups(cfg: PipelineConfig, groups: list[str], experts: dict, base_dir: str, hashes: dict) -> dict[str, dict]:
     """One Ray Data pipeline per group on its own expert's actor pool, unioned so the groups score at once; the
     Parquet files (one group each: union keeps blocks apart) are sorted into each group's shards folder, which is
@@ -91,12 +109,16 @@ def score_groups(cfg: PipelineConfig, groups: list[str], experts: dict, base_dir
     tasks = load_tasks(cfg.tasks, tokenizer, cfg.model.max_seq_len)
     group_of = {t: g for g, names in cfg.groups.items() for t in names}
     top_k = min(cfg.soft_targets.top_k, len(tokenizer))
+    keep = scored_rows(cfg, tasks)  # the rows the student reads (soft_targets.rows), as the expert jobs score them
     scored, expected = [], {}
     for group in groups:
         expert_dir = experts[group]["outputs"]["model"]
         check_same_vocab(expert_dir, base_dir)
-        rows = encode_rows({t: tasks[t] for t in cfg.groups[group]}, tokenizer, "train", cfg.model.max_seq_len, group_of)
+        rows = keep_rows(encode_rows({t: tasks[t] for t in cfg.groups[group]}, tokenizer, "train", cfg.model.max_seq_len,
+                                     group_of), keep)
         expected[group] = len(rows)
+        if not rows:  # the student reads none of this group's rows: an empty shard, nothing to score
+            continue
         scored.append(ray.data.from_items(rows).map_batches(
             TeacherScorer, fn_constructor_kwargs={"model_dir": expert_dir, "top_k": cfg.soft_targets.top_k,
                                                   "dtype": cfg.model.dtype, "torch_threads": 1,
@@ -104,11 +126,11 @@ def score_groups(cfg: PipelineConfig, groups: list[str], experts: dict, base_dir
             compute=ray.data.ActorPoolStrategy(size=cfg.soft_targets.num_actors), batch_size=cfg.soft_targets.batch_size,
             batch_format="numpy", num_cpus=cfg.soft_targets.cpus_per_actor, num_gpus=cfg.soft_targets.gpus_per_actor,
             memory=job_memory_bytes(expert_dir, SCORE_MEMORY_FACTOR, largest_node("memory"))))
-    dataset = scored[0].union(*scored[1:]) if len(scored) > 1 else scored[0]
     os.makedirs(f"{cfg.run_dir}/soft_targets", exist_ok=True)
     done = {}
     with tempfile.TemporaryDirectory(dir=f"{cfg.run_dir}/soft_targets", prefix=".scoring-") as scratch:
-        write_scored(dataset, scratch)
+        if scored:
+            write_scored(scored[0].union(*scored[1:]) if len(scored) > 1 else scored[0], scratch)
         files = {group: [] for group in groups}
         for path in sorted(glob.glob(os.path.join(scratch, "*.parquet"))):
             files[_group_of_file(path)].append(path)
@@ -118,6 +140,8 @@ def score_groups(cfg: PipelineConfig, groups: list[str], experts: dict, base_dir
             with manifest.atomic_dir(shards_dir) as tmp_dir:
                 for path in files[group]:
                     os.replace(path, os.path.join(tmp_dir, os.path.basename(path)))
+                if not files[group]:
+                    write_shard(rows_to_table([], top_k), os.path.join(tmp_dir, "part-00000.parquet"))
                 rows_written = validate_shards(tmp_dir, len(tokenizer), top_k, expected[group])
             print(f"[soft_targets] {group}: {rows_written} examples -> {shards_dir}", flush=True)
             done[group] = manifest.mark_done(

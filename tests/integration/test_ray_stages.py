@@ -61,3 +61,12 @@ def test_soft_target_stream_mixes_the_groups_in_memory_and_streams_large_shards(
         assert sorted(r["example_id"] for r in rows) == sorted(f"{n}/train/{i}" for n in ("copy", "reverse", "sort") for i in range(40))
     assert len({r["group"] for r in in_memory[:16]}) == 3  # the first two batches of 8 already mix every group
     assert [r["example_id"] for r in soft_target_stream(manifest, 1.0, seed=0).take_all()] == [r["example_id"] for r in in_memory]
+    # A stage reading a subset (a continued student: data.student_rows.rows_read) gets exactly it, either way;
+    # one reading a row the shards lack stops before training, naming it.
+    from dume_ray.data.student_rows import rows_read
+    from dume_ray.manifest import StageInputError
+    reads = rows_read([f"{n}/train/{i}" for n in ("copy", "reverse", "sort") for i in range(40)], 30, seed=0)
+    for cache in (1.0, 0.0):
+        assert sorted(r["example_id"] for r in soft_target_stream(manifest, cache, 0, reads=reads).take_all()) == sorted(reads)
+    with pytest.raises(StageInputError, match="1 of the 31 rows this stage reads have no soft targets.*'add/train/0'"):
+        soft_target_stream(manifest, 1.0, seed=0, reads=reads | {"add/train/0"})

@@ -27,7 +27,7 @@ def _results_snapshot() -> dict:
 
 @pytest.mark.smoke
 @pytest.mark.parametrize("script", ["storage", "stream_cost", "scaling", "quality", "end_to_end", "select_defaults",
-                                    "on_policy", "add_task", "search_predicts", "curves", "regime"])
+                                    "on_policy", "add_task", "search_predicts", "curves", "regime", "soft_rows"])
 def test_benchmark_runs_tiny_and_writes_json(script, tmp_path):
     before = _results_snapshot()
     out = tmp_path / f"{script}.json"

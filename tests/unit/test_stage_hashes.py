@@ -67,6 +67,9 @@ ROWS = {
     "soft_targets.gpus_per_actor": [((), "soft_targets.gpus_per_actor=0.5", NOTHING)],
     "soft_targets.cache_max_mb": [((), "soft_targets.cache_max_mb=0", NOTHING)],
     "soft_targets.in_expert_jobs": [((), "soft_targets.in_expert_jobs=false", NOTHING)],  # same bytes either way
+    # The student reads 600 x 32 = 19,200 rows of 6,000: every row either way. Reading 7 x 32 = 224, "all" scores more.
+    "soft_targets.rows": [((), "soft_targets.rows=all", NOTHING),
+                          (("distill.optim.steps=7",), "soft_targets.rows=all", SOFT_TARGETS)],
     "distill.alpha": [((), "distill.alpha=0.3", STUDENT)],
     "distill.temperature": [((), "distill.temperature=3.0", STUDENT)],
     "distill.divergence": [((), "distill.divergence=reverse_kl", STUDENT)],
@@ -88,7 +91,12 @@ ROWS = {
     "distill.continue_steps": [((), "distill.continue_steps=5", NOTHING),   # nothing continued: unused
                                (("distill.continue_from.student=abc",), "distill.continue_steps=5", STUDENT),
                                (("distill.continue_from.student=abc", "distill.continue_from.multitask=def"),
-                                "distill.continue_steps=5", STUDENTS)],
+                                "distill.continue_steps=5", STUDENTS),
+                               # a continued student reading more rows than its parent needs more rows scored
+                               (("distill.optim.steps=7", "distill.continue_from.student=abc"),
+                                "distill.continue_steps=5", STUDENT),
+                               (("distill.optim.steps=7", "distill.continue_from.student=abc"),
+                                "distill.continue_steps=20", SOFT_TARGETS)],
     "distill.continue_from.student": [((), "distill.continue_from.student=abc", STUDENT)],
     "distill.continue_from.multitask": [((), "distill.continue_from.multitask=def", {"multitask", "eval"})],
     "distill.init": [((), "distill.init=scratch", STUDENTS)],
@@ -122,6 +130,13 @@ for section, trained in (("base", EVERYTHING), ("experts", FROM_EXPERTS), ("dist
         ROWS[f"{section}.resources.{knob}"] = [((), f"{section}.resources.{knob}={value}", NOTHING)]
     ROWS[f"{section}.resources.use_gpu"] = [((f"{section}.resources.num_workers=1",), f"{section}.resources.use_gpu=true",
                                              NOTHING)]
+# With soft_targets.rows=read the student's steps x batch size decide which rows get soft targets, once it reads
+# fewer rows than there are (6,000 here): 7 x 32 = 224, 32 x 4 = 128 and 100 x 32 = 3,200 rows.
+ROWS["distill.optim.steps"] = [((), "distill.optim.steps=7", SOFT_TARGETS),
+                               (("distill.optim.steps=100",), "distill.optim.steps=7", SOFT_TARGETS),
+                               (("soft_targets.rows=all",), "distill.optim.steps=7", STUDENTS)]
+ROWS["distill.optim.batch_size"] = [((), "distill.optim.batch_size=4", SOFT_TARGETS),
+                                    (("soft_targets.rows=all",), "distill.optim.batch_size=4", STUDENTS)]
 ROWS["base.optim.lr"].append((("base.enabled=false",), "base.optim.lr=0.01", NOTHING))  # an untrained base
 SEARCH_FLIPS = {"num_samples": "3", "max_groups": "2", "groupings": "['copy | reverse | add']",
                 "temperature": "[1.0,2.0]", "alpha": "[0.5,1.0]", "seed_with_affinity": "false",
