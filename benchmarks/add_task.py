@@ -46,12 +46,14 @@ PHASES = ["worker start", "model build", "data load", "steps", "checkpoint", "sa
           "teardown", "job wall"]
 
 
-def resource_overrides(kind: str, node_cpus: int) -> list[str]:
-    """`shared`: the config's resources (one core, one torch thread per expert); `whole-node`: each expert asks
-    for every CPU of the node and as many torch threads, so a full run's experts queue one after another."""
+def resource_overrides(kind: str, node_cpus: int, threads: int = 0) -> list[str]:
+    """`shared`: the config's resources (one core, one torch thread per expert); `whole-node`: each expert (and the
+    base) asks for every CPU of the node, so a full run's experts queue one after another, with `threads` torch
+    threads (0: as many as the node's CPUs)."""
     if kind == "shared":
         return []
-    return [f"experts.resources.cpus_per_worker={node_cpus}", f"experts.resources.torch_threads={node_cpus}"]
+    return [f"{stage}.resources.{key}={value}" for stage in ("experts", "base")
+            for key, value in (("cpus_per_worker", node_cpus), ("torch_threads", threads or node_cpus))]
 
 
 def expert_jobs(run_dir: str, tasks: list[str], finished_after: float) -> list[dict]:
@@ -152,6 +154,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--expert-steps", type=int, default=200, help="experts.optim.steps")
     parser.add_argument("--resources", choices=["shared", "whole-node", "both"], default="shared")
+    parser.add_argument("--whole-node-threads", type=int, default=0,
+                        help="torch threads of a whole-node expert (0 = the node's CPUs; 1 where other processes load "
+                             "the machine: two threads that must meet at every op crawl when cores are oversubscribed)")
     parser.add_argument("--no-student", action="store_true", help="skip the continued-vs-retrained student comparison")
     parser.add_argument("--runs-dir", default="runs/bench-add-task")
     parser.add_argument("--tiny", action="store_true")
@@ -173,27 +178,28 @@ def main() -> None:
     for i in range(1 if args.tiny else args.rounds):
         for kind in kinds:  # the settings side by side in each round: the same load for both
             prefix = "" if kind == "shared" else f"{kind}-"
-            rounds[kind].append(one_round(runs_dir, i, overrides + resource_overrides(kind, node_cpus), log, prefix,
+            rounds[kind].append(one_round(runs_dir, i, overrides + resource_overrides(kind, node_cpus, args.whole_node_threads), log, prefix,
                                           student=not args.no_student and kind == kinds[0]))
         if not args.no_student:  # the first setting's added run: its 3-task student finished in the setup
             students.append(student_continue_vs_retrain(runs_dir, i, rounds[kinds[0]][-1]["added_argv"], log,
                                                         "" if kinds[0] == "shared" else f"{kinds[0]}-"))
         for kind in kinds:
             rounds[kind][-1].pop("added_argv", None)
-        report(out, started, rounds, students, overrides, node_cpus, steps)  # after every round: a cut run keeps its rounds
+        report(out, started, rounds, students, overrides, node_cpus, steps, args.whole_node_threads)  # after every round: a cut run keeps its rounds
 
 
 def report(out: str, started: float, rounds: dict[str, list[dict]], students: list[dict], overrides: list[str],
-           node_cpus: int, steps: int) -> None:
+           node_cpus: int, steps: int, threads: int = 0) -> None:
     """The tables of the rounds so far, printed and written with them to `out`."""
     tables, medians = [], {}
     for kind, found in rounds.items():
         table, medians[kind] = cost_table(found)
-        tables.append(f"experts.resources {kind} ({node_cpus} CPUs, {steps} steps per expert, "
+        tables.append(f"experts.resources {kind} ({' '.join(resource_overrides(kind, node_cpus, threads)) or 'the config'}, "
+                      f"{node_cpus} CPUs, {steps} steps per expert, "
                       f"{len(found)} round(s)):\n\n{table}\n\n{profile_table(found)}")
     table = "\n\n".join(tables) + f"\n\ngoal: added / full <= 1/{len(TASKS)} = {1 / len(TASKS):.2f} (issue 15)"
     payload = {"tasks": TASKS, "overrides": overrides, "node_cpus": node_cpus,
-               "resource_overrides": {kind: resource_overrides(kind, node_cpus) for kind in rounds},
+               "resource_overrides": {kind: resource_overrides(kind, node_cpus, threads) for kind in rounds},
                "rounds": rounds, "medians": medians, "goal_ratio": 1 / len(TASKS),
                "wall_ratio_median": {kind: medians[kind]["wall_ratio"]["ratio_median"] for kind in rounds}}
     if students:
