@@ -119,11 +119,11 @@ def cost_table(rounds: list[dict]) -> tuple[str, dict]:
     for key in ("experts_s", "soft_targets_s", "expert_steps", "expert_jobs_cpu_s", "driver_cpu_s", "process_start_cpu_s"):
         full = statistics.median(r["full"][key] for r in rounds)
         added = statistics.median(r["added"][key] for r in rounds)
-        ratios = [r["added"][key] / r["full"][key] if r["full"][key] else float("nan") for r in rounds]
-        medians[key] = {"full": full, "added": added, "ratio_median": statistics.median(ratios),
-                        "ratio_min": min(ratios), "ratio_max": max(ratios)}
-        rows.append([key, f"{full:.1f}", f"{added:.1f}", f"{statistics.median(ratios):.2f}",
-                     f"{min(ratios):.2f}–{max(ratios):.2f}"])
+        ratios = [r["added"][key] / r["full"][key] for r in rounds if r["full"][key]]  # a warm Ray starts no process
+        medians[key] = {"full": full, "added": added, "ratio_median": statistics.median(ratios) if ratios else None,
+                        "ratio_min": min(ratios, default=None), "ratio_max": max(ratios, default=None)}
+        rows.append([key, f"{full:.1f}", f"{added:.1f}", f"{statistics.median(ratios):.2f}" if ratios else "–",
+                     f"{min(ratios):.2f}–{max(ratios):.2f}" if ratios else "–"])
     for name, keys in (("wall", ("experts_s", "soft_targets_s")), ("cpu", ("cpu_s",))):
         ratios = [sum(r["added"][k] for k in keys) / sum(r["full"][k] for k in keys) for r in rounds]
         medians[f"{name}_ratio"] = {"ratio_median": statistics.median(ratios), "ratio_min": min(ratios),
