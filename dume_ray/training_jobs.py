@@ -118,7 +118,20 @@ def _fit(train_fn: Callable, loop_config: dict, resources: dict, dataset, storag
                              failure_config=FailureConfig(max_failures=resources["max_failures"])),
         datasets={"train": dataset},
     )
-    return trainer.fit().return_value
+    global _JOBS_IN_THIS_PROCESS
+    cpu = time.process_time()
+    result = trainer.fit().return_value
+    if result:  # the compute the job cost, beside its wall time: every thread of this process (local mode: the
+        #          whole job; with Ray Train workers only the driving of them, their own CPU is in their processes)
+        result["cpu_seconds"] = round(time.process_time() - cpu, 2)
+        # a worker process's first job also paid its start (interpreter, imports of torch and Ray Train); Ray
+        # reuses the process for later jobs, which then pay none
+        result["process_start_cpu_seconds"] = round(cpu, 2) if _JOBS_IN_THIS_PROCESS == 0 else 0.0
+    _JOBS_IN_THIS_PROCESS += 1
+    return result
+
+
+_JOBS_IN_THIS_PROCESS = 0  # `_fit` calls so far in this (Ray worker) process
 
 
 def local_checkpoint_dir(job_dir: str, config_hash: str, resources: ResourcesConfig):

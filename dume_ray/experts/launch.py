@@ -138,7 +138,10 @@ def run_training_jobs(cfg: PipelineConfig, jobs: list[TrainingJob], optim, resou
         loop_config = {**job_config(cfg, job.label, job.init_dir, job.output_dir, optim, resources, job.config_hash,
                                     job.validation, os.path.basename(stage_dir)),
                        "trainable": trainable or {}, "keep_in_memory": True, **job.extra_config}  # rows from memory
-        pending[job.label] = (loop_config, ray.data.from_items(training_order(job.rows, cfg.seed)))
+        # A few blocks per worker, not Ray Data's default 200 (one `ray.put` each on the driver, one fetch each in
+        # the job: ~0.3 s per job on 2 cores for 1,000 rows); a job reads its rows once and keeps them in memory.
+        rows = ray.data.from_items(training_order(job.rows, cfg.seed), override_num_blocks=4 * max(1, resources.num_workers))
+        pending[job.label] = (loop_config, rows)
     return fit_concurrently(train_fn_per_worker, pending, resources, os.path.abspath(f"{stage_dir}/ray_train"),
                             stage=os.path.basename(stage_dir), on_finish=on_finish)
 
