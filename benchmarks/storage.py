@@ -64,12 +64,12 @@ def kl_full_vs_topk(logprobs, k: int):
     return float(kl.mean()), (ids, topk_lp, tail)
 
 
-def shard_bytes(path: str, n_tokens: int) -> tuple[float, float]:
+def shard_bytes(path: str, n_tokens: int, columns=SOFT_COLUMNS) -> tuple[float, float]:
     """(whole file, soft-target columns only) bytes per response token."""
     import pyarrow.parquet as pq
     meta = pq.ParquetFile(path).metadata
     soft = sum(meta.row_group(g).column(c).total_compressed_size for g in range(meta.num_row_groups)
-               for c in range(meta.num_columns) if meta.row_group(g).column(c).path_in_schema.split(".")[0] in SOFT_COLUMNS)
+               for c in range(meta.num_columns) if meta.row_group(g).column(c).path_in_schema.split(".")[0] in columns)
     return os.path.getsize(path) / n_tokens, soft / n_tokens
 
 
@@ -110,6 +110,17 @@ def demo_teacher_logprobs(args, cfg, work: str):
             model = quick_expert(model, task_rows, tokenizer.pad_token_id, cfg.experts, args.finetune_steps)
             score(f"stand-in experts: {source} fine-tuned {args.finetune_steps} steps per task as the experts stage does", model, rows)
     return {label: (torch.cat(lps), rows) for label, (lps, rows) in out.items()}
+
+
+def cached_teacher_logprobs(args, cfg, work: str):
+    """demo_teacher_logprobs, read from / written to `--logprobs-cache` when given."""
+    import torch
+    if args.logprobs_cache and os.path.exists(args.logprobs_cache):
+        return torch.load(args.logprobs_cache, weights_only=False)
+    teachers = demo_teacher_logprobs(args, cfg, work)
+    if args.logprobs_cache:
+        torch.save(teachers, args.logprobs_cache)
+    return teachers
 
 
 def quick_expert(model, rows, pad_id: int, experts_cfg, steps: int):
@@ -281,6 +292,134 @@ def measure_schemes(name: str, logprobs, rows, vocab: int, work: str, ks=SCHEME_
     return out
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Adaptive k: per response token keep the fewest top tokens that meet a rule, capped at k. Fine-tuned experts
+# are near-deterministic on most response tokens, so a fixed k wastes bytes there and starves the uncertain ones.
+# Stored as variable-length lists plus one count per token (uint8); ids uint16 (V <= 65,536) or int32.
+#   mass eps:  stop once the kept mass >= 1 - eps;
+#   kl delta:  stop once KL(p ‖ kept + uniform tail) <= delta (computed exactly from the full log-probs the
+#              scorer holds, so the rule aims at the number measured here).
+# Tails: "uniform" spreads the tail mass over the V − k_t tokens not kept (the definition above); "base"
+# spreads it in proportion to the base model's probabilities at the same position (the distill student starts
+# from the base and the bucket loss leaves the shape of the tail to the student, so this is the tail the student
+# keeps at its start), measured only where the base was scored on the same rows.
+# ---------------------------------------------------------------------------------------------------------
+
+ADAPTIVE_CODECS = {  # name -> (ids type, log-prob codec, tail codec)
+    "int32 ids + fp16 log-probs + fp32 tail": ("int32", "fp16", "fp32"),
+    "uint16 ids + 8-bit log-probs (1/16 nat) + 8-bit tail": ("uint16", ("log", 8, 1 / 16), ("log", 8, 1 / 16)),
+}
+ADAPTIVE_RULES = (("mass", 0.01), ("mass", 0.003), ("kl", 0.05), ("kl", 0.02), ("kl", 0.01))
+ADAPTIVE_CAPS = (32, 64)
+
+
+def adaptive_counts(logprobs, cap: int, rule: tuple[str, float], chunk: int = 256):
+    """(top values [n, cap] float32, top ids [n, cap], kept count per token [n] int64, exact tail log-mass [n]
+    at the kept counts) for one rule (see above)."""
+    import torch
+    n, vocab = logprobs.shape
+    cap = min(cap, vocab - 1)
+    parts = []
+    for s in range(0, n, chunk):
+        lp = logprobs[s:s + chunk].double()  # [c, V]
+        values, ids = torch.topk(lp, cap, dim=-1)  # [c, cap], sorted descending
+        below = torch.logsumexp(lp.scatter(-1, ids, float("-inf")), dim=-1, keepdim=True)  # [c, 1]: beyond the cap
+        rest = torch.logcumsumexp(values.flip(-1), dim=-1).flip(-1)  # [c, cap]: logsumexp(values[j:])
+        # tail log-mass after keeping j = 1..cap tokens, without the cancellation of log(1 - cumsum)
+        tails = torch.cat([torch.logaddexp(below, rest[:, 1:]), below], dim=1)  # [c, cap]
+        if rule[0] == "mass":
+            ok = tails <= torch.log(torch.tensor(rule[1], dtype=torch.float64))
+        else:  # KL(p ‖ top-j + uniform tail) = sum_tail p log p - m log(m / (V - j))
+            total = (lp.exp() * lp).nan_to_num(0.0).sum(-1, keepdim=True)  # [c, 1] = -H
+            kept_plogp = torch.cumsum((values.exp() * values).nan_to_num(0.0), dim=-1)  # [c, cap]
+            j = torch.arange(1, cap + 1, dtype=torch.float64)
+            ok = (total - kept_plogp) - (tails.exp() * (tails - torch.log(vocab - j))).nan_to_num(0.0) <= rule[1]
+        first = torch.where(ok.any(-1), ok.float().argmax(-1) + 1, torch.full((ok.shape[0],), cap))  # [c]
+        parts.append((values.float(), ids, first, tails.gather(1, (first - 1).unsqueeze(1)).squeeze(1).float()))
+    return tuple(torch.cat(x) for x in zip(*parts))
+
+
+def adaptive_kl(logprobs, ids, counts, top_deq, tail_deq, ref_logprobs=None, chunk: int = 256) -> float:
+    """Mean KL(p ‖ q) in nats: q = dequantised kept probs (the first counts[t] of each row of ids/top_deq) +
+    dequantised tail mass spread uniformly (ref_logprobs None) or in proportion to exp(ref_logprobs) over the
+    tokens not kept, renormalised to sum 1."""
+    import torch
+    n, vocab = logprobs.shape
+    cap = ids.shape[1]
+    total = 0.0
+    for s in range(0, n, chunk):
+        p = logprobs[s:s + chunk].float()  # [c, V]
+        c_ids, c_cnt = ids[s:s + chunk].long(), counts[s:s + chunk]
+        kept = torch.arange(cap).unsqueeze(0) < c_cnt.unsqueeze(1)  # [c, cap]
+        in_kept = torch.zeros_like(p, dtype=torch.bool).scatter_(1, c_ids, kept)  # [c, V] (scatter of bools: last wins,
+        # ids are distinct per row)
+        tail = tail_deq[s:s + chunk].float().unsqueeze(1)  # [c, 1]
+        if ref_logprobs is None:
+            q = (tail - torch.log((vocab - c_cnt).float()).unsqueeze(1)).expand_as(p).clone()
+        else:
+            r = ref_logprobs[s:s + chunk].float().masked_fill(in_kept, float("-inf"))
+            q = tail + r - torch.logsumexp(r, dim=-1, keepdim=True)
+        q = torch.where(in_kept, torch.full_like(p, 0.0).scatter_(1, c_ids, top_deq[s:s + chunk].float()), q)
+        q = q - torch.logsumexp(q, dim=-1, keepdim=True)
+        total += float((p.exp() * (p - q)).nan_to_num(0.0).sum())
+    return total / n
+
+
+def measure_adaptive(name: str, logprobs, rows, vocab: int, work: str, ref_logprobs=None,
+                     rules=ADAPTIVE_RULES, caps=ADAPTIVE_CAPS) -> list[dict]:
+    """For every rule, cap and codec: the variable-length Parquet table (bytes measured) and KL(full ‖ decoded),
+    with a uniform tail and, given ref_logprobs (the base on the same rows), a base-shaped one."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    n_resp = [len(r["input_ids"]) - r["response_start"] for r in rows]
+    offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(n_resp, out=offsets[1:])
+    out = []
+    for cap in caps:
+        for rule in rules:
+            values, ids, counts, tail = adaptive_counts(logprobs, cap, rule)
+            cnt = counts.numpy()
+            tok_start = np.zeros(len(cnt) + 1, dtype=np.int64)
+            np.cumsum(cnt, out=tok_start[1:])
+            kept = (torch.arange(ids.shape[1]).unsqueeze(0) < counts.unsqueeze(1)).numpy()
+            for codec_name, (id_type, lp_codec, tail_codec) in ADAPTIVE_CODECS.items():
+                if id_type == "uint16" and vocab > 65536:
+                    continue
+                lp_stored, lp_deq = quantise(values.numpy(), lp_codec)
+                tail_stored, tail_deq = quantise(tail.numpy(), tail_codec)
+                flat_ids, flat_lp = ids.numpy()[kept].astype(id_type), lp_stored[kept]  # row-major: token by token
+                per = lambda flat, i: flat[tok_start[offsets[i]]:tok_start[offsets[i + 1]]]  # noqa: E731
+                table = pa.table({
+                    "example_id": [str(r["example_id"]) for r in rows], "task": [str(r["task"]) for r in rows],
+                    "group": [str(r["group"]) for r in rows],
+                    "input_ids": pa.array([np.asarray(r["input_ids"], np.int32) for r in rows], pa.list_(pa.int32())),
+                    "response_start": pa.array([int(r["response_start"]) for r in rows], pa.int32()),
+                    "topk_ids": pa.array([per(flat_ids, i) for i in range(len(rows))], pa.list_(pa.from_numpy_dtype(flat_ids.dtype))),
+                    "topk_logprobs": pa.array([per(flat_lp, i) for i in range(len(rows))], pa.list_(pa.from_numpy_dtype(flat_lp.dtype))),
+                    "tail_logmass": pa.array([tail_stored[offsets[i]:offsets[i + 1]] for i in range(len(rows))],
+                                             pa.list_(pa.from_numpy_dtype(tail_stored.dtype))),
+                    "topk_counts": pa.array([cnt[offsets[i]:offsets[i + 1]].astype(np.uint8) for i in range(len(rows))], pa.list_(pa.uint8())),
+                })
+                path = os.path.join(work, f"{name.split()[0]}-adaptive-{rule[0]}{rule[1]}-cap{cap}-{id_type}.parquet")
+                pq.write_table(table, path)
+                whole, soft = shard_bytes(path, int(offsets[-1]), SOFT_COLUMNS + ("topk_counts",))
+                top_deq, tail_deq_t = torch.from_numpy(lp_deq), torch.from_numpy(tail_deq)
+                tails = {"uniform": None, "base": ref_logprobs} if ref_logprobs is not None else {"uniform": None}
+                for tail_name, ref in tails.items():
+                    kl = adaptive_kl(logprobs, ids, counts, top_deq, tail_deq_t, ref)
+                    out.append({"teacher": name, "scheme": f"adaptive k ({rule[0]} {rule[1]:g}, cap {cap}), {tail_name} tail: {codec_name}",
+                                "vocab": vocab, "k": cap, "k_stored": cap, "mean_k": float(cnt.mean()),
+                                "median_k": float(np.median(cnt)), "rule": list(rule), "tail": tail_name,
+                                "tokens": int(offsets[-1]), "bytes_per_token_file": whole, "bytes_per_token_soft_columns": soft,
+                                "full_fp32_bytes_per_token": 4 * vocab, "compression_vs_full": 4 * vocab / soft,
+                                "kl_full_vs_topk_nats": kl})
+                    print(f"{out[-1]['scheme']}: mean k {cnt.mean():.2f}, {soft:.1f} B/token, KL {kl:.4f}", flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="configs/demo.yaml")
@@ -294,6 +433,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--finetune-steps", type=int, default=0,
                         help="when --run-dir has no experts: fine-tune the base this many steps per task as stand-in experts")
     parser.add_argument("--no-synthetic", action="store_true", help="only the config's teachers, no 150k-vocab Zipf rows")
+    parser.add_argument("--logprobs-cache", default=None,
+                        help="a .pt file: load the teachers' log-probs and rows from it if it exists, else compute and save them "
+                             "there (the teachers cost minutes; the schemes are measured again on the same numbers)")
+    parser.add_argument("--no-adaptive", action="store_true", help="skip the adaptive-k schemes")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -304,12 +447,16 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(os.path.join(REPO, args.config), ["tasks.builtin=[copy,reverse]", "tasks.num_train=32"] if args.tiny else [])
     work = tempfile.mkdtemp(prefix="bench-storage-")
 
-    teachers = demo_teacher_logprobs(args, cfg, work)
+    teachers = cached_teacher_logprobs(args, cfg, work)
     labels, results = [], []
     for teacher, (demo_lp, demo_rows) in teachers.items():
         labels.append(f"{cfg.name} ({teacher})")
         results += measure(labels[-1], demo_lp, demo_rows, demo_lp.shape[1], work, args.ks)
         results += measure_schemes(labels[-1], demo_lp, demo_rows, demo_lp.shape[1], work, args.scheme_ks)
+        base = next((lp for t, (lp, _) in teachers.items() if not t.startswith("stand-in") and t != teacher), None)
+        if not args.no_adaptive:  # the base-shaped tail only for stand-in experts (their base is scored on the same rows)
+            results += measure_adaptive(labels[-1], demo_lp, demo_rows, demo_lp.shape[1], work,
+                                        base if teacher.startswith("stand-in") else None)
     big_rows = synthetic_rows(args.big_rows, 4, args.big_vocab)
     for s in () if args.no_synthetic else (2.0, 1.1):
         results += measure(f"synthetic Zipf s={s}", zipf_logprobs(4 * args.big_rows, args.big_vocab, s), big_rows, args.big_vocab,

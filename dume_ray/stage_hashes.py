@@ -71,8 +71,11 @@ def expert_hash(base: str, task_names: list[str], cfg: PipelineConfig) -> str:
 
 
 def soft_target_group_hash(cfg: PipelineConfig, task_names: list[str], expert: str) -> str:
-    """One group's soft targets: its expert, its tasks' training rows, and k."""
-    return config_hash("soft_targets", expert, cfg.soft_targets.top_k, task_data(cfg, task_names))
+    """One group's soft targets: its expert, its tasks' training rows, k, and kl_max when adaptive (left out at
+    its default 0, so fixed-k runs keep their hashes)."""
+    st = cfg.soft_targets
+    k = (st.top_k, "kl_max", st.kl_max) if st.kl_max > 0 else st.top_k
+    return config_hash("soft_targets", expert, k, task_data(cfg, task_names))
 
 
 def soft_targets_hash(cfg: PipelineConfig, expert_hashes: dict[str, str]) -> str:
