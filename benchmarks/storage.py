@@ -305,8 +305,9 @@ def measure_schemes(name: str, logprobs, rows, vocab: int, work: str, ks=SCHEME_
 # keeps at its start), measured only where the base was scored on the same rows.
 # ---------------------------------------------------------------------------------------------------------
 
+ADAPTIVE_STORED = "stored format: int32 ids + fp16 log-probs + fp32 tail + uint8 counts"
 ADAPTIVE_CODECS = {  # name -> (ids type, log-prob codec, tail codec)
-    "int32 ids + fp16 log-probs + fp32 tail": ("int32", "fp16", "fp32"),
+    ADAPTIVE_STORED: ("int32", "fp16", "fp32"),
     "uint16 ids + 8-bit log-probs (1/16 nat) + 8-bit tail": ("uint16", ("log", 8, 1 / 16), ("log", 8, 1 / 16)),
 }
 ADAPTIVE_RULES = (("mass", 0.01), ("mass", 0.003), ("kl", 0.05), ("kl", 0.02), ("kl", 0.01))
@@ -315,27 +316,26 @@ ADAPTIVE_CAPS = (32, 64)
 
 def adaptive_counts(logprobs, cap: int, rule: tuple[str, float], chunk: int = 256):
     """(top values [n, cap] float32, top ids [n, cap], kept count per token [n] int64, exact tail log-mass [n]
-    at the kept counts) for one rule (see above)."""
+    at the kept counts) for one rule (see above); the KL rule is the pipeline's own (`kept_counts`)."""
     import torch
+    from dume_ray.data.soft_targets import kept_counts
     n, vocab = logprobs.shape
     cap = min(cap, vocab - 1)
     parts = []
     for s in range(0, n, chunk):
-        lp = logprobs[s:s + chunk].double()  # [c, V]
+        lp = logprobs[s:s + chunk].float()  # [c, V]
         values, ids = torch.topk(lp, cap, dim=-1)  # [c, cap], sorted descending
-        below = torch.logsumexp(lp.scatter(-1, ids, float("-inf")), dim=-1, keepdim=True)  # [c, 1]: beyond the cap
-        rest = torch.logcumsumexp(values.flip(-1), dim=-1).flip(-1)  # [c, cap]: logsumexp(values[j:])
-        # tail log-mass after keeping j = 1..cap tokens, without the cancellation of log(1 - cumsum)
-        tails = torch.cat([torch.logaddexp(below, rest[:, 1:]), below], dim=1)  # [c, cap]
-        if rule[0] == "mass":
+        if rule[0] == "kl":
+            counts = kept_counts(lp, cap, rule[1])
+        else:  # mass: the first j whose tail log-mass (logsumexp of everything after the j-th) <= log eps
+            rest = torch.logcumsumexp(values.double().flip(-1), -1).flip(-1)  # [c, cap]: logsumexp(values[j:])
+            beyond = torch.logsumexp(lp.double().scatter(-1, ids, float("-inf")), -1, keepdim=True)  # [c, 1]
+            tails = torch.cat([torch.logaddexp(beyond, rest[:, 1:]), beyond], dim=1)  # [c, cap]
             ok = tails <= torch.log(torch.tensor(rule[1], dtype=torch.float64))
-        else:  # KL(p ‖ top-j + uniform tail) = sum_tail p log p - m log(m / (V - j))
-            total = (lp.exp() * lp).nan_to_num(0.0).sum(-1, keepdim=True)  # [c, 1] = -H
-            kept_plogp = torch.cumsum((values.exp() * values).nan_to_num(0.0), dim=-1)  # [c, cap]
-            j = torch.arange(1, cap + 1, dtype=torch.float64)
-            ok = (total - kept_plogp) - (tails.exp() * (tails - torch.log(vocab - j))).nan_to_num(0.0) <= rule[1]
-        first = torch.where(ok.any(-1), ok.float().argmax(-1) + 1, torch.full((ok.shape[0],), cap))  # [c]
-        parts.append((values.float(), ids, first, tails.gather(1, (first - 1).unsqueeze(1)).squeeze(1).float()))
+            counts = torch.where(ok.any(-1), ok.to(torch.int8).argmax(-1) + 1, torch.full((ok.shape[0],), cap))
+        kept = torch.arange(cap).unsqueeze(0) < counts.unsqueeze(1)  # [c, cap]
+        tail = torch.logsumexp(lp.masked_fill(torch.zeros_like(lp, dtype=torch.bool).scatter_(-1, ids, kept), float("-inf")), -1)
+        parts.append((values, ids, counts, tail))
     return tuple(torch.cat(x) for x in zip(*parts))
 
 
@@ -370,9 +370,8 @@ def measure_adaptive(name: str, logprobs, rows, vocab: int, work: str, ref_logpr
     """For every rule, cap and codec: the variable-length Parquet table (bytes measured) and KL(full ‖ decoded),
     with a uniform tail and, given ref_logprobs (the base on the same rows), a base-shaped one."""
     import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     import torch
+    from dume_ray.data.soft_targets import rows_to_table, validate_shard, write_shard
 
     n_resp = [len(r["input_ids"]) - r["response_start"] for r in rows]
     offsets = np.zeros(len(rows) + 1, dtype=np.int64)
@@ -392,19 +391,15 @@ def measure_adaptive(name: str, logprobs, rows, vocab: int, work: str, ref_logpr
                 tail_stored, tail_deq = quantise(tail.numpy(), tail_codec)
                 flat_ids, flat_lp = ids.numpy()[kept].astype(id_type), lp_stored[kept]  # row-major: token by token
                 per = lambda flat, i: flat[tok_start[offsets[i]]:tok_start[offsets[i + 1]]]  # noqa: E731
-                table = pa.table({
-                    "example_id": [str(r["example_id"]) for r in rows], "task": [str(r["task"]) for r in rows],
-                    "group": [str(r["group"]) for r in rows],
-                    "input_ids": pa.array([np.asarray(r["input_ids"], np.int32) for r in rows], pa.list_(pa.int32())),
-                    "response_start": pa.array([int(r["response_start"]) for r in rows], pa.int32()),
-                    "topk_ids": pa.array([per(flat_ids, i) for i in range(len(rows))], pa.list_(pa.from_numpy_dtype(flat_ids.dtype))),
-                    "topk_logprobs": pa.array([per(flat_lp, i) for i in range(len(rows))], pa.list_(pa.from_numpy_dtype(flat_lp.dtype))),
-                    "tail_logmass": pa.array([tail_stored[offsets[i]:offsets[i + 1]] for i in range(len(rows))],
-                                             pa.list_(pa.from_numpy_dtype(tail_stored.dtype))),
-                    "topk_counts": pa.array([cnt[offsets[i]:offsets[i + 1]].astype(np.uint8) for i in range(len(rows))], pa.list_(pa.uint8())),
-                })
                 path = os.path.join(work, f"{name.split()[0]}-adaptive-{rule[0]}{rule[1]}-cap{cap}-{id_type}.parquet")
-                pq.write_table(table, path)
+                if codec_name == ADAPTIVE_STORED:  # the pipeline's writer: what soft_targets.kl_max > 0 stores
+                    write_shard(rows_to_table([{**r, "topk_ids": per(flat_ids, i), "topk_logprobs": per(flat_lp, i),
+                                                "tail_logmass": tail_stored[offsets[i]:offsets[i + 1]],
+                                                "topk_counts": cnt[offsets[i]:offsets[i + 1]]} for i, r in enumerate(rows)],
+                                              cap, adaptive=True), path)
+                    validate_shard(path, vocab, cap, adaptive=True)  # readable by the pipeline as written
+                else:
+                    write_adaptive_table(rows, per, flat_ids, flat_lp, tail_stored, cnt, offsets, path)
                 whole, soft = shard_bytes(path, int(offsets[-1]), SOFT_COLUMNS + ("topk_counts",))
                 top_deq, tail_deq_t = torch.from_numpy(lp_deq), torch.from_numpy(tail_deq)
                 tails = {"uniform": None, "base": ref_logprobs} if ref_logprobs is not None else {"uniform": None}
@@ -418,6 +413,25 @@ def measure_adaptive(name: str, logprobs, rows, vocab: int, work: str, ref_logpr
                                 "kl_full_vs_topk_nats": kl})
                     print(f"{out[-1]['scheme']}: mean k {cnt.mean():.2f}, {soft:.1f} B/token, KL {kl:.4f}", flush=True)
     return out
+
+
+def write_adaptive_table(rows, per, flat_ids, flat_lp, tail_stored, cnt, offsets, path: str) -> None:
+    """A compressed adaptive scheme as Parquet (the pipeline's columns, other value types; pyarrow defaults)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    table = pa.table({
+        "example_id": [str(r["example_id"]) for r in rows], "task": [str(r["task"]) for r in rows],
+        "group": [str(r["group"]) for r in rows],
+        "input_ids": pa.array([np.asarray(r["input_ids"], np.int32) for r in rows], pa.list_(pa.int32())),
+        "response_start": pa.array([int(r["response_start"]) for r in rows], pa.int32()),
+        "topk_ids": pa.array([per(flat_ids, i) for i in range(len(rows))], pa.list_(pa.from_numpy_dtype(flat_ids.dtype))),
+        "topk_logprobs": pa.array([per(flat_lp, i) for i in range(len(rows))], pa.list_(pa.from_numpy_dtype(flat_lp.dtype))),
+        "tail_logmass": pa.array([tail_stored[offsets[i]:offsets[i + 1]] for i in range(len(rows))],
+                                 pa.list_(pa.from_numpy_dtype(tail_stored.dtype))),
+        "topk_counts": pa.array([cnt[offsets[i]:offsets[i + 1]].astype(np.uint8) for i in range(len(rows))], pa.list_(pa.uint8())),
+    })
+    pq.write_table(table, path)  # write_shard's writer settings (pyarrow defaults: snappy, dictionary)
 
 
 def main(argv: list[str] | None = None) -> int:
