@@ -24,8 +24,8 @@ Adaptive k (the pipeline's `soft_targets.kl_max`, and a mass rule for comparison
 top tokens meeting a rule, capped at k, stored as variable-length lists + one uint8 count per token; the stored
 format row is written by the pipeline's own `rows_to_table(adaptive=True)` + `write_shard` and validated. Its KL
 is measured with a uniform tail and, for stand-in experts, with the tail spread like the base model's
-distribution (see the section below). `--logprobs-cache` keeps the teachers' log-probs (~0.5 GB per teacher at
-V = 49,152 and 2,451 tokens) so reruns skip the fine-tuning.
+distribution (see the section below). `--logprobs-cache DIR` keeps each task's teacher log-probs (~0.25 GB per
+teacher and task at V = 49,152 and 100 rows) so reruns skip the fine-tuning; `--tasks` measures a subset.
 - config vocab: the config's tokenizer; teachers are the experts of `--run-dir` if it has them (trained), else
   the base: fresh models for the demo (random weights: nearly flat distributions, the worst case), the
   pretrained model for a pretrained config; with `--finetune-steps N` also stand-in experts, the base
@@ -97,37 +97,37 @@ def demo_teacher_logprobs(args, cfg, work: str):
     tasks = load_tasks(cfg.tasks, tokenizer, cfg.model.max_seq_len)
     out: dict[str, tuple[list, list]] = {}  # teacher description -> (log-probs per task, rows)
 
-    def score(label: str, model, rows) -> None:
+    def score(label: str, model, rows, task_out: dict) -> None:
         batch = collate(rows, tokenizer.pad_token_id)
         with torch.no_grad():
             logits, _ = response_logits(model.eval(), batch)  # [n, V], the response positions only
-        lps, all_rows = out.setdefault(label, ([], []))
-        lps.append(torch.log_softmax(logits, dim=-1))
-        all_rows += rows
+        task_out[label] = (torch.log_softmax(logits, dim=-1), rows)
 
-    for name in tasks:
-        expert = os.path.join(args.run_dir, "experts", name, "model") if args.run_dir else None
-        has_expert = bool(expert and os.path.isdir(expert))
-        model = load_model(expert if has_expert else fresh).eval()
-        task_rows = encode_rows({name: tasks[name]}, tokenizer, "train", cfg.model.max_seq_len, {name: name})
-        rows = task_rows[:args.rows_per_task]
-        source = "the pretrained base model itself" if cfg.model.pretrained else "fresh weights"
-        score("trained experts" if has_expert else source + (" (no trained experts found)" if args.run_dir else ""), model, rows)
-        if not has_expert and args.finetune_steps > 0:
-            model = quick_expert(model, task_rows, tokenizer.pad_token_id, cfg.experts, args.finetune_steps)
-            score(f"stand-in experts: {source} fine-tuned {args.finetune_steps} steps per task as the experts stage does", model, rows)
+    for name in [t for t in tasks if not args.tasks or t in args.tasks]:
+        cache = os.path.join(args.logprobs_cache, f"{name}-{args.rows_per_task}rows-{args.finetune_steps}steps.pt") if args.logprobs_cache else None
+        if cache and os.path.exists(cache):  # this task's teachers, computed by an earlier run with the same settings
+            task_out = torch.load(cache, weights_only=False)
+        else:
+            task_out = {}
+            expert = os.path.join(args.run_dir, "experts", name, "model") if args.run_dir else None
+            has_expert = bool(expert and os.path.isdir(expert))
+            model = load_model(expert if has_expert else fresh).eval()
+            task_rows = encode_rows({name: tasks[name]}, tokenizer, "train", cfg.model.max_seq_len, {name: name})
+            rows = task_rows[:args.rows_per_task]
+            source = "the pretrained base model itself" if cfg.model.pretrained else "fresh weights"
+            score("trained experts" if has_expert else source + (" (no trained experts found)" if args.run_dir else ""), model, rows, task_out)
+            if not has_expert and args.finetune_steps > 0:
+                model = quick_expert(model, task_rows, tokenizer.pad_token_id, cfg.experts, args.finetune_steps)
+                score(f"stand-in experts: {source} fine-tuned {args.finetune_steps} steps per task as the experts stage does", model, rows, task_out)
+            if cache:
+                os.makedirs(args.logprobs_cache, exist_ok=True)
+                torch.save(task_out, cache)
+        print(f"[storage] {name}: teachers scored", flush=True)
+        for label, (lp, rows) in task_out.items():
+            lps, all_rows = out.setdefault(label, ([], []))
+            lps.append(lp)
+            all_rows += rows
     return {label: (torch.cat(lps), rows) for label, (lps, rows) in out.items()}
-
-
-def cached_teacher_logprobs(args, cfg, work: str):
-    """demo_teacher_logprobs, read from / written to `--logprobs-cache` when given."""
-    import torch
-    if args.logprobs_cache and os.path.exists(args.logprobs_cache):
-        return torch.load(args.logprobs_cache, weights_only=False)
-    teachers = demo_teacher_logprobs(args, cfg, work)
-    if args.logprobs_cache:
-        torch.save(teachers, args.logprobs_cache)
-    return teachers
 
 
 def quick_expert(model, rows, pad_id: int, experts_cfg, steps: int):
@@ -317,7 +317,7 @@ ADAPTIVE_CODECS = {  # name -> (ids type, log-prob codec, tail codec)
     ADAPTIVE_STORED: ("int32", "fp16", "fp32"),
     "uint16 ids + 8-bit log-probs (1/16 nat) + 8-bit tail": ("uint16", ("log", 8, 1 / 16), ("log", 8, 1 / 16)),
 }
-ADAPTIVE_RULES = (("mass", 0.01), ("mass", 0.003), ("kl", 0.05), ("kl", 0.02), ("kl", 0.01))
+ADAPTIVE_RULES = (("mass", 0.01), ("kl", 0.05), ("kl", 0.03), ("kl", 0.02))
 ADAPTIVE_CAPS = (32, 64)
 
 
@@ -455,8 +455,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="when --run-dir has no experts: fine-tune the base this many steps per task as stand-in experts")
     parser.add_argument("--no-synthetic", action="store_true", help="only the config's teachers, no 150k-vocab Zipf rows")
     parser.add_argument("--logprobs-cache", default=None,
-                        help="a .pt file: load the teachers' log-probs and rows from it if it exists, else compute and save them "
-                             "there (the teachers cost minutes; the schemes are measured again on the same numbers)")
+                        help="a folder: each task's teacher log-probs and rows are read from it if there, else computed and saved "
+                             "there (the teachers cost minutes to an hour on a shared CPU; reruns measure the same numbers)")
+    parser.add_argument("--tasks", nargs="+", default=None, help="only these of the config's tasks")
     parser.add_argument("--no-adaptive", action="store_true", help="skip the adaptive-k schemes")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--out", default=None)
@@ -468,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(os.path.join(REPO, args.config), ["tasks.builtin=[copy,reverse]", "tasks.num_train=32"] if args.tiny else [])
     work = tempfile.mkdtemp(prefix="bench-storage-")
 
-    teachers = cached_teacher_logprobs(args, cfg, work)
+    teachers = demo_teacher_logprobs(args, cfg, work)
     labels, results = [], []
     for teacher, (demo_lp, demo_rows) in teachers.items():
         labels.append(f"{cfg.name} ({teacher})")

@@ -165,8 +165,9 @@ def kept_counts(logprobs: Tensor, k: int, kl_max: float, chunk: int = 256) -> Te
     k = min(k, vocab)
     out = []
     for start in range(0, n, chunk):
+        ids = torch.topk(logprobs[start:start + chunk].detach().float(), k, dim=-1).indices  # [c, k]: encode_top_k's order
         lp = logprobs[start:start + chunk].detach().double()  # [c, V]
-        values, ids = torch.topk(lp, k, dim=-1)  # [c, k], descending
+        values = lp.gather(-1, ids)  # [c, k], descending
         beyond = torch.logsumexp(lp.scatter(-1, ids, float("-inf")), -1, keepdim=True)  # [c, 1], -inf if k == V
         rest = torch.logcumsumexp(values.flip(-1), dim=-1).flip(-1)  # [c, k]: logsumexp(values[j:])
         tails = torch.cat([torch.logaddexp(beyond, rest[:, 1:]), beyond], dim=1)  # [c, k]: log m_j, j = 1..k
