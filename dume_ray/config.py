@@ -218,6 +218,7 @@ class ExpertsConfig:
 @dataclass
 class SoftTargetsConfig:
     top_k: int = 8  # teacher tokens kept per response token; the rest is one tail bucket
+    kl_max: float = 0.0  # > 0: adaptive k, per response token the fewest of the top_k (<= 255) whose kept probs + uniform tail are within kl_max nats of the full distribution (KL); 0 = always top_k
     batch_size: int = 256  # examples per teacher forward
     num_actors: int = 1  # TeacherScorer actors per expert
     cpus_per_actor: float = 1.0
@@ -230,6 +231,9 @@ class SoftTargetsConfig:
 
     def __post_init__(self) -> None:
         _check(self.top_k >= 1, f"soft_targets.top_k must be >= 1, got {self.top_k}")
+        _check(math.isfinite(self.kl_max) and self.kl_max >= 0, f"soft_targets.kl_max must be a finite number >= 0, got {self.kl_max}")
+        _check(self.kl_max == 0 or self.top_k <= 255,
+               f"soft_targets.top_k must be <= 255 with soft_targets.kl_max > 0 (counts are stored as uint8), got {self.top_k}")
         _check(self.num_actors >= 1, f"soft_targets.num_actors must be >= 1, got {self.num_actors}")
         _check(self.batch_size >= 1, f"soft_targets.batch_size must be >= 1, got {self.batch_size}")
         _check(math.isfinite(self.cpus_per_actor) and self.cpus_per_actor >= 0, f"soft_targets.cpus_per_actor must be >= 0, got {self.cpus_per_actor}")

@@ -41,6 +41,10 @@ Properties (all tested in tests/unit/test_losses.py)
   the float16 rounding of the stored log-probs (asserted ≤ 1e-4, measured
   ≤ 6e-6; at T != 1 both sides are normalised over the same support, so the
   rounding enters only at second order).
+* Adaptive-k targets (a variable number kept per token, padded to a fixed
+  width with log-prob -inf and a repeated id by ``data.soft_targets.pad_top_k``):
+  padded entries are dropped on both sides, so a row is the loss of its kept
+  tokens + tail alone; student == teacher is still 0 at every T.
 * k == V: the tail is empty (-inf) and the loss is the full-vocabulary loss
   at every T.
 * Lower bounds (chain rule / data processing): at T == 1 the bucket
@@ -159,7 +163,7 @@ def teacher_bucket_logprobs(
 
 
 def student_bucket_logprobs(
-    student_logits: Tensor, topk_ids: Tensor, temperature: float
+    student_logits: Tensor, topk_ids: Tensor, temperature: float, kept: Optional[Tensor] = None
 ) -> Tensor:
     """Student log-probs at temperature T over the teacher's top-k tokens + tail.
 
@@ -168,6 +172,10 @@ def student_bucket_logprobs(
             tail bucket sums many small probabilities that bf16 would round.
         topk_ids: The teacher's top-k token ids, [n, k], distinct per row.
         temperature: Softmax temperature T > 0.
+        kept: Optional bool [n, k]; False marks padding of an adaptive-k
+            shard (its id repeats one kept at the position), whose entry is
+            set to -inf (at T != 1 before renormalising, so the repeated id is
+            not counted twice). None = all kept.
 
     Returns:
         Float32 log-probs, [n, k+1]. At T == 1: ``log_softmax(logits)``
@@ -180,11 +188,16 @@ def student_bucket_logprobs(
     _check_temperature(temperature)
     ids = topk_ids.long()  # [n, k]
     if temperature != 1.0:
-        top = torch.log_softmax(student_logits.float().gather(-1, ids) / temperature, dim=-1)  # [n, k]
+        gathered = student_logits.float().gather(-1, ids)  # [n, k]
+        if kept is not None:
+            gathered = gathered.masked_fill(~kept, _NEG_INF)
+        top = torch.log_softmax(gathered / temperature, dim=-1)  # [n, k]
         return torch.cat([top, top.new_full((top.shape[0], 1), _NEG_INF)], dim=-1)  # [n, k+1]
 
     logp = torch.log_softmax(student_logits.float(), dim=-1)  # [n, V]
     top = logp.gather(-1, ids)  # [n, k]
+    if kept is not None:
+        top = top.masked_fill(~kept, _NEG_INF)
     n, vocab = logp.shape
     if ids.shape[-1] >= vocab:
         # Nothing is left outside the top k. Skipping logsumexp over an all
@@ -320,6 +333,8 @@ def kd_loss(
         student_logits: Student logits at the response positions, [n, V].
         topk_ids: Teacher top-k token ids, [n, k].
         topk_logprobs: Teacher top-k log-probs at T=1, [n, k] (float16 ok).
+            -inf marks padding (adaptive-k shards, ``pad_top_k``): that
+            entry is dropped on both sides; each row needs one finite entry.
         tail_logmass: Teacher log tail mass at T=1, [n].
         temperature: Softmax temperature T > 0 applied to both models.
         divergence: One of "forward_kl", "reverse_kl", "generalized_jsd".
@@ -363,8 +378,10 @@ def kd_loss(
     if min_id < 0:
         raise ValueError(f"topk_ids has negative id {min_id}")
 
+    padded = topk_logprobs == _NEG_INF  # [n, k]: adaptive-k padding
+    kept = ~padded if bool(padded.any()) else None
     teacher = teacher_bucket_logprobs(topk_logprobs, tail_logmass, temperature, vocab)  # [n, k+1]
-    student = student_bucket_logprobs(student_logits, topk_ids, temperature)  # [n, k+1]
+    student = student_bucket_logprobs(student_logits, topk_ids, temperature, kept)  # [n, k+1]
     per_row = _divergence_fn(divergence, jsd_beta)(teacher, student)  # [n]
     return temperature**2 * per_row.mean()
 

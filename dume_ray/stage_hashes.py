@@ -73,11 +73,14 @@ def expert_hash(base: str, task_names: list[str], cfg: PipelineConfig) -> str:
 
 
 def soft_target_group_hash(cfg: PipelineConfig, task_names: list[str], expert: str) -> str:
-    """One group's soft targets: its expert, its tasks' training rows, k, and which of the rows get targets
-    (`score_budget`: the hash of a group scored on every row is the one it had before the subsets existed)."""
+    """One group's soft targets: its expert, its tasks' training rows, k, kl_max when adaptive (left out at its
+    default 0, so fixed-k runs keep their hashes), and which of the rows get targets (`score_budget`: the hash
+    of a group scored on every row is the one it had before the subsets existed)."""
+    st = cfg.soft_targets
+    k = (st.top_k, "kl_max", st.kl_max) if st.kl_max > 0 else st.top_k
     budget = score_budget(cfg)
     rows = () if budget is None else (("read", budget),)
-    return config_hash("soft_targets", expert, cfg.soft_targets.top_k, task_data(cfg, task_names), *rows)
+    return config_hash("soft_targets", expert, k, task_data(cfg, task_names), *rows)
 
 
 def read_budget(cfg: PipelineConfig, stage: str) -> int:

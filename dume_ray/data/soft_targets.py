@@ -12,6 +12,18 @@ which halves the size of the largest column versus float32. Log-probs are
 clamped to >= -1e4 before the cast so they stay finite (float16 overflows
 to -inf below -65504; e^-1e4 is 0 at any precision anyway).
 
+Adaptive k (``soft_targets.kl_max`` > 0): per response token only the fewest of
+the top k tokens are kept whose reconstruction (kept probabilities + the tail
+mass spread uniformly over the tokens not kept) is within kl_max nats of the
+full distribution, KL(full ‖ reconstruction) <= kl_max; at least one, at most
+k. Fine-tuned experts are near-deterministic on most response tokens, so this
+spends the bytes on the uncertain ones (benchmarks/storage.py measures it at
+V = 49,152). Such a shard has one more column, ``topk_counts`` list<uint8>
+[n_resp] (the number kept at each position), and its ``topk_ids`` /
+``topk_logprobs`` hold sum(counts) values per row, position by position.
+Readers pad each position back to a fixed width with log-prob -inf and the
+position's first id (``pad_top_k``); the KD loss ignores those entries.
+
 Pure pyarrow/numpy/torch, no Ray. Test with:
 
     .venv/bin/python -m pytest tests/unit/test_soft_targets.py -q
@@ -41,6 +53,8 @@ SOFT_TARGET_COLUMNS = (
     "tail_logmass",
 )
 
+COUNTS_COLUMN = "topk_counts"  # adaptive-k shards only: kept tokens per response position
+
 # Lowest stored log-prob; keeps float16 values finite (see module docstring).
 LOGPROB_FLOOR = -1.0e4
 
@@ -49,6 +63,7 @@ _LIST_DTYPES = {
     "topk_ids": np.int32,
     "topk_logprobs": np.float16,
     "tail_logmass": np.float32,
+    COUNTS_COLUMN: np.uint8,
 }
 
 
@@ -56,7 +71,7 @@ class SoftTargetError(ValueError):
     """A soft-target shard is unreadable or violates the format."""
 
 
-def soft_target_schema(top_k: int) -> pa.Schema:
+def soft_target_schema(top_k: int, adaptive: bool = False) -> pa.Schema:
     """Arrow schema of a soft-target shard.
 
     Fields: ``example_id``/``task``/``group`` strings; ``input_ids``
@@ -65,14 +80,18 @@ def soft_target_schema(top_k: int) -> pa.Schema:
     score the n_resp = len(input_ids) - response_start response tokens);
     ``topk_ids`` list<int32> and ``topk_logprobs`` list<float16>, both the
     row-major flattening of [n_resp, k]; ``tail_logmass`` list<float32>
-    [n_resp]. Metadata ``b"top_k"`` holds str(k).
+    [n_resp]. Metadata ``b"top_k"`` holds str(k). Adaptive shards add
+    ``topk_counts`` list<uint8> [n_resp] and their top-k lists hold
+    sum(counts) values (k is then the most kept at a position).
 
     Args:
-        top_k: Number of teacher tokens kept per position.
+        top_k: Number of teacher tokens kept per position (the cap, adaptive).
+        adaptive: Whether the shard keeps a variable number per position.
 
     Returns:
         The schema.
     """
+    counts = [pa.field(COUNTS_COLUMN, pa.list_(pa.uint8()))] if adaptive else []
     return pa.schema(
         [
             pa.field("example_id", pa.string()),
@@ -83,7 +102,7 @@ def soft_target_schema(top_k: int) -> pa.Schema:
             pa.field("topk_ids", pa.list_(pa.int32())),
             pa.field("topk_logprobs", pa.list_(pa.float16())),
             pa.field("tail_logmass", pa.list_(pa.float32())),
-        ],
+        ] + counts,
         metadata={b"top_k": str(int(top_k)).encode()},
     )
 
@@ -125,6 +144,89 @@ def encode_top_k(logprobs: Tensor, k: int) -> Tuple[np.ndarray, np.ndarray, np.n
     )
 
 
+def kept_counts(logprobs: Tensor, k: int, kl_max: float, chunk: int = 256) -> Tensor:
+    """Per position, the fewest top tokens (1..k) whose reconstruction is within ``kl_max`` nats.
+
+    The reconstruction keeps the j most likely tokens' probabilities and
+    spreads the rest, m_j, uniformly over the other V - j tokens, so
+    KL_j = sum_{i not kept} p_i log p_i - m_j log(m_j / (V - j)), exact from
+    the full log-probs (float64, m_j by logsumexp: no 1 - cumsum
+    cancellation). Positions where no j <= k qualifies keep k.
+
+    Args:
+        logprobs: Teacher ``log_softmax`` output at T=1, [n, V].
+        k: Most tokens kept; clamped to V.
+        kl_max: Largest KL(full ‖ reconstruction) in nats.
+
+    Returns:
+        int64 counts, [n], in [1, min(k, V)].
+    """
+    n, vocab = logprobs.shape
+    k = min(k, vocab)
+    out = []
+    for start in range(0, n, chunk):
+        ids = torch.topk(logprobs[start:start + chunk].detach().float(), k, dim=-1).indices  # [c, k]: encode_top_k's order
+        lp = logprobs[start:start + chunk].detach().double()  # [c, V]
+        values = lp.gather(-1, ids)  # [c, k], descending
+        beyond = torch.logsumexp(lp.scatter(-1, ids, float("-inf")), -1, keepdim=True)  # [c, 1], -inf if k == V
+        rest = torch.logcumsumexp(values.flip(-1), dim=-1).flip(-1)  # [c, k]: logsumexp(values[j:])
+        tails = torch.cat([torch.logaddexp(beyond, rest[:, 1:]), beyond], dim=1)  # [c, k]: log m_j, j = 1..k
+        p_logp = (lp.exp() * lp).nan_to_num(0.0)  # [c, V]; 0 log 0 = 0
+        tail_plogp = p_logp.sum(-1, keepdim=True) - torch.cumsum(p_logp.gather(-1, ids), dim=-1)  # [c, k]
+        others = (vocab - torch.arange(1, k + 1, dtype=torch.float64)).clamp_min(1.0)  # [k]
+        kl = tail_plogp - (tails.exp() * (tails - others.log())).nan_to_num(0.0)  # [c, k]
+        ok = kl <= kl_max  # [c, k]
+        out.append(torch.where(ok.any(-1), ok.to(torch.int8).argmax(-1) + 1, torch.full_like(ok[:, 0], k, dtype=torch.int64)))
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64)
+
+
+def encode_adaptive_top_k(logprobs: Tensor, k: int, kl_max: float) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Compress full teacher log-probs to a variable number of top tokens + tail (see ``kept_counts``).
+
+    Returns:
+        (topk_ids int32 [sum(counts)], topk_logprobs float16 [sum(counts)],
+        tail_logmass float32 [n] (the exact log-mass of the tokens not kept,
+        -inf when all V are), counts uint8 [n]); the flat arrays list each
+        position's kept tokens in descending probability, position by position.
+    """
+    counts = kept_counts(logprobs, k, kl_max)  # [n]
+    logp = logprobs.detach().float()  # [n, V]
+    k = min(k, logp.shape[1])
+    values, ids = torch.topk(logp, k, dim=-1)  # [n, k]
+    kept = torch.arange(k).unsqueeze(0) < counts.unsqueeze(1)  # [n, k]
+    in_kept = torch.zeros_like(logp, dtype=torch.bool).scatter_(-1, ids, kept)  # [n, V]
+    tail = torch.logsumexp(logp.masked_fill(in_kept, float("-inf")), dim=-1)  # [n]
+    return (
+        ids[kept].to(torch.int32).cpu().numpy(),
+        values[kept].clamp_min(LOGPROB_FLOOR).cpu().numpy().astype(np.float16),
+        tail.cpu().numpy().astype(np.float32),
+        counts.cpu().numpy().astype(np.uint8),
+    )
+
+
+def pad_top_k(ids: np.ndarray, logprobs: np.ndarray, counts: np.ndarray, width: int) -> Tuple[Tensor, Tensor]:
+    """Flat variable-length top-k values -> fixed-width tensors for ``kd_loss``.
+
+    Position t's counts[t] values fill the first columns of row t; the rest
+    repeat the position's first id with log-prob -inf, which the KD loss
+    treats as absent (no teacher mass, the student's entry dropped, and the
+    repeated id changes nothing in the student's tail).
+
+    Returns:
+        (topk_ids int64 [n, width], topk_logprobs float32 [n, width]).
+    """
+    counts = np.asarray(counts, dtype=np.int64)  # [n]
+    n = counts.shape[0]
+    starts = np.zeros(n, dtype=np.int64)
+    np.cumsum(counts[:-1], out=starts[1:])
+    col = np.arange(width)[None, :]  # [1, width]
+    kept = col < counts[:, None]  # [n, width]
+    src = np.where(kept, starts[:, None] + col, starts[:, None])  # [n, width]
+    ids = np.asarray(ids, dtype=np.int64)[src] if n else np.zeros((0, width), np.int64)
+    lps = np.where(kept, np.asarray(logprobs, dtype=np.float32)[src], -np.inf) if n else np.zeros((0, width), np.float32)
+    return torch.from_numpy(ids), torch.from_numpy(lps.astype(np.float32))
+
+
 def decode_top_k(row: Mapping[str, Any], top_k: int) -> Tuple[Tensor, Tensor, Tensor]:
     """Turn one stored row back into tensors for ``kd_loss``.
 
@@ -149,6 +251,14 @@ def decode_top_k(row: Mapping[str, Any], top_k: int) -> Tuple[Tensor, Tensor, Te
     ids = np.asarray(row["topk_ids"], dtype=np.int64)  # [n_resp * k]
     logps = np.asarray(row["topk_logprobs"], dtype=np.float32)  # [n_resp * k]
     n_resp = tail.shape[0]
+    if row.get(COUNTS_COLUMN) is not None:  # adaptive: pad each position to top_k
+        counts = np.asarray(row[COUNTS_COLUMN], dtype=np.int64)  # [n_resp]
+        if counts.size != n_resp or ids.size != counts.sum() or logps.size != counts.sum():
+            raise SoftTargetError(
+                f"example_id={row.get('example_id')!r}: topk_ids/topk_logprobs have {ids.size}/{logps.size} "
+                f"values and {counts.size} counts, expected sum(counts) = {counts.sum()} and n_resp = {n_resp}"
+            )
+        return (*pad_top_k(ids, logps, counts, top_k), torch.from_numpy(tail))
     if ids.size != n_resp * top_k or logps.size != n_resp * top_k:
         raise SoftTargetError(
             f"example_id={row.get('example_id')!r}: topk_ids/topk_logprobs have "
@@ -176,17 +286,19 @@ def _list_column(values: Sequence[Any], dtype: Any, arrow_type: pa.DataType) -> 
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=arrow_type))
 
 
-def rows_to_table(rows: List[Dict[str, Any]], top_k: int) -> pa.Table:
+def rows_to_table(rows: List[Dict[str, Any]], top_k: int, adaptive: bool = False) -> pa.Table:
     """Build a shard table from row dicts (values may be lists or arrays).
 
     Args:
-        rows: One dict per example with every column in SOFT_TARGET_COLUMNS.
+        rows: One dict per example with every column in SOFT_TARGET_COLUMNS
+            (and ``topk_counts`` when adaptive).
         top_k: k used for encoding (stored in the schema metadata).
+        adaptive: Write the adaptive-k format (``topk_counts`` column).
 
     Returns:
-        A table with exactly ``soft_target_schema(top_k)``.
+        A table with exactly ``soft_target_schema(top_k, adaptive)``.
     """
-    schema = soft_target_schema(top_k)
+    schema = soft_target_schema(top_k, adaptive)
     columns = []
     for field in schema:
         values = [r[field.name] for r in rows]
@@ -229,7 +341,7 @@ def write_shard(table: pa.Table, path: str) -> None:
 # --------------------------------------------------------------------------
 
 
-def validate_shard(path: str, vocab_size: int, top_k: int, atol: float = 2e-2) -> int:
+def validate_shard(path: str, vocab_size: int, top_k: int, atol: float = 2e-2, adaptive: bool = False) -> int:
     """Check a shard against the format and the teacher's probability axioms.
 
     Checks: readable Parquet; schema equals soft_target_schema(top_k)
@@ -237,13 +349,15 @@ def validate_shard(path: str, vocab_size: int, top_k: int, atol: float = 2e-2) -
     0 < response_start < len(input_ids), flattened top-k lengths equal
     n_resp * k and the tail length n_resp, every id in [0, vocab_size),
     top-k log-probs finite and <= atol, tail finite or -inf, and each
-    position's logsumexp(topk_logprobs ∪ tail) within atol of 0.
+    position's logsumexp(topk_logprobs ∪ tail) within atol of 0. Adaptive
+    shards: counts in [1, k], n_resp of them, and sum(counts) top-k values.
 
     Args:
         path: Shard file.
         vocab_size: Teacher/student vocabulary size.
         top_k: Expected k.
         atol: Tolerance for the log-prob checks (float16 storage rounds).
+        adaptive: Expect the adaptive-k format (``topk_counts``).
 
     Returns:
         Number of rows.
@@ -252,25 +366,25 @@ def validate_shard(path: str, vocab_size: int, top_k: int, atol: float = 2e-2) -
         SoftTargetError: On the first violation; the message names the file
             and, for row-level problems, the row index, example_id and field.
     """
-    table = _read_shard(path, top_k)
+    table = _read_shard(path, top_k, adaptive)
     if table.num_rows == 0:
         return 0
     fail = _row_error(path, table)
     _check_no_nulls(table, fail)
-    lists = {name: _flat_list(table.column(name)) for name in _LIST_DTYPES}  # (values, offsets) per list column
-    _check_lengths(table, lists, top_k, fail)
+    lists = {name: _flat_list(table.column(name)) for name in _LIST_DTYPES if name in table.column_names}  # (values, offsets)
+    counts = _check_lengths(table, lists, top_k, fail)
     _check_ids(lists, vocab_size, fail)
-    _check_distributions(lists, top_k, atol, fail)
+    _check_distributions(lists, counts, atol, fail)
     return table.num_rows
 
 
-def validate_shards(directory: str, vocab_size: int, top_k: int, expected_rows: int) -> int:
+def validate_shards(directory: str, vocab_size: int, top_k: int, expected_rows: int, adaptive: bool = False) -> int:
     """Validate every Parquet shard in `directory` and the total row count; raises SoftTargetError naming
     the bad file (or FileNotFoundError when there are no shards)."""
     paths = sorted(glob.glob(os.path.join(directory, "*.parquet")))
     if not paths:
         raise FileNotFoundError(f"no soft-target shards in {directory}")
-    rows = sum(validate_shard(p, vocab_size, top_k) for p in paths)
+    rows = sum(validate_shard(p, vocab_size, top_k, adaptive=adaptive) for p in paths)
     if rows != expected_rows:
         raise SoftTargetError(f"{directory}: {len(paths)} shards hold {rows} rows, expected {expected_rows} "
                               f"(one per training example): a shard is missing or extra")
@@ -280,7 +394,7 @@ def validate_shards(directory: str, vocab_size: int, top_k: int, expected_rows: 
 RowError = Callable[[int, str, str], SoftTargetError]
 
 
-def _read_shard(path: str, top_k: int) -> pa.Table:
+def _read_shard(path: str, top_k: int, adaptive: bool = False) -> pa.Table:
     """The shard's table, after checking that it reads and has the expected schema and metadata top_k."""
     try:
         table = pq.read_table(path)
@@ -288,7 +402,7 @@ def _read_shard(path: str, top_k: int) -> pa.Table:
         # Truncated files raise ArrowInvalid; wrap so callers handle one type.
         raise SoftTargetError(f"{path}: cannot read Parquet file: {e}") from e
 
-    expected = soft_target_schema(top_k)
+    expected = soft_target_schema(top_k, adaptive)
     if not table.schema.equals(expected, check_metadata=False):
         raise SoftTargetError(
             f"{path}: schema mismatch: got {_schema_str(table.schema)}, "
@@ -312,7 +426,7 @@ def _row_error(path: str, table: pa.Table) -> RowError:
 
 
 def _check_no_nulls(table: pa.Table, fail: RowError) -> None:
-    for name in SOFT_TARGET_COLUMNS:
+    for name in table.column_names:
         col = table.column(name)
         if col.null_count:
             row = int(np.flatnonzero(pc.is_null(col).to_numpy(zero_copy_only=False))[0])
@@ -320,8 +434,9 @@ def _check_no_nulls(table: pa.Table, fail: RowError) -> None:
 
 
 def _check_lengths(table: pa.Table, lists: Dict[str, Tuple[np.ndarray, np.ndarray]], top_k: int,
-                   fail: RowError) -> None:
-    """0 < response_start < len(input_ids), and n_resp * k top-k values and n_resp tail values per row."""
+                   fail: RowError) -> np.ndarray:
+    """0 < response_start < len(input_ids), n_resp tail values (and counts, each in [1, k]) per row, and
+    n_resp * k (adaptive: sum(counts)) top-k values. Returns the kept count of every position, [positions]."""
     seq_len = np.diff(lists["input_ids"][1])  # [rows]
     start = table.column("response_start").to_numpy().astype(np.int64)  # [rows]
     bad = np.flatnonzero((start <= 0) | (start >= seq_len))
@@ -330,15 +445,28 @@ def _check_lengths(table: pa.Table, lists: Dict[str, Tuple[np.ndarray, np.ndarra
         raise fail(r, "response_start", f"{start[r]} not in (0, len(input_ids)={seq_len[r]})")
     n_resp = seq_len - start  # [rows]
 
-    for name, per_pos in (("topk_ids", top_k), ("topk_logprobs", top_k), ("tail_logmass", 1)):
+    def check(name: str, want: np.ndarray, why: str) -> None:
         length = np.diff(lists[name][1])  # [rows]
-        bad = np.flatnonzero(length != n_resp * per_pos)
+        bad = np.flatnonzero(length != want)
         if bad.size:
             r = int(bad[0])
-            raise fail(
-                r, name, f"has {length[r]} values, expected {n_resp[r] * per_pos} "
-                f"(n_resp={n_resp[r]} x {per_pos})"
-            )
+            raise fail(r, name, f"has {length[r]} values, expected {want[r]} ({why.format(n=n_resp[r])})")
+
+    check("tail_logmass", n_resp, "n_resp={n}")
+    if COUNTS_COLUMN not in lists:
+        for name in ("topk_ids", "topk_logprobs"):
+            check(name, n_resp * top_k, f"n_resp={{n}} x {top_k}")
+        return np.full(int(n_resp.sum()), top_k, dtype=np.int64)
+    check(COUNTS_COLUMN, n_resp, "n_resp={n}")
+    counts, offsets = lists[COUNTS_COLUMN]
+    counts = counts.astype(np.int64)  # [positions]
+    bad = np.flatnonzero((counts < 1) | (counts > top_k))
+    if bad.size:
+        raise fail(_row_of(offsets, bad[0]), COUNTS_COLUMN, f"has count {counts[bad[0]]}, expected 1..{top_k}")
+    per_row = np.add.reduceat(counts, offsets[:-1]) if counts.size else np.zeros_like(n_resp)  # [rows]; n_resp >= 1
+    for name in ("topk_ids", "topk_logprobs"):
+        check(name, per_row, "sum of topk_counts")
+    return counts
 
 
 def _check_ids(lists: Dict[str, Tuple[np.ndarray, np.ndarray]], vocab_size: int, fail: RowError) -> None:
@@ -353,11 +481,11 @@ def _check_ids(lists: Dict[str, Tuple[np.ndarray, np.ndarray]], vocab_size: int,
             raise fail(r, name, f"has {problem}")
 
 
-def _check_distributions(lists: Dict[str, Tuple[np.ndarray, np.ndarray]], top_k: int, atol: float,
+def _check_distributions(lists: Dict[str, Tuple[np.ndarray, np.ndarray]], counts: np.ndarray, atol: float,
                          fail: RowError) -> None:
     """Top-k log-probs finite and <= atol, tail finite or -inf, each position's buckets logsumexp to 0."""
     logps, lp_offsets = lists["topk_logprobs"]
-    logps = logps.astype(np.float64)  # [positions * k]
+    logps = logps.astype(np.float64)  # [sum(counts)]
     bad = np.flatnonzero(~np.isfinite(logps) | (logps > atol))
     if bad.size:
         r = _row_of(lp_offsets, bad[0])
@@ -370,10 +498,15 @@ def _check_distributions(lists: Dict[str, Tuple[np.ndarray, np.ndarray]], top_k:
         r = _row_of(tail_offsets, bad[0])
         raise fail(r, "tail_logmass", f"has value {tail[bad[0]]}, expected finite or -inf")
 
-    # Lengths are consistent (checked first), so positions line up across columns.
-    buckets = np.concatenate([logps.reshape(-1, top_k), tail[:, None]], axis=1)  # [positions, k+1]
-    peak = buckets.max(axis=1, keepdims=True)  # [positions, 1], finite: top-k finite
-    total = peak[:, 0] + np.log(np.exp(buckets - peak).sum(axis=1))  # [positions]
+    # Lengths are consistent (checked first), so positions line up across columns: position t owns
+    # logps[starts[t]:starts[t] + counts[t]]. Its largest kept log-prob comes first (finite), so it is the peak
+    # unless the tail is larger.
+    starts = np.zeros(counts.size, dtype=np.int64)  # [positions]
+    np.cumsum(counts[:-1], out=starts[1:])
+    peak = np.maximum(np.maximum.reduceat(logps, starts), tail)  # [positions], finite
+    position = np.repeat(np.arange(counts.size), counts)  # [sum(counts)]
+    mass = np.add.reduceat(np.exp(logps - peak[position]), starts) + np.exp(tail - peak)  # [positions]
+    total = peak + np.log(mass)  # [positions]
     bad = np.flatnonzero(np.abs(total) > atol)
     if bad.size:
         r = _row_of(tail_offsets, bad[0])

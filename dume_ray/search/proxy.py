@@ -70,9 +70,10 @@ def train_expert(model, tokenizer, rows: list[dict], optim: OptimConfig, seed: i
     return metrics
 
 
-def score_soft_targets(expert_dir: str, rows: list[dict], top_k: int, path: str, batch_size: int = 256) -> None:
+def score_soft_targets(expert_dir: str, rows: list[dict], top_k: int, path: str, batch_size: int = 256,
+                       kl_max: float = 0.0) -> None:
     """The expert's top-k soft targets for its group's rows, as one Parquet file (the pipeline's schema)."""
-    pq.write_table(score_rows(expert_dir, rows, top_k, batch_size), path)
+    pq.write_table(score_rows(expert_dir, rows, top_k, batch_size, kl_max), path)
 
 
 def read_soft_targets(path: str) -> list[dict]:
@@ -107,11 +108,12 @@ def grouping_soft_targets(cfg: PipelineConfig, base_dir: str, base_hash: str, ca
 def expert_cache_key(base_hash: str, group: list[str], cfg: PipelineConfig) -> str:
     """Content hash of (task group, base model, expert config, tasks, soft-target k): equal keys, same expert."""
     return config_hash("search-expert", base_hash, sorted(group), cfg.experts.optim, expert_trainable(cfg.experts),
-                       cfg.tasks, cfg.model.max_seq_len, cfg.soft_targets.top_k, cfg.seed)
+                       cfg.tasks, cfg.model.max_seq_len, cfg.soft_targets.top_k, cfg.seed,
+                       *(("kl_max", cfg.soft_targets.kl_max) if cfg.soft_targets.kl_max > 0 else ()))
 
 
 def build_expert(cfg: PipelineConfig, base_dir: str, tokenizer, rows: list[dict], out_dir: str) -> None:
     model = make_trainable(load_model(base_dir), **expert_trainable(cfg.experts))
     model_dir = os.path.join(out_dir, "model")
     train_expert(model, tokenizer, rows, cfg.experts.optim, cfg.seed, model_dir, cfg.model.dtype)
-    score_soft_targets(model_dir, rows, cfg.soft_targets.top_k, os.path.join(out_dir, SOFT_TARGETS))
+    score_soft_targets(model_dir, rows, cfg.soft_targets.top_k, os.path.join(out_dir, SOFT_TARGETS), kl_max=cfg.soft_targets.kl_max)

@@ -440,3 +440,51 @@ def test_reverse_kl_and_jsd_are_finite_when_the_tail_is_empty(temp, divergence):
     assert torch.isfinite(student_logits.grad).all()
     full = _full_vocab_divergence(teacher_logits, student_logits.detach(), temp, divergence, 0.3).mean()
     assert torch.allclose(loss.detach(), full, rtol=1e-3, atol=1e-4)
+
+
+# ---------------------------------------------------------------- adaptive k (soft_targets.kl_max)
+
+
+def _adaptive_targets(teacher_logits, k, kl_max):
+    """What an adaptive-k shard holds, padded back by the reader: encode_adaptive_top_k + pad_top_k."""
+    from dume_ray.data.soft_targets import encode_adaptive_top_k, pad_top_k
+    ids, lps, tail, counts = encode_adaptive_top_k(torch.log_softmax(teacher_logits, -1), k, kl_max)
+    pad_ids, pad_lps = pad_top_k(ids, lps, counts, k)
+    return pad_ids, pad_lps, torch.from_numpy(tail), torch.from_numpy(counts.astype("int64"))
+
+
+@pytest.mark.parametrize("divergence,beta", [
+    ("forward_kl", 0.5), ("reverse_kl", 0.5), ("generalized_jsd", 0.5), ("generalized_jsd", 0.2),
+])
+@pytest.mark.parametrize("kl_max", [0.02, 0.3])
+@pytest.mark.parametrize("alpha", [0.5, 1.0])
+@pytest.mark.parametrize("temp", [0.5, 1.0, 2.0, 8.0])
+def test_student_equal_to_teacher_has_zero_kd_loss_with_adaptive_targets(temp, alpha, kl_max, divergence, beta):
+    # Peaked and flat rows so that the kept counts vary from 1 to k and padding is present.
+    gen = torch.Generator().manual_seed(5)
+    teacher_logits = torch.randn(64, DEMO_V, generator=gen) * torch.linspace(1, 12, 64).unsqueeze(1)
+    ids, topk_logp, tail, counts = _adaptive_targets(teacher_logits, 16, kl_max)
+    assert counts.min() < counts.max() and torch.isneginf(topk_logp).any()
+    student_logits = teacher_logits + torch.randn(64, 1, generator=gen) * 10
+    targets = torch.randint(0, DEMO_V, (64,), generator=gen)
+    out = distill_objective(student_logits, targets, ids, topk_logp, tail, alpha=alpha, temperature=temp,
+                            divergence=divergence, jsd_beta=beta)
+    assert abs(out["kd_loss"].item()) <= 1e-4
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("temp", [1.0, 2.0])
+def test_padded_adaptive_rows_equal_their_kept_tokens_alone(temp, divergence):
+    """Padding changes nothing: each row's loss equals kd_loss on that row's kept tokens only (width = count),
+    and gradients are finite."""
+    gen = torch.Generator().manual_seed(6)
+    teacher_logits = torch.randn(24, DEMO_V, generator=gen) * torch.linspace(1, 10, 24).unsqueeze(1)
+    ids, topk_logp, tail, counts = _adaptive_targets(teacher_logits, 12, 0.05)
+    student_logits = (teacher_logits + torch.randn(24, DEMO_V, generator=gen)).requires_grad_()
+    padded = kd_loss(student_logits, ids, topk_logp, tail, temp, divergence, 0.3)
+    padded.backward()
+    assert torch.isfinite(student_logits.grad).all()
+    alone = torch.stack([kd_loss(student_logits[i:i + 1].detach(), ids[i:i + 1, :c], topk_logp[i:i + 1, :c], tail[i:i + 1],
+                                 temp, divergence, 0.3) for i, c in enumerate(counts.tolist())])
+    assert torch.allclose(padded.detach(), alone.mean(), rtol=1e-5, atol=1e-6)
+    assert padded.item() > 0

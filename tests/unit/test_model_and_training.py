@@ -236,6 +236,30 @@ def test_distill_steps_with_alpha_one_lower_the_kd_loss(model_dir, soft_table, t
     assert losses[-1] < 0.8 * losses[0], losses
 
 
+def test_adaptive_teacher_scorer_keeps_fewer_tokens_and_the_student_trains_on_them(model_dir, teacher_dir, rows, soft_table,
+                                                                                   tokenizer, tmp_path):
+    """soft_targets.kl_max > 0: a valid adaptive shard (topk_counts, at most top_k per position, fewer bytes of
+    top-k values than fixed k) whose padded batches train the student like the fixed-k ones."""
+    table = TeacherScorer(teacher_dir, top_k=TOP_K, kl_max=0.3)(_numpy_batch(rows))  # a 6-step teacher is flat
+    assert table.schema.equals(soft_target_schema(TOP_K, adaptive=True), check_metadata=False)
+    path = str(tmp_path / "adaptive.parquet")
+    write_shard(table, path)
+    assert validate_shard(path, vocab_size=load_model(teacher_dir).config.vocab_size, top_k=TOP_K, adaptive=True) == len(rows)
+    counts = np.concatenate([np.asarray(c) for c in table.column("topk_counts").to_pylist()])
+    assert counts.max() <= TOP_K and len(counts) == sum(len(r["input_ids"]) - r["response_start"] for r in rows)
+    assert len(table.column("topk_ids").combine_chunks().flatten()) == counts.sum() < len(counts) * TOP_K
+    # the kept tokens are the fixed-k shard's first ones, position by position
+    fixed = np.concatenate([np.asarray(v) for v in soft_table.column("topk_ids").to_pylist()]).reshape(-1, TOP_K)
+    kept = np.concatenate([np.asarray(v) for v in table.column("topk_ids").to_pylist()])
+    assert np.array_equal(kept, fixed[np.arange(TOP_K)[None, :] < counts[:, None]])
+    student = load_model(model_dir)
+    optimizer, scheduler = make_optimizer(student, OPTIM)
+    batch = soft_target_batch(_table_columns(table, True), tokenizer.pad_token_id, TOP_K)
+    kwargs = dict(grad_clip=1.0, alpha=1.0, temperature=1.0, divergence="forward_kl", jsd_beta=0.5)
+    losses = [distill_train_step(student, batch, optimizer, scheduler, **kwargs)["loss"] for _ in range(6)]
+    assert all(np.isfinite(losses)) and losses[-1] < 0.8 * losses[0], losses
+
+
 def test_distill_step_rejects_soft_targets_of_wrong_length(model_dir, soft_table, tokenizer):
     student = load_model(model_dir)
     optimizer, scheduler = make_optimizer(student, OPTIM)

@@ -3,6 +3,7 @@
 Run: cd /work/main && .venv/bin/python -m pytest tests/unit/test_soft_targets.py -q
 """
 
+import math
 import os
 
 import numpy as np
@@ -229,3 +230,89 @@ def test_validate_shards_names_the_corrupted_file_among_good_ones(tmp_path):
         f.write(b"\x00" * 64)  # bytes overwritten in the middle of the file
     with pytest.raises(SoftTargetError, match="shard-1.parquet"):
         validate_shards(str(tmp_path), VOCAB, TOP_K, expected_rows=4)
+
+
+# ---------------------------------------------------------------- adaptive k (soft_targets.kl_max)
+
+
+def _uniform_tail_kl(logp, ids, count):
+    """KL(p ‖ q) by brute force, q = p on the first `count` ids + their tail spread uniformly over the rest."""
+    vocab = logp.shape[0]
+    kept = torch.zeros(vocab, dtype=torch.bool)
+    kept[ids[:count]] = True
+    tail = torch.logsumexp(logp.double()[~kept], 0)
+    q = torch.where(kept, logp.double(), tail - math.log(vocab - count))
+    return float((logp.double().exp() * (logp.double() - q)).sum())
+
+
+@pytest.mark.parametrize("kl_max", [0.01, 0.1])
+def test_kept_counts_are_the_fewest_within_kl_max(kl_max):
+    from dume_ray.data.soft_targets import kept_counts
+    gen = torch.Generator().manual_seed(1)
+    logp = torch.log_softmax(torch.randn(40, VOCAB, generator=gen) * torch.linspace(0.5, 8, 40).unsqueeze(1), -1)
+    counts = kept_counts(logp, 12, kl_max)
+    assert counts.min() >= 1 and counts.max() <= 12 and counts.min() < counts.max()
+    for t in range(40):
+        ids = torch.topk(logp[t], 12).indices
+        c = int(counts[t])
+        if c < 12:
+            assert _uniform_tail_kl(logp[t], ids, c) <= kl_max + 1e-9
+        if c > 1:
+            assert _uniform_tail_kl(logp[t], ids, c - 1) > kl_max - 1e-9
+
+
+def _adaptive_rows(n_rows=4, k=TOP_K, kl_max=0.05, seed=0):
+    from dume_ray.data.soft_targets import encode_adaptive_top_k
+    rows, full = _make_rows(n_rows, seed, k=k)
+    for row, logp in zip(rows, full):
+        ids, lps, tail, counts = encode_adaptive_top_k(logp, k, kl_max)
+        row.update(topk_ids=ids, topk_logprobs=lps, tail_logmass=tail, topk_counts=counts)
+    return rows, full
+
+
+def test_adaptive_round_trip_validates_and_decodes_padded(tmp_path):
+    rows, full = _adaptive_rows(k=8)
+    path = str(tmp_path / "adaptive.parquet")
+    write_shard(rows_to_table(rows, 8, adaptive=True), path)
+    assert validate_shard(path, VOCAB, 8, adaptive=True) == 4
+    with pytest.raises(SoftTargetError, match="schema mismatch"):  # a fixed-k reader refuses it
+        validate_shard(path, VOCAB, 8)
+    table = pq.read_table(path)
+    assert table.schema.field("topk_counts").type == pa.list_(pa.uint8())
+    for row, logp in zip(table.to_pylist(), full):
+        ids, lps, tail = decode_top_k(row, 8)
+        counts = row["topk_counts"]
+        assert ids.shape == (len(counts), 8) and len(row["topk_ids"]) == sum(counts)
+        for t, c in enumerate(counts):
+            want_lps, want_ids = torch.topk(logp[t], c)
+            assert torch.equal(ids[t, :c], want_ids) and (ids[t, c:] == want_ids[0]).all()
+            assert torch.allclose(lps[t, :c], want_lps, rtol=2**-10, atol=0) and torch.isneginf(lps[t, c:]).all()
+            want_tail = torch.logsumexp(logp[t].scatter(0, want_ids, float("-inf")), 0)
+            assert torch.allclose(tail[t], want_tail, atol=1e-5)
+
+
+def test_adaptive_validate_rejects_bad_counts(tmp_path):
+    rows, _ = _adaptive_rows(k=8)
+    rows[1]["topk_counts"] = rows[1]["topk_counts"].copy()
+    rows[1]["topk_counts"][0] += 1  # one more than the ids/log-probs hold
+    path = str(tmp_path / "bad.parquet")
+    write_shard(rows_to_table(rows, 8, adaptive=True), path)
+    with pytest.raises(SoftTargetError, match=r"row 1 .*topk_ids has \d+ values, expected \d+ \(sum of topk_counts\)"):
+        validate_shard(path, VOCAB, 8, adaptive=True)
+    rows[1]["topk_counts"][0] = 9  # above k
+    write_shard(rows_to_table(rows, 8, adaptive=True), path)
+    with pytest.raises(SoftTargetError, match="topk_counts has count 9, expected 1..8"):
+        validate_shard(path, VOCAB, 8, adaptive=True)
+
+
+def test_soft_target_batch_pads_adaptive_rows_to_the_batch_widest():
+    from dume_ray.data.encode import soft_target_batch
+    rows, _ = _adaptive_rows(k=8, kl_max=0.05)
+    table = rows_to_table(rows, 8, adaptive=True)
+    batch = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
+    out = soft_target_batch(batch, 0, 8)
+    counts = np.concatenate([r["topk_counts"] for r in rows]).astype(np.int64)
+    assert out["topk_ids"].shape == (counts.size, counts.max()) == out["topk_logprobs"].shape
+    assert (torch.isfinite(out["topk_logprobs"]).sum(1).numpy() == counts).all()
+    assert np.array_equal(out["topk_ids"][torch.isfinite(out["topk_logprobs"])].numpy(),
+                          np.concatenate([r["topk_ids"] for r in rows]))
