@@ -80,7 +80,7 @@ def test_a_bad_shard_never_lands_in_the_group_folder(tiny_model_dir, tmp_path, m
 
     expert_dir = str(tmp_path / "expert")
     model = _trained_expert(tiny_model_dir, expert_dir)
-    monkeypatch.setattr(scoring, "validate_shards", lambda *a: (_ for _ in ()).throw(SoftTargetError("bad shard")))
+    monkeypatch.setattr(scoring, "validate_shards", lambda *a, **k: (_ for _ in ()).throw(SoftTargetError("bad shard")))
     config = {"soft_targets": {"rows": _rows(4), "top_k": TOP_K, "batch_size": BATCH, "shards_dir": str(tmp_path / "shards")}}
     with pytest.raises(SoftTargetError, match="bad shard"):
         score_soft_targets(model, load_tokenizer(expert_dir), config)
