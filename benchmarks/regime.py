@@ -2,6 +2,7 @@
 
     nice -n 5 python benchmarks/regime.py                        # tiny model, widths 16 32 64 x tasks 2 4 6 x budgets 0.125 0.5 x 3 seeds
     python benchmarks/regime.py --widths 64 --seeds 0 --budgets 0.125     # a slice; the map fills over sittings
+    python benchmarks/regime.py --model smollm2 --only smollm2 --seeds 2 1 0    # one model; another process may run the other
     nice -n 19 python benchmarks/regime.py --model smollm2       # SmolLM2 whole and cut to --keep-layers, 4 tasks, budget 1/8
     python benchmarks/regime.py --tiny                            # smoke setting, temp folder
     python benchmarks/regime.py --report-only --pipeline-report runs/.../eval/report.json   # rewrite JSON, table, PNG
@@ -378,6 +379,8 @@ def main() -> None:
     parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
     parser.add_argument("--widths", type=int, nargs="+", default=WIDTHS, help="tiny model hidden sizes")
     parser.add_argument("--keep-layers", type=int, default=15, help="SmolLM2's truncated variant (of 30 layers)")
+    parser.add_argument("--only", nargs="+", default=None, help="run only these models (e.g. smollm2-L15): two "
+                        "processes may fill disjoint slices of the map")
     parser.add_argument("--tasks", type=int, nargs="+", default=None, help="task counts (default 2 4 6; SmolLM2: 4)")
     parser.add_argument("--budgets", type=float, nargs="+", default=None,
                         help="factors on the config's expert and student steps (default 0.125 0.5; SmolLM2: 0.125)")
@@ -403,10 +406,13 @@ def main() -> None:
         args.widths, args.seeds, args.budgets, counts = [16], [0], [1.0], [2]
         args.keep_layers = 2
     variants = model_variants(args)[-1:] if args.tiny and smol else model_variants(args)  # tiny SmolLM2: the cut one
+    labels, variants = [v[0] for v in variants], [v for v in variants if not args.only or v[0] in args.only]
     overrides = [*(TINY_OVERRIDES if args.tiny else SMOLLM2_OVERRIDES if smol else []), *args.set]
     try:  # every setting checked before any work
         if any(not 2 <= n <= len(task_order) for n in counts):
             raise ConfigError(f"--tasks: each count must be in [2, {len(task_order)}], got {counts}")
+        if args.only and set(args.only) - set(labels):
+            raise ConfigError(f"--only: unknown model(s) {sorted(set(args.only) - set(labels))}, choose from {labels}")
         if any(b <= 0 for b in args.budgets):
             raise ConfigError(f"--budgets: each factor must be > 0, got {args.budgets}")
         cfgs = {(label, s): load_config(config, [*overrides, *extra, f"seed={s}", f"tasks.builtin=[{','.join(task_order)}]"])
