@@ -340,8 +340,8 @@ def heatmap(groups: list[dict], path: str) -> str | None:
                 ax.text(j, i, "not\nmeasured", ha="center", va="center", fontsize=6, color="grey")
                 continue
             grid[i][j] = 100 * g[name]["mean"]
-            ax.text(j, i, f"{100 * g[name]['mean']:+.1f}\n±{100 * g[name]['ci95_half_width']:.1f}\nn={g['seeds']}",
-                    ha="center", va="center", fontsize=7)
+            spread = f"±{100 * g[name]['ci95_half_width']:.1f}" if g["seeds"] > 1 else "no interval"
+            ax.text(j, i, f"{100 * g[name]['mean']:+.1f}\n{spread}\nn={g['seeds']}", ha="center", va="center", fontsize=7)
         ax.imshow(grid, cmap="RdBu", vmin=-60, vmax=60, aspect="auto")
         ax.set_xticks(range(len(cols)), [f"b{b:g}\n{n} tasks" for b, n in cols], fontsize=7)
         ax.set_yticks(range(len(models)), models, fontsize=8)
