@@ -232,8 +232,10 @@ def interval(values: list[float]) -> tuple[float, float]:
 
 
 def fmt_ci(values: list[float], scale: float = 100.0) -> str:
+    if len(values) < 2:
+        return f"{values[0] * scale:+.1f} (1 seed)" if values else "–"
     m, h = interval(values)
-    return f"{m * scale:+.1f} ± {h * scale:.1f}" if values else "–"
+    return f"{m * scale:+.1f} ± {h * scale:.1f}"
 
 
 def summarise(cells: dict, variants: list[tuple[str, list[int], list[float]]], seeds: list[int]) -> dict:
