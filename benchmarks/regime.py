@@ -2,7 +2,8 @@
 
     nice -n 5 python benchmarks/regime.py                        # tiny model, widths 16 32 64 x tasks 2 4 6 x budgets 0.125 0.5 x 3 seeds
     python benchmarks/regime.py --widths 64 --seeds 0 --budgets 0.125     # a slice; the map fills over sittings
-    python benchmarks/regime.py --model smollm2                   # SmolLM2 whole and cut to --keep-layers, 4 tasks
+    python benchmarks/regime.py --model smollm2 --only smollm2 --seeds 2 1 0    # one model; another process may run the other
+    nice -n 19 python benchmarks/regime.py --model smollm2       # SmolLM2 whole and cut to --keep-layers, 4 tasks, budget 1/8
     python benchmarks/regime.py --tiny                            # smoke setting, temp folder
     python benchmarks/regime.py --report-only --pipeline-report runs/.../eval/report.json   # rewrite JSON, table, PNG
 
@@ -30,7 +31,9 @@ Each cell is written to the JSON as soon as it is measured (under a file lock, m
 processes may fill disjoint slices); a rerun skips measured cells. Per (model, n, b): mean over seeds of every
 model, and student − multitask for both compute columns as mean ± 95% t-interval half-width over seeds. Writes
 benchmarks/results/regime.json and regime.png (a heatmap of both differences; only when matplotlib imports).
-The SmolLM2 cells (`--model smollm2`) are listed in the JSON as not measured until someone runs them.
+SmolLM2 (`--model smollm2`, configs/smollm2.yaml, no base training) has its own budget and fewer rows
+(SMOLLM2_BUDGETS, SMOLLM2_OVERRIDES; the reason is in the JSON's `smollm2.choice`), the cut model run first; its
+cells not yet measured are listed in the JSON as such.
 """
 
 from __future__ import annotations
@@ -56,6 +59,19 @@ TINY_OVERRIDES = ["tasks.num_train=32", "tasks.num_test=8", "tasks.num_validatio
                   "experts.optim.steps=4", "distill.optim.steps=4", "eval.max_new_tokens=4",
                   "upcycle.stats_examples_per_task=8"]
 WIDTHS, BUDGETS = [16, 32, 64], [0.125, 0.5]  # the map: 1/8 and 1/2 of demo.yaml's expert (800) and student (600) steps
+# SmolLM2 (configs/smollm2.yaml: experts 40 steps, student 120, batch 8): one budget and fewer rows, so that the
+# whole model and its cut x 4 tasks x 3 seeds fit about 80 CPU minutes of a shared 2-core machine.
+SMOLLM2_BUDGETS = [0.125]
+SMOLLM2_OVERRIDES = ["tasks.num_train=40", "tasks.num_test=20", "tasks.num_validation=4",
+                     "upcycle.stats_examples_per_task=16"]
+SMOLLM2_CHOICE = (
+    "budget 1/8 of configs/smollm2.yaml's steps (experts 5 each, student and multitask 15, multitask at the whole "
+    "budget 15 + 4 x 5 = 35; batch 8) for both SmolLM2 models: a step costs ~1.5 s on 2 idle cores and this map "
+    "runs at nice 19 on a 2-core machine shared by 6 processes, so 1/8 (the tiny map's smaller factor, the same "
+    "column of the heatmap) is the largest factor whose 6 (model, seed) groups (each 8 x 5 + 3 x 15 = 85 training "
+    "steps, soft targets, 9 evaluations) fit about 80 CPU minutes; 40 training rows per task (what the experts read: "
+    "5 x 8) and 20 test rows per task (80 per cell: one row = 1.25 points) keep scoring and generation inside that "
+    "budget; max_new_tokens stays 12 (the upper-cased answers need it)")
 REPRODUCE = ("tiny-h64", 6, 0.125, 0)  # the cell compared with the CLI pipeline run alike (--pipeline-report)
 COLUMNS = ["experts", "student", "multitask_student_budget", "multitask_whole_budget", "dume_top1", "dume_top2"]
 
@@ -216,14 +232,17 @@ def interval(values: list[float]) -> tuple[float, float]:
 
 
 def fmt_ci(values: list[float], scale: float = 100.0) -> str:
+    if len(values) < 2:
+        return f"{values[0] * scale:+.1f} (1 seed)" if values else "–"
     m, h = interval(values)
-    return f"{m * scale:+.1f} ± {h * scale:.1f}" if values else "–"
+    return f"{m * scale:+.1f} ± {h * scale:.1f}"
 
 
-def summarise(cells: dict, variants: list[tuple[str, list[int]]], budgets: list[float], seeds: list[int]) -> dict:
-    """Per (model, task count, budget): means over seeds, both differences with their intervals; the table."""
+def summarise(cells: dict, variants: list[tuple[str, list[int], list[float]]], seeds: list[int]) -> dict:
+    """Per (model, task count, budget): means over seeds, both differences with their intervals; the table.
+    `variants`: [(model, its task counts, its budgets)]."""
     rows, groups = [], []
-    for model, counts in variants:
+    for model, counts, budgets in variants:
         for budget in budgets:
             for n in counts:
                 measured = [cells[k] for s in seeds if (k := cell_key(model, n, budget, s)) in cells]
@@ -323,8 +342,8 @@ def heatmap(groups: list[dict], path: str) -> str | None:
                 ax.text(j, i, "not\nmeasured", ha="center", va="center", fontsize=6, color="grey")
                 continue
             grid[i][j] = 100 * g[name]["mean"]
-            ax.text(j, i, f"{100 * g[name]['mean']:+.1f}\n±{100 * g[name]['ci95_half_width']:.1f}\nn={g['seeds']}",
-                    ha="center", va="center", fontsize=7)
+            spread = f"±{100 * g[name]['ci95_half_width']:.1f}" if g["seeds"] > 1 else "no interval"
+            ax.text(j, i, f"{100 * g[name]['mean']:+.1f}\n{spread}\nn={g['seeds']}", ha="center", va="center", fontsize=7)
         ax.imshow(grid, cmap="RdBu", vmin=-60, vmax=60, aspect="auto")
         ax.set_xticks(range(len(cols)), [f"b{b:g}\n{n} tasks" for b, n in cols], fontsize=7)
         ax.set_yticks(range(len(models)), models, fontsize=8)
@@ -362,9 +381,11 @@ def main() -> None:
     parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
     parser.add_argument("--widths", type=int, nargs="+", default=WIDTHS, help="tiny model hidden sizes")
     parser.add_argument("--keep-layers", type=int, default=15, help="SmolLM2's truncated variant (of 30 layers)")
+    parser.add_argument("--only", nargs="+", default=None, help="run only these models (e.g. smollm2-L15): two "
+                        "processes may fill disjoint slices of the map")
     parser.add_argument("--tasks", type=int, nargs="+", default=None, help="task counts (default 2 4 6; SmolLM2: 4)")
-    parser.add_argument("--budgets", type=float, nargs="+", default=BUDGETS,
-                        help="factors on the config's expert and student steps")
+    parser.add_argument("--budgets", type=float, nargs="+", default=None,
+                        help="factors on the config's expert and student steps (default 0.125 0.5; SmolLM2: 0.125)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--set", nargs="*", default=[], help="extra key=value config overrides")
     parser.add_argument("--cache", default=os.path.join(REPO, "runs", "regime-cache"), help="bases and experts")
@@ -382,14 +403,18 @@ def main() -> None:
     config = args.config or ("configs/smollm2.yaml" if smol else "configs/demo.yaml")
     task_order = SMOLLM2_TASKS if smol else TASK_ORDER
     counts = args.tasks or ([4] if smol else [2, 4, len(TASK_ORDER)])
+    args.budgets = args.budgets or (SMOLLM2_BUDGETS if smol else BUDGETS)
     if args.tiny:
         args.widths, args.seeds, args.budgets, counts = [16], [0], [1.0], [2]
         args.keep_layers = 2
     variants = model_variants(args)[-1:] if args.tiny and smol else model_variants(args)  # tiny SmolLM2: the cut one
-    overrides = [*(TINY_OVERRIDES if args.tiny else []), *args.set]
+    labels, variants = [v[0] for v in variants], [v for v in variants if not args.only or v[0] in args.only]
+    overrides = [*(TINY_OVERRIDES if args.tiny else SMOLLM2_OVERRIDES if smol else []), *args.set]
     try:  # every setting checked before any work
         if any(not 2 <= n <= len(task_order) for n in counts):
             raise ConfigError(f"--tasks: each count must be in [2, {len(task_order)}], got {counts}")
+        if args.only and set(args.only) - set(labels):
+            raise ConfigError(f"--only: unknown model(s) {sorted(set(args.only) - set(labels))}, choose from {labels}")
         if any(b <= 0 for b in args.budgets):
             raise ConfigError(f"--budgets: each factor must be > 0, got {args.budgets}")
         cfgs = {(label, s): load_config(config, [*overrides, *extra, f"seed={s}", f"tasks.builtin=[{','.join(task_order)}]"])
@@ -413,17 +438,27 @@ def main() -> None:
         if os.path.exists(out):
             with open(out) as f:
                 previous = json.load(f)
-        budgets = sorted(set(BUDGETS) | set(args.budgets))  # the map's; other budgets' cells stay in "cells" only
         seeds = sorted({c["seed"] for c in cells.values()} | set(args.seeds))
-        map_counts = lambda m: counts if args.tiny else [4] if m.startswith("smollm2") else [2, 4, len(TASK_ORDER)]  # noqa: E731
-        summary = summarise(cells, [(m, map_counts(m)) for m in map_labels(cells)],
-                            budgets, seeds)
+
+        def row_axes(m: str) -> tuple[list[int], list[float]]:
+            """The map's task counts and budgets of model m (other budgets' cells stay in "cells" only)."""
+            if args.tiny:
+                return counts, args.budgets
+            family = m.startswith("smollm2")
+            return ([4], SMOLLM2_BUDGETS) if family else ([2, 4, len(TASK_ORDER)], BUDGETS)
+
+        summary = summarise(cells, [(m, *row_axes(m)) for m in map_labels(cells)], seeds)
         not_measured = [{k: g[k] for k in ("model", "tasks", "budget")} for g in summary["groups"] if not g["measured"]]
-        payload = {"config": config, "task_order": {"tiny": TASK_ORDER, "smollm2": SMOLLM2_TASKS}, "split": "test",
+        first = cfgs[next(iter(cfgs))]
+        mine = {"config": config, "settings": {"temperature": first.distill.temperature, "alpha": first.distill.alpha,
+                                               "routing": first.upcycle.routing}}
+        tiny_rows = previous if smol and "config" in previous else mine  # each family's config from its own runs
+        smol_rows = mine if smol else {k: v for k, v in previous.get("smollm2", {}).items() if k in mine}
+        payload = {"config": tiny_rows["config"], "settings": tiny_rows["settings"],
+                   "task_order": {"tiny": TASK_ORDER, "smollm2": SMOLLM2_TASKS}, "split": "test",
                    "budgets_meaning": "factor on the config's experts.optim.steps and distill.optim.steps",
-                   "settings": {"temperature": cfgs[next(iter(cfgs))].distill.temperature,
-                                "alpha": cfgs[next(iter(cfgs))].distill.alpha,
-                                "routing": cfgs[next(iter(cfgs))].upcycle.routing},
+                   "smollm2": {**smol_rows, "budgets": SMOLLM2_BUDGETS, "overrides": SMOLLM2_OVERRIDES,
+                               "keep_layers": args.keep_layers, "choice": SMOLLM2_CHOICE},
                    **summary, "reproduction": reproduction(cells, previous.get("reproduction"), args.pipeline_report),
                    "not_measured": not_measured, "png": png_relative(heatmap(summary["groups"], png)),
                    "cells": [cells[k] for k in sorted(cells)]}
@@ -437,7 +472,7 @@ def main() -> None:
             save(cells)
 
     for budget in [] if args.report_only else args.budgets:  # the smaller budget first everywhere: an interrupted map still has whole rows
-        for label, _ in variants:
+        for label, _ in variants[::-1] if smol else variants:  # SmolLM2: the cut model (half the cost) first
             for seed in args.seeds:
                 done = read_cells(out)
                 todo = [n for n in counts if cell_key(label, n, budget, seed) not in done]
