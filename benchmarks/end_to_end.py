@@ -47,14 +47,16 @@ TINY_OVERRIDES = ["tasks.builtin=[copy,reverse]", "tasks.num_train=32", "tasks.n
 # ---------------------------------------------------------------------------------------------------------
 
 def train_job(init_dir: str, out_dir: str, rows: list, optim, train_step, validation: dict, max_new_tokens: int,
-           seed: int, mlp_only: bool = False) -> dict[str, float]:
+              seed: int, mlp_only: bool = False) -> dict[str, float]:
     """One training job as the workers run it: the package's `train_loop` and step, a checkpoint every
-    `checkpoint_every`, then save_pretrained and validation exact-match. Returns its seconds per phase
+    `checkpoint_every` (with the validation loss the workers log to the dashboards there), then save_pretrained
+    and validation exact-match. Returns its seconds per phase
     (`worker_utils.Phases`, as the Ray jobs report them) and "tokens": the response tokens it trained on."""
     import torch
     from dume_ray.data.encode import shuffled_batches
     from dume_ray.model import freeze_non_mlp, load_model, load_tokenizer
-    from dume_ray.training import evaluate_tasks, make_optimizer, save_training_state, train_loop
+    from dume_ray.training import evaluate_tasks, make_optimizer, save_training_state, train_loop, validation_loss
+    from dume_ray.training_jobs import validation_pairs
     from dume_ray.worker_utils import Phases
     phases = Phases(None)
     phases.enter("model build")
@@ -63,9 +65,11 @@ def train_job(init_dir: str, out_dir: str, rows: list, optim, train_step, valida
     if mlp_only:
         freeze_non_mlp(model)
     optimizer, scheduler = make_optimizer(model, optim)
+    pairs = validation_pairs(validation)
 
     def checkpoint(step: int, _metrics: dict) -> None:
         with phases.pause("steps", "checkpoint"):
+            validation_loss(model, tokenizer, pairs)
             save_training_state(f"{out_dir}-checkpoint", model, optimizer, scheduler, step)
 
     tokens = []

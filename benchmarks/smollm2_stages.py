@@ -25,7 +25,8 @@ any stage), the stage's folders removed first; stage wall = the command's wall t
 before the first round, runs every plain stage (`PlainProcess`), each with `end_to_end.train_job` (the package's
 `train_loop` with `ce_step` / `kd_step`, checkpoints and validation as the workers do) from the Ray run's base
 model and soft targets; a stage's wall time counts config, tokenizer, tasks, encoding, training and scoring (the
-Ray command does the same). Tokens/s = response tokens trained on / seconds of the "steps" phase (data waits and
+Ray command does the same); at each checkpoint both compute the validation loss (the workers log it to the
+dashboards) and save the training state. The untimed `base` runs in its own process first. Tokens/s = response tokens trained on / seconds of the "steps" phase (data waits and
 checkpoints excluded). Peak RSS (VmHWM, reset at the start: `resources.reset_peak_rss`): the process that
 trains (Ray: the job's worker; plain: the plain process) and the Ray driver (this process, per command).
 Goal (issue 16): Ray / plain <= 1.10 per training stage.
@@ -280,8 +281,11 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(run_dir, ignore_errors=True)
     os.makedirs(os.path.dirname(run_dir), exist_ok=True)
     base_args = ["--config", args.config, f"name={name}", f"runs_dir={os.path.abspath(args.runs_dir)}", *overrides]
+    # Untimed: the GGUF import (the tiny base's training), in its own process, so this driver's memory is a driver's.
+    print("[smollm2_stages] base (its own process and Ray)", flush=True)
+    with open(log, "a") as f:
+        subprocess.run([sys.executable, "-m", "dume_ray", "base", *base_args], cwd=REPO, stdout=f, stderr=subprocess.STDOUT, check=True)
     start_ray()
-    cli(["base", *base_args], log, "smollm2_stages")  # untimed: the GGUF import (or the tiny base's training)
     base_dir = os.path.join(run_dir, "base", "model")
     # What one job alone gets in Ray's local mode (fit_concurrently: a whole share of the free cores); plain gets the same.
     threads = cfg.experts.resources.torch_threads * idle_core_share(cfg.experts.resources.cpus_per_worker, 1,
