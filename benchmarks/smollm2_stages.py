@@ -271,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plain-worker", action="store_true", help=argparse.SUPPRESS)  # internal: the plain process
     parser.add_argument("--retable", default=None, metavar="JSON",
                         help="recompute the tables and ratios of a result file from its rounds (no measuring)")
+    parser.add_argument("--note", default=None, help="with --retable: a note stored in the file (what was run and why)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides for both sides")
     args = parser.parse_args(argv)
     if args.plain_worker:
@@ -278,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.retable:
         record = json.load(open(args.retable))
         table, ratios = summarize(record["rounds"], record["scored_response_tokens"])
+        if args.note:
+            record["note"] = args.note
         record.update(table=f"{table}\n\n{verdict(ratios)}", ratios=ratios, retabled_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                       target_met=all(ratios[s]["wall_ray_over_plain"] <= TARGET for s in STAGES))
         with open(args.retable, "w") as f:
