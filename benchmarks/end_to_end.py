@@ -46,15 +46,17 @@ TINY_OVERRIDES = ["tasks.builtin=[copy,reverse]", "tasks.num_train=32", "tasks.n
 # The plain-process reference: the stages' pure functions, in order, no Ray.
 # ---------------------------------------------------------------------------------------------------------
 
-def _train(init_dir: str, out_dir: str, rows: list, optim, train_step, validation: dict, max_new_tokens: int,
-           seed: int, mlp_only: bool = False) -> dict[str, float]:
+def train_job(init_dir: str, out_dir: str, rows: list, optim, train_step, validation: dict, max_new_tokens: int,
+              seed: int, mlp_only: bool = False) -> dict[str, float]:
     """One training job as the workers run it: the package's `train_loop` and step, a checkpoint every
-    `checkpoint_every`, then save_pretrained and validation exact-match. Returns its seconds per phase
-    (`worker_utils.Phases`, as the Ray jobs report them)."""
+    `checkpoint_every` (with the validation loss the workers log to the dashboards there), then save_pretrained
+    and validation exact-match. Returns its seconds per phase
+    (`worker_utils.Phases`, as the Ray jobs report them) and "tokens": the response tokens it trained on."""
     import torch
     from dume_ray.data.encode import shuffled_batches
     from dume_ray.model import freeze_non_mlp, load_model, load_tokenizer
-    from dume_ray.training import evaluate_tasks, make_optimizer, save_training_state, train_loop
+    from dume_ray.training import evaluate_tasks, make_optimizer, save_training_state, train_loop, validation_loss
+    from dume_ray.training_jobs import validation_pairs
     from dume_ray.worker_utils import Phases
     phases = Phases(None)
     phases.enter("model build")
@@ -63,22 +65,35 @@ def _train(init_dir: str, out_dir: str, rows: list, optim, train_step, validatio
     if mlp_only:
         freeze_non_mlp(model)
     optimizer, scheduler = make_optimizer(model, optim)
+    pairs = validation_pairs(validation)
 
     def checkpoint(step: int, _metrics: dict) -> None:
         with phases.pause("steps", "checkpoint"):
+            validation_loss(model, tokenizer, pairs)
             save_training_state(f"{out_dir}-checkpoint", model, optimizer, scheduler, step)
 
+    tokens = []
     phases.enter("steps")
     train_loop(model, optimizer, scheduler, phases.timed_iter(shuffled_batches(rows, optim.batch_size, seed), "data load"),
                train_step, tokenizer.pad_token_id, start_step=0, total_steps=optim.steps,
-               checkpoint_every=optim.checkpoint_every, on_checkpoint=checkpoint)
+               checkpoint_every=optim.checkpoint_every, on_checkpoint=checkpoint,
+               on_step=lambda _step, metrics: tokens.append(metrics.get("tokens", 0)))
     phases.enter("save")
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     phases.enter("validation")
     evaluate_tasks(model, tokenizer, validation, "validation", max_new_tokens)
     phases.enter(None)
-    return phases.seconds
+    return {**phases.seconds, "tokens": sum(tokens)}
+
+
+def kd_step_of(cfg, alpha: float, vocab_size: int):
+    """The step of the student (alpha = distill.alpha) or the multitask baseline (alpha = 0), as
+    `distill/launch.py` configures the workers' `kd_step`."""
+    from dume_ray.training import kd_step
+    d = cfg.distill
+    return kd_step(d.optim.grad_clip, min(cfg.soft_targets.top_k, vocab_size), alpha, d.optim.steps,
+                   d.anneal and alpha > 0, d.temperature, d.divergence, d.jsd_beta, cfg.model.dtype)
 
 
 def reference_pipeline(cfg, out: str) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
@@ -90,21 +105,21 @@ def reference_pipeline(cfg, out: str) -> tuple[dict[str, float], dict[str, dict[
     from dume_ray.model import create_initial_model, load_model, load_tokenizer
     from dume_ray.soft_targets.teacher_scoring import score_rows
     from dume_ray.tasks import encode_rows, load_tasks
-    from dume_ray.training import ce_step, evaluate_tasks, kd_step
+    from dume_ray.training import ce_step, evaluate_tasks
 
     seconds, profiles, t = {}, {}, time.time()
-    init = create_initial_model(cfg.model, cfg.seed, f"{out}/base/init")
+    init = create_initial_model(cfg.model, cfg.seed, f"{out}/base/init", cfg.data)
     tokenizer = load_tokenizer(init)
     tasks = load_tasks(cfg.tasks, tokenizer, cfg.model.max_seq_len)
     mx = cfg.eval.max_new_tokens
-    profiles["base"] = _train(init, f"{out}/base/model", encode_rows(tasks, tokenizer, "train", cfg.model.max_seq_len, {n: "base" for n in tasks}),
+    profiles["base"] = train_job(init, f"{out}/base/model", encode_rows(tasks, tokenizer, "train", cfg.model.max_seq_len, {n: "base" for n in tasks}),
            cfg.base.optim, ce_step(cfg.base.optim.grad_clip, cfg.model.dtype), tasks, mx, cfg.seed)
     seconds["base"], t = time.time() - t, time.time()
 
     group_of = {n: g for g, names in cfg.groups.items() for n in names}
     for group, names in cfg.groups.items():  # one after another
         rows = encode_rows({n: tasks[n] for n in names}, tokenizer, "train", cfg.model.max_seq_len, group_of)
-        phases = _train(f"{out}/base/model", f"{out}/experts/{group}", rows, cfg.experts.optim,
+        phases = train_job(f"{out}/base/model", f"{out}/experts/{group}", rows, cfg.experts.optim,
                         ce_step(cfg.experts.optim.grad_clip, cfg.model.dtype), {n: tasks[n] for n in names}, mx, cfg.seed,
                         mlp_only=cfg.experts.train_mlp_only)
         profiles["experts"] = {k: round(profiles.get("experts", {}).get(k, 0.0) + v, 2) for k, v in phases.items()}
@@ -117,12 +132,9 @@ def reference_pipeline(cfg, out: str) -> tuple[dict[str, float], dict[str, dict[
     seconds["soft_targets"], t = time.time() - t, time.time()
 
     stream = pa.concat_tables([pq.read_table(f"{out}/soft_targets/{g}.parquet") for g in cfg.groups]).to_pylist()
-    k = min(cfg.soft_targets.top_k, len(tokenizer))
-    d = cfg.distill
-    for stage, alpha in (("student", d.alpha), ("multitask", 0.0)):
-        step = kd_step(d.optim.grad_clip, k, alpha, d.optim.steps, d.anneal, d.temperature, d.divergence, d.jsd_beta,
-                       cfg.model.dtype)
-        profiles[stage] = _train(f"{out}/base/model", f"{out}/{stage}", stream, d.optim, step, tasks, mx, cfg.seed)
+    for stage, alpha in (("student", cfg.distill.alpha), ("multitask", 0.0)):
+        profiles[stage] = train_job(f"{out}/base/model", f"{out}/{stage}", stream, cfg.distill.optim,
+                                 kd_step_of(cfg, alpha, len(tokenizer)), tasks, mx, cfg.seed)
         seconds[stage], t = time.time() - t, time.time()
 
     models = {"base": (f"{out}/base/model", list(tasks)), "student": (f"{out}/student", list(tasks)),

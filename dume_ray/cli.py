@@ -37,6 +37,10 @@ from dume_ray.storage import RunStorage, check_local_format, write_format
 
 QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false",
              "RAY_DEDUP_LOGS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1"}
+# A local Ray runs its workers at the caller's priority: Ray's default (nice 15) hands the training jobs' CPU to
+# every other process on a shared machine (SmolLM2 expert steps 1.5-2x slower than the same loop at nice 0,
+# load 10-15 on 2 cores: benchmarks/results/smollm2_stages.json).
+LOCAL_RAY_SYSTEM_CONFIG = {"worker_niceness": 0}
 
 
 def _stages():
@@ -152,13 +156,13 @@ def resolve_config(args: argparse.Namespace) -> PipelineConfig:
 def preflight(cfg: PipelineConfig) -> None:
     """Fail before any training on bad tasks, columns, lengths, a missing or unsupported model, or a chat
     template asked of a tokenizer that has none."""
-    from dume_ray.model import load_source_tokenizer, model_type_of
+    from dume_ray.model import model_type_of
     from dume_ray.tasks import SPLITS, encode_rows, load_tasks
     from dume_ray.upcycle.moe import check_supported_model_type
 
     if cfg.upcycle_active:
         check_supported_model_type(model_type_of(cfg.model), "upcycle.enabled=true")
-    tokenizer = load_source_tokenizer(cfg.model, cfg.data)
+    tokenizer = preflight_tokenizer(cfg)
     tasks = load_tasks(cfg.tasks, tokenizer, cfg.model.max_seq_len)
     group_of = {t: g for g, names in cfg.groups.items() for t in names}
     for split in SPLITS:
@@ -169,6 +173,22 @@ def preflight(cfg: PipelineConfig) -> None:
             print(f"[preflight] {what} rows (tasks.skip_bad_rows / tasks.too_long={cfg.tasks.too_long}, "
                   f"model.max_seq_len={cfg.model.max_seq_len}): {counts}", flush=True)
     print(f"[preflight] {len(tasks)} tasks, {len(cfg.groups)} expert groups: {' | '.join(cfg.groups)}", flush=True)
+
+
+def preflight_tokenizer(cfg: PipelineConfig):
+    """The tokenizer the preflight encodes the tasks with: the base stage's copy when the base has finished
+    for this config (the same tokenizer: the model and data settings are in its hash; a GGUF file takes
+    seconds to parse again on every command), else the model source's."""
+    from dume_ray.manifest import is_done, read_manifest
+    from dume_ray.model import load_source_tokenizer, load_tokenizer
+    from dume_ray.stage_hashes import base_hash
+
+    base_dir = f"{cfg.run_dir}/base"
+    if is_done(base_dir, base_hash(cfg)):
+        model_dir = read_manifest(base_dir)["outputs"]["model"]
+        if os.path.exists(os.path.join(model_dir, "tokenizer_config.json")):
+            return load_tokenizer(model_dir)
+    return load_source_tokenizer(cfg.model, cfg.data)
 
 
 UPSTREAM = {"experts": ["base"], "upcycle": ["experts"], "soft-targets": ["base", "experts"],
@@ -351,7 +371,8 @@ def init_ray(cfg: PipelineConfig, output: RayOutput, worker_env: Optional[dict] 
     session_dir = None
     if not ray.is_initialized():
         output.started_ray = True
-        context = ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=True)
+        context = ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=True,
+                           _system_config=None if address else LOCAL_RAY_SYSTEM_CONFIG)
         session_dir = (context.address_info or {}).get("session_dir")
     output.attach()
     ray.data.DataContext.get_current().enable_progress_bars = False

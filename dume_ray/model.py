@@ -203,6 +203,8 @@ def model_type_of(cfg: ModelConfig) -> str:
 
 def check_same_vocab(teacher_dir: str, student_dir: str) -> None:
     """Distillation compares token ids: teacher and student must share one tokenizer."""
+    if os.path.realpath(teacher_dir) == os.path.realpath(student_dir):  # one folder (the student starts from the base)
+        return
     teacher, student = load_tokenizer(teacher_dir), load_tokenizer(student_dir)
     if teacher.get_vocab() != student.get_vocab():
         raise ValueError(

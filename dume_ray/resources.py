@@ -15,6 +15,9 @@ Memory: every training job and scoring actor also asks Ray for `memory=` sized f
 disk (`job_memory_bytes`), so on a big model the scheduler places (or queues) them by memory, instead of
 packing them by CPU until a node runs out and Ray warns or kills a worker.
 
+Peak memory: `reset_peak_rss()` at a job's start and `peak_rss_mb()` at its end give the job's own peak in a
+process that runs many (a reused Ray worker; benchmarks/smollm2_stages.py's plain loop).
+
 Pure: no Ray here. Tested in tests/unit/test_resources.py.
 """
 
@@ -22,6 +25,8 @@ from __future__ import annotations
 
 import glob
 import os
+import resource
+import sys
 
 from dume_ray.config import PipelineConfig, ResourcesConfig
 
@@ -134,3 +139,27 @@ def _largest(nodes: list[Bundle], bundle: Bundle) -> Bundle:
 
 def _show(bundle: Bundle) -> str:
     return ", ".join(f"{v:g} {k}" for k, v in sorted(bundle.items()))
+
+
+def reset_peak_rss() -> None:
+    """Start this process's peak-RSS count afresh (Linux: `/proc/self/clear_refs`; elsewhere a no-op, and
+    `peak_rss_mb` then reports the peak since the process started)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MiB since `reset_peak_rss` (VmHWM), or since it started
+    (`getrusage` ru_maxrss) where /proc is not there."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return round(rss / (2**20 if sys.platform == "darwin" else 1024), 1)

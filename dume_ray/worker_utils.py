@@ -1,5 +1,6 @@
 """What every Ray Train worker of ours does the same way: the training loop with its device, data stream,
-checkpoints, progress, step history, dashboards and final save + validation.
+checkpoints, progress, step history, dashboards and final save + validation; the job's result also carries
+its phases (`profile`), the response `tokens` it trained on and its process's `peak_rss_mb`.
 
 `training_run(config, train_step)` is one training job around `training.train_loop` (the loop the search
 proxy and the benchmarks run too); `experts/worker.py` (base and experts, `training.ce_step`) and
@@ -30,6 +31,7 @@ from dume_ray.dashboards import ScalarLog
 from dume_ray import storage
 from dume_ray.manifest import atomic_dir
 from dume_ray.model import enable_gradient_checkpointing, load_model, load_tokenizer, make_trainable, merge_adapters
+from dume_ray.resources import peak_rss_mb, reset_peak_rss
 from dume_ray.tasks.base import Example, Task
 from dume_ray.training import (TrainStep, evaluate_tasks, load_training_state, make_optimizer, save_training_state,
                                train_loop, validation_loss)
@@ -43,6 +45,7 @@ def training_run(config: dict, train_step: TrainStep,
     `optim.steps`, reports a checkpoint every `checkpoint_every` steps, and on rank 0 saves the model and
     scores it on validation. Returns the result dict (rank 0; {} on other ranks)."""
     phases = Phases(config.get("submitted_at"))
+    reset_peak_rss()  # a Ray worker process is reused across jobs: its peak so far is another job's
     optim = from_dict(OptimConfig, config["optim"])
     device = setup_worker(config["seed"], config["torch_threads"])
     phases.enter("model build")
@@ -83,6 +86,8 @@ def training_run(config: dict, train_step: TrainStep,
     phases.enter(None)
     if result:
         result["profile"] = phases.seconds
+        result["tokens"] = progress.tokens  # response tokens trained on (since the start or the resume)
+        result["peak_rss_mb"] = peak_rss_mb()  # this process's peak resident memory during the job
     if dashboards:
         dashboards.log(step, result["validation"], "validation")
         dashboards.close()

@@ -6,8 +6,13 @@ workers than the cluster has) fails with a readable message instead of Ray waiti
 
 from __future__ import annotations
 
+import sys
+
+import pytest
+
 from dume_ray.config import ResourcesConfig, load_config
-from dume_ray.resources import explain, resource_problems, stage_jobs, training_job_bundles
+from dume_ray.resources import (explain, peak_rss_mb, reset_peak_rss, resource_problems, stage_jobs,
+                                training_job_bundles)
 
 ALL = ["base", "experts", "soft-targets", "distill", "multitask", "eval"]
 CPU_BOX = [{"CPU": 2.0, "memory": 1e9}]
@@ -82,3 +87,17 @@ def test_idle_core_share_gives_a_lone_job_the_free_cores_within_one_node():
     assert idle_core_share(1, jobs=1, free_cpus=2, largest_node_cpus=1) == 1  # two 1-CPU nodes: no 2-CPU task fits
     assert idle_core_share(2, jobs=1, free_cpus=3, largest_node_cpus=4) == 1  # whole multiples of the request only
     assert idle_core_share(1, jobs=0, free_cpus=4, largest_node_cpus=4) == 1
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the reset needs Linux's /proc/self/clear_refs")
+def test_peak_rss_counts_from_the_last_reset():
+    block = bytearray(200 * 2**20)  # 200 MiB, every page touched
+    block[::4096] = b"1" * len(block[::4096])
+    with_block = peak_rss_mb()
+    del block
+    reset_peak_rss()
+    after_reset = peak_rss_mb()
+    assert with_block - after_reset > 150  # the freed block's peak is forgotten...
+    small = bytearray(50 * 2**20)
+    small[::4096] = b"1" * len(small[::4096])
+    assert peak_rss_mb() - after_reset > 40  # ...and a new allocation counts again

@@ -222,3 +222,24 @@ def test_hub_style_folder_errors_name_the_folder_split_and_column(tmp_path, tiny
     assert f"of '{folder}' has no column 'reply'" in message and "'answer'" in message
     message = _load_error(tmp_path, tiny_model_dir, folder, ", hub_splits: {validation: heldout}")
     assert str(folder) in message and "validation (looked for 'heldout')" in message
+
+
+def test_preflight_reads_the_finished_base_tokenizer_not_the_model_source_again(tmp_path, tiny_model_dir, monkeypatch):
+    from dume_ray import cli, model
+    from dume_ray.manifest import mark_done
+    from dume_ray.stage_hashes import base_hash
+    cfg = load_config(user_config(tmp_path, tiny_model_dir, write_user_data(tmp_path)), [f"runs_dir={tmp_path}/runs"])
+    calls = []
+    source = model.load_source_tokenizer
+    monkeypatch.setattr(model, "load_source_tokenizer", lambda *a: calls.append(a) or source(*a))
+    preflight(cfg)
+    assert len(calls) == 1  # no base yet: the model source's tokenizer (a GGUF file is parsed here)
+    base_model = create_initial_model(cfg.model, cfg.seed, f"{cfg.run_dir}/base/model", cfg.data)
+    mark_done(f"{cfg.run_dir}/base", base_hash(cfg), {"model": base_model})
+    before = len(calls)
+    preflight(cfg)
+    assert len(calls) == before  # the finished base's copy
+    assert cli.preflight_tokenizer(cfg).get_vocab() == source(cfg.model, cfg.data).get_vocab()
+    mark_done(f"{cfg.run_dir}/base", "another-config", {"model": base_model})
+    preflight(cfg)
+    assert len(calls) == before + 1  # a base of another config is not this run's: the source again
