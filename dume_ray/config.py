@@ -168,8 +168,11 @@ class ResourcesConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     max_concurrent_jobs: int = 0  # experts trained at once; 0 = as many as the cluster's resources allow
-    torch_threads: int = 1  # intra-op threads per job on CPU, so concurrent jobs do not oversubscribe cores; in local mode a stage with fewer jobs than free cores multiplies this and cpus_per_worker by a whole share of them
+    torch_threads: int = 1  # intra-op threads per job on CPU, so concurrent jobs do not oversubscribe cores; in local mode a stage with fewer jobs than free cores multiplies this and cpus_per_worker by a whole share of them (share_idle_cores)
     max_failures: int = 1  # Ray Train restarts a failed worker group this often, from its latest checkpoint
+    share_idle_cores: bool = True  # local mode: fewer jobs than free cores take a whole share of them (above). Turn
+    #   off on a machine busy with work outside Ray: there a lone job's extra threads crawl (8x slower per step at
+    #   load 12-19 on 2 cores, benchmarks/results/add_task_long_shared.json)
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 0, f"resources.num_workers must be >= 0, got {self.num_workers}")

@@ -59,11 +59,13 @@ def job_memory_bytes(model_dir: str, factor: float, largest_node: float = 0) -> 
     return int(min(wanted, largest_node) if largest_node > 0 else wanted)
 
 
-def idle_core_share(cpus_per_job: float, jobs: int, free_cpus: float, largest_node_cpus: float) -> int:
+def idle_core_share(cpus_per_job: float, jobs: int, free_cpus: float, largest_node_cpus: float,
+                    enabled: bool = True) -> int:
     """How many times its configured CPUs (and torch threads) each of `jobs` local-mode jobs takes, so that
     fewer jobs than free cores leave none idle (the base alone, one expert added to a finished run): a whole
-    share of the free CPUs, never more than one node holds; 1 when the jobs already fill the cluster."""
-    if jobs <= 0 or cpus_per_job <= 0:
+    share of the free CPUs, never more than one node holds; 1 when the jobs already fill the cluster, or when
+    not `enabled` (`resources.share_idle_cores=false`)."""
+    if not enabled or jobs <= 0 or cpus_per_job <= 0:
         return 1
     return max(1, int(min(free_cpus / jobs, largest_node_cpus) // cpus_per_job))
 

@@ -63,7 +63,7 @@ def fit_concurrently(train_fn: Callable, pending: dict[str, tuple[dict, object]]
     share = 1
     if resources.num_workers == 0 and resources.torch_threads > 0:
         share = idle_core_share(resources.cpus_per_worker, min(limit, len(pending)),
-                                ray.available_resources().get("CPU", 0), largest_node("CPU"))
+                                ray.available_resources().get("CPU", 0), largest_node("CPU"), resources.share_idle_cores)
     task_cpus = resources.cpus_per_worker * share if resources.num_workers == 0 else 0
     # A died task (its node lost, its process killed) is retried; the rerun resumes from the checkpoint.
     fit = ray.remote(num_cpus=task_cpus, max_retries=resources.max_failures)(_fit)

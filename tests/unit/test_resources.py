@@ -87,6 +87,7 @@ def test_idle_core_share_gives_a_lone_job_the_free_cores_within_one_node():
     assert idle_core_share(1, jobs=1, free_cpus=2, largest_node_cpus=1) == 1  # two 1-CPU nodes: no 2-CPU task fits
     assert idle_core_share(2, jobs=1, free_cpus=3, largest_node_cpus=4) == 1  # whole multiples of the request only
     assert idle_core_share(1, jobs=0, free_cpus=4, largest_node_cpus=4) == 1
+    assert idle_core_share(1, jobs=1, free_cpus=2, largest_node_cpus=2, enabled=False) == 1  # share_idle_cores=false
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the reset needs Linux's /proc/self/clear_refs")

@@ -122,7 +122,7 @@ ROWS = {
 OPTIM_FLIPS = {"lr": "0.01", "weight_decay": "0.1", "warmup_steps": "3", "steps": "7", "batch_size": "4",
                "grad_clip": "0.5"}
 RESOURCE_FLIPS = {"num_workers": "2", "cpus_per_worker": "2", "max_concurrent_jobs": "1", "torch_threads": "2",
-                  "max_failures": "3"}
+                  "max_failures": "3", "share_idle_cores": "false"}
 for section, trained in (("base", EVERYTHING), ("experts", FROM_EXPERTS), ("distill", STUDENTS)):
     for knob, value in OPTIM_FLIPS.items():
         ROWS[f"{section}.optim.{knob}"] = [((), f"{section}.optim.{knob}={value}", trained)]
