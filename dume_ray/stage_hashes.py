@@ -14,8 +14,10 @@ config that leaves them alone keeps its hashes. The dependency graph is all in t
 
 An expert and its group's soft targets depend on that group's own tasks only (`task_data`), so a run that
 gains or loses a task retrains one expert and rescores one group; the student reads the union of the groups.
-With `soft_targets.rows=read` a group's soft targets also hash the student's read budget (`score_budget`:
-steps x batch size), since that decides which of its rows are scored (data/student_rows.py).
+With `soft_targets.rows=read` the union (not each group) also hashes the student's read budget (`score_budget`:
+steps x batch size), which decides how many of a group's rows are scored (data/student_rows.py): a group's rows
+are the first of one seeded order, so a group that already holds every row the new budget draws keeps its hash
+and shards, and the union's stage rescores only the groups left short (`soft_targets.launch.short_groups`).
 A student (or baseline) continued after such an edit (`distill.continue_from`, set by `add-task`) hashes its
 parent's stage hash and its own steps instead of its init, so a chain of edits gives a chain of hashes.
 
@@ -73,14 +75,13 @@ def expert_hash(base: str, task_names: list[str], cfg: PipelineConfig) -> str:
 
 
 def soft_target_group_hash(cfg: PipelineConfig, task_names: list[str], expert: str) -> str:
-    """One group's soft targets: its expert, its tasks' training rows, k, kl_max when adaptive (left out at its
-    default 0, so fixed-k runs keep their hashes), and which of the rows get targets (`score_budget`: the hash
-    of a group scored on every row is the one it had before the subsets existed)."""
+    """One group's soft targets: its expert, its tasks' training rows, k and kl_max when adaptive (left out at its
+    default 0, so fixed-k runs keep their hashes). Not how many rows are scored: that is the union's
+    (`soft_targets_hash`), so an edit that changes the students' budget (a task added) keeps every group that
+    still holds the rows it needs."""
     st = cfg.soft_targets
     k = (st.top_k, "kl_max", st.kl_max) if st.kl_max > 0 else st.top_k
-    budget = score_budget(cfg)
-    rows = () if budget is None else (("read", budget),)
-    return config_hash("soft_targets", expert, k, task_data(cfg, task_names), *rows)
+    return config_hash("soft_targets", expert, k, task_data(cfg, task_names))
 
 
 def read_budget(cfg: PipelineConfig, stage: str) -> int:
@@ -106,9 +107,13 @@ def score_budget(cfg: PipelineConfig) -> int | None:
 
 
 def soft_targets_hash(cfg: PipelineConfig, expert_hashes: dict[str, str]) -> str:
-    """The union the student reads: every group's soft targets."""
+    """The union the student reads: every group's soft targets, and the read budget they are scored for
+    (`score_budget`; left out when every row is scored), so a changed budget reruns the stage, which checks
+    every group for rows it lacks (cheap: it links shards and rescores only short groups)."""
+    budget = score_budget(cfg)
+    rows = () if budget is None else (("read", budget),)
     return config_hash("soft_targets_union", sorted(soft_target_group_hash(cfg, cfg.groups[g], h)
-                                                    for g, h in expert_hashes.items()))
+                                                    for g, h in expert_hashes.items()), *rows)
 
 
 def student_hash(cfg: PipelineConfig, stage: str, soft_targets: str) -> str:

@@ -86,10 +86,11 @@ def run_soft_targets(cfg: PipelineConfig, previous: dict | None = None) -> dict:
 
 
 def short_groups(cfg: PipelineConfig, groups: list[str], base_dir: str) -> list[str]:
-    """Of `groups` (soft targets done for this config's hash), those holding fewer rows than the student now
-    reads from them: with `soft_targets.rows=read`, after a group was removed the others' shares of the reads
-    grow (data/student_rows.py). A group's rows are the first of one seeded order, so counts tell."""
-    if score_budget(cfg) is None or not groups:
+    """Of `groups` (soft targets done for this config's hash), those holding fewer rows than are now to be
+    scored: a larger student budget, a removed group (the others' shares of the reads grow), or
+    `soft_targets.rows` turned from read to all (data/student_rows.py). A group's rows are the first of one
+    seeded order, so counts tell."""
+    if not groups:
         return []
     tasks = load_tasks(cfg.tasks, load_tokenizer(base_dir), cfg.model.max_seq_len)
     keep = scored_rows(cfg, tasks)

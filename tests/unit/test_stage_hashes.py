@@ -19,6 +19,7 @@ UPCYCLE = {"upcycle", "eval"}
 STUDENT = {"student", "eval"}                              # the KD knobs: the baseline trains with alpha = 0
 STUDENTS = {"student", "multitask", "eval"}                # both read the soft-target stream
 SOFT_TARGETS = {"soft_targets", *(f"soft_targets/{t}" for t in TASKS)} | STUDENTS  # every group's, the union
+UNION = {"soft_targets"} | STUDENTS  # the read budget: the union's stage checks every group for missing rows
 FROM_EXPERTS = EXPERTS | {"upcycle"} | SOFT_TARGETS
 EVERYTHING = {"base"} | FROM_EXPERTS
 NOTHING: set = set()                                       # where or how a job runs, bookkeeping, unused knobs
@@ -70,7 +71,7 @@ ROWS = {
     "soft_targets.in_expert_jobs": [((), "soft_targets.in_expert_jobs=false", NOTHING)],  # same bytes either way
     # The student reads 600 x 32 = 19,200 rows of 6,000: every row either way. Reading 7 x 32 = 224, "all" scores more.
     "soft_targets.rows": [((), "soft_targets.rows=all", NOTHING),
-                          (("distill.optim.steps=7",), "soft_targets.rows=all", SOFT_TARGETS)],
+                          (("distill.optim.steps=7",), "soft_targets.rows=all", UNION)],
     "distill.alpha": [((), "distill.alpha=0.3", STUDENT)],
     "distill.temperature": [((), "distill.temperature=3.0", STUDENT)],
     "distill.divergence": [((), "distill.divergence=reverse_kl", STUDENT)],
@@ -97,7 +98,7 @@ ROWS = {
                                (("distill.optim.steps=7", "distill.continue_from.student=abc"),
                                 "distill.continue_steps=5", STUDENT),
                                (("distill.optim.steps=7", "distill.continue_from.student=abc"),
-                                "distill.continue_steps=20", SOFT_TARGETS)],
+                                "distill.continue_steps=20", UNION)],
     "distill.continue_from.student": [((), "distill.continue_from.student=abc", STUDENT)],
     "distill.continue_from.multitask": [((), "distill.continue_from.multitask=def", {"multitask", "eval"})],
     "distill.init": [((), "distill.init=scratch", STUDENTS)],
@@ -133,10 +134,10 @@ for section, trained in (("base", EVERYTHING), ("experts", FROM_EXPERTS), ("dist
                                              NOTHING)]
 # With soft_targets.rows=read the student's steps x batch size decide which rows get soft targets, once it reads
 # fewer rows than there are (6,000 here): 7 x 32 = 224, 32 x 4 = 128 and 100 x 32 = 3,200 rows.
-ROWS["distill.optim.steps"] = [((), "distill.optim.steps=7", SOFT_TARGETS),
-                               (("distill.optim.steps=100",), "distill.optim.steps=7", SOFT_TARGETS),
+ROWS["distill.optim.steps"] = [((), "distill.optim.steps=7", UNION),
+                               (("distill.optim.steps=100",), "distill.optim.steps=7", UNION),
                                (("soft_targets.rows=all",), "distill.optim.steps=7", STUDENTS)]
-ROWS["distill.optim.batch_size"] = [((), "distill.optim.batch_size=4", SOFT_TARGETS),
+ROWS["distill.optim.batch_size"] = [((), "distill.optim.batch_size=4", UNION),
                                     (("soft_targets.rows=all",), "distill.optim.batch_size=4", STUDENTS)]
 ROWS["base.optim.lr"].append((("base.enabled=false",), "base.optim.lr=0.01", NOTHING))  # an untrained base
 SEARCH_FLIPS = {"num_samples": "3", "max_groups": "2", "groupings": "['copy | reverse | add']",

@@ -172,4 +172,21 @@ def test_after_remove_task_a_kept_group_holding_too_few_rows_is_scored_again(tin
     assert short_groups(cfg, list(cfg.groups), tiny_model_dir) == ["copy"]
     every = load_config(None, ["tasks.builtin=[copy,reverse,add]", "tasks.num_train=40", "distill.optim.steps=6",
                                "soft_targets.rows=all", f"runs_dir={tmp_path}"])
-    assert short_groups(every, list(every.groups), tiny_model_dir) == []  # every row scored: nothing to check
+    # soft_targets.rows=all wants all 40 rows of each group: every group holding only its read share is short
+    assert short_groups(every, list(every.groups), tiny_model_dir) == list(every.groups)
+
+
+def test_a_task_added_or_a_budget_changed_keeps_every_group_hash_and_changes_only_the_union():
+    """The read budget is the union's, not each group's: adding a task (user source or built-in, past the point
+    where the students read every row) rescoring nothing but the new group is what add-task promises."""
+    from dume_ray.stage_hashes import pipeline_hashes
+    three = load_config(None, ["tasks.builtin=[copy,reverse,sort]", "base.tasks=[copy,reverse,sort]",
+                               "distill.optim.steps=200"])
+    four = load_config(None, ["tasks.builtin=[copy,reverse,sort,add]", "base.tasks=[copy,reverse,sort]",
+                              "distill.optim.steps=200"])
+    old, new = pipeline_hashes(three), pipeline_hashes(four)
+    assert score_budget(three) is None and score_budget(four) == 200 * four.distill.optim.batch_size
+    assert all(old[f"soft_targets/{g}"] == new[f"soft_targets/{g}"] for g in ("copy", "reverse", "sort"))
+    assert old["soft_targets"] != new["soft_targets"]
+    fewer = load_config(None, ["tasks.builtin=[copy,reverse,sort]", "distill.optim.steps=20"])
+    assert all(pipeline_hashes(fewer)[f"soft_targets/{g}"] == old[f"soft_targets/{g}"] for g in fewer.groups)
