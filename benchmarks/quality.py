@@ -77,12 +77,15 @@ def run_matched(config: str, seed: int, source: str, runs_dir: str, extra: list[
     name = f"{source}-matched"
     run_dir = os.path.join(runs_dir, name)
     os.makedirs(run_dir, exist_ok=True)
-    for stage in ("base", "experts", "soft_targets"):  # reuse the seed's upstream stages (same hashes)
+    for stage in ("base", "experts"):  # reuse the seed's upstream stages (same hashes)
         link = os.path.join(run_dir, stage)
         if not os.path.islink(link):
             os.symlink(os.path.abspath(os.path.join(runs_dir, source, stage)), link)
     overrides = [f"seed={seed}", f"name={name}", f"runs_dir={runs_dir}", *extra, f"distill.optim.steps={steps}"]
     if not _done(os.path.join(run_dir, "multitask"), config, overrides, "multitask"):
+        # its own soft-targets stage: the baseline's longer run reads more rows than the student's soft targets
+        # hold (soft_targets.rows=read), so the rows it reads are scored (skipped when every row already was)
+        run_cli("soft-targets", config, overrides, os.path.join(runs_dir, f"{name}-soft-targets.log"))
         run_cli("multitask", config, overrides, os.path.join(runs_dir, f"{name}.log"))
     scores = score_in_process(os.path.join(run_dir, "multitask", "model"), cfg)
     return {"steps": steps, "student_steps": cfg.distill.optim.steps,

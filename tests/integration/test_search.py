@@ -27,7 +27,7 @@ def test_tiny_search_runs_two_trials_reuses_experts_and_writes_best(ray_session,
         f"runs_dir={tmp_path}", "name=search", "base.enabled=false", "search.num_samples=2", "search.compare_random=false",
         "search.groupings=['copy | reverse | add', 'copy+reverse | add']", "search.num_affinity_seeds=1",
         "search.proxy_steps=4", "search.report_every=2", "search.affinity_batches=1", "search.affinity_batch_size=8",
-        "search.max_concurrent_trials=2", "search.temperature=[1.0,4.0]", "search.alpha=[0.5,1.0]"])
+        "search.max_concurrent_trials=1", "search.temperature=[1.0,4.0]", "search.alpha=[0.5,1.0]"])
     done = run_search(cfg)
     stage = f"{tmp_path}/search/search"
 
