@@ -60,11 +60,10 @@ def start_ray() -> None:
     it and leaves it up, where it would otherwise start and stop its own (~10 s each on 2 cores, and its
     worker processes would import torch again)."""
     import ray
-    from dume_ray.cli import LOCAL_RAY_SYSTEM_CONFIG, QUIET_ENV
+    from dume_ray.cli import QUIET_ENV
     os.environ.update(QUIET_ENV)
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=True, runtime_env={"env_vars": QUIET_ENV},
-                 _system_config=LOCAL_RAY_SYSTEM_CONFIG)
+        ray.init(include_dashboard=False, log_to_driver=True, runtime_env={"env_vars": QUIET_ENV})
 
 
 def cli(argv: list[str], log_path: str, tag: str = "bench") -> float:

@@ -297,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
         args.out = args.out or result_path("smollm2_stages", None, True)
         args.runs_dir = os.path.join(os.path.dirname(args.out), "runs")
     path = result_path("smollm2_stages", args.out, args.tiny)
+    if not args.tiny:  # Ray's workers at the plain loop's priority (Ray's default is nice 15): a like-for-like
+        os.environ.setdefault("RAY_worker_niceness", "0")  # comparison on a machine other work also loads
     cfg = load_config(os.path.join(REPO, args.config), overrides)
     name = "bench-smollm2-stages"
     run_dir = os.path.join(os.path.abspath(args.runs_dir), name)

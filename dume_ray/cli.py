@@ -37,10 +37,11 @@ from dume_ray.storage import RunStorage, check_local_format, write_format
 
 QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false",
              "RAY_DEDUP_LOGS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1"}
-# A local Ray runs its workers at the caller's priority: Ray's default (nice 15) hands the training jobs' CPU to
-# every other process on a shared machine (SmolLM2 expert steps 1.5-2x slower than the same loop at nice 0,
-# load 10-15 on 2 cores: benchmarks/results/smollm2_stages.json).
-LOCAL_RAY_SYSTEM_CONFIG = {"worker_niceness": 0}
+# Ray runs its workers at nice 15 (its default), so on a machine shared with other work the training jobs lose
+# their CPU to every other process (SmolLM2 expert steps 1.5-2x slower than the same loop at nice 0, load 10-15 on
+# 2 cores: benchmarks/results/smollm2_stages.json). `RAY_worker_niceness=0` in the environment that starts Ray
+# gives them normal priority; not the default here, since other Ray instances on the machine (a test suite's)
+# keep theirs at 15 and would then starve.
 
 
 def _stages():
@@ -371,8 +372,7 @@ def init_ray(cfg: PipelineConfig, output: RayOutput, worker_env: Optional[dict] 
     session_dir = None
     if not ray.is_initialized():
         output.started_ray = True
-        context = ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=True,
-                           _system_config=None if address else LOCAL_RAY_SYSTEM_CONFIG)
+        context = ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=True)
         session_dir = (context.address_info or {}).get("session_dir")
     output.attach()
     ray.data.DataContext.get_current().enable_progress_bars = False
