@@ -41,13 +41,20 @@ NODE_PORT_FLAGS = ("--node-manager-port", "--object-manager-port", "--dashboard-
                    "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port")
 
 
+_HANDED_OUT: set[int] = set()  # ports this process gave a node already: a closed socket's port can come back
+
+
 def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
+    """`n` free loopback ports, none handed out before by this process (the head's and then its raylet's ports
+    are picked in two calls; the OS may offer a port of the first call again once its probe socket is closed)."""
+    ports: list[int] = []
+    while len(ports) < n:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            ports.append(port)
     return ports
 
 
