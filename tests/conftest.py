@@ -100,3 +100,22 @@ def tiny_model_dir(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("tiny_model")
     return create_initial_model(ModelConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64), 0, str(out))
+
+
+@pytest.fixture
+def stand_in_expert(tiny_model_dir):
+    """`make(out)`: the tiny model with seeded perturbed weights (a stand-in for a trained expert), saved with its
+    tokenizer to `out` as an expert job saves its model; returns the model."""
+    def make(out: str):
+        import torch
+
+        from dume_ray.model import load_model, load_tokenizer
+        torch.manual_seed(1)
+        model = load_model(tiny_model_dir)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        model.save_pretrained(out)
+        load_tokenizer(tiny_model_dir).save_pretrained(out)
+        return model
+    return make

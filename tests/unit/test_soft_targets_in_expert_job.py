@@ -13,29 +13,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from dume_ray.data.soft_targets import SoftTargetError, write_shard
 from dume_ray.data.tokenizer import build_char_tokenizer
 from dume_ray.experts.worker import score_soft_targets
-from dume_ray.model import load_model, load_tokenizer
+from dume_ray.model import load_tokenizer
 from dume_ray.tasks import encode_rows
 from dume_ray.tasks.builtin import make_builtin_task
 from dume_ray.teacher_scoring import TeacherScorer
 
 TOP_K, BATCH = 4, 8
-
-
-def _trained_expert(tiny_model_dir: str, out: str) -> torch.nn.Module:
-    """The tiny model with perturbed weights (a stand-in for training), saved as the job saves its expert."""
-    torch.manual_seed(1)
-    model = load_model(tiny_model_dir)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    model.save_pretrained(out)
-    load_tokenizer(tiny_model_dir).save_pretrained(out)
-    return model
 
 
 def _rows(n: int = 20) -> list[dict]:
@@ -54,9 +41,9 @@ def _ray_data_batch(rows: list[dict]) -> dict[str, np.ndarray]:
     return batch
 
 
-def test_the_expert_job_writes_the_same_soft_targets_as_the_stage(tiny_model_dir, tmp_path):
+def test_the_expert_job_writes_the_same_soft_targets_as_the_stage(stand_in_expert, tiny_model_dir, tmp_path):
     expert_dir = str(tmp_path / "expert")
-    model, rows = _trained_expert(tiny_model_dir, expert_dir), _rows()
+    model, rows = stand_in_expert(expert_dir), _rows()
     tokenizer = load_tokenizer(expert_dir)
     config = {"soft_targets": {"rows": rows, "top_k": TOP_K, "batch_size": BATCH, "shards_dir": str(tmp_path / "shards")}}
 
@@ -74,12 +61,12 @@ def test_the_expert_job_writes_the_same_soft_targets_as_the_stage(tiny_model_dir
     assert not any(name.startswith(".shards") for name in os.listdir(tmp_path))  # no temp folder left behind
 
 
-def test_a_bad_shard_never_lands_in_the_group_folder(tiny_model_dir, tmp_path, monkeypatch):
+def test_a_bad_shard_never_lands_in_the_group_folder(stand_in_expert, tiny_model_dir, tmp_path, monkeypatch):
     """The shards are validated in a temp folder before the rename: a scorer gone wrong leaves no shards."""
     import dume_ray.teacher_scoring as scoring
 
     expert_dir = str(tmp_path / "expert")
-    model = _trained_expert(tiny_model_dir, expert_dir)
+    model = stand_in_expert(expert_dir)
     monkeypatch.setattr(scoring, "validate_shards", lambda *a, **k: (_ for _ in ()).throw(SoftTargetError("bad shard")))
     config = {"soft_targets": {"rows": _rows(4), "top_k": TOP_K, "batch_size": BATCH, "shards_dir": str(tmp_path / "shards")}}
     with pytest.raises(SoftTargetError, match="bad shard"):

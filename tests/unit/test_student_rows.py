@@ -13,7 +13,7 @@ from dume_ray.data.student_rows import keep_rows, row_key, rows_read, train_ids
 from dume_ray.data.tokenizer import build_char_tokenizer
 from dume_ray.experts.launch import scored_rows
 from dume_ray.experts.worker import score_soft_targets
-from dume_ray.model import load_model, load_tokenizer
+from dume_ray.model import load_tokenizer
 from dume_ray.stage_hashes import read_budget, score_budget
 from dume_ray.tasks import encode_rows, load_tasks
 from dume_ray.teacher_scoring import TeacherScorer, score_rows
@@ -94,18 +94,6 @@ def _rows_and_cfg(steps: int, rows: str = "read"):
     return cfg, tasks, rows
 
 
-def _expert(tiny_model_dir: str, out: str):
-    import torch
-    torch.manual_seed(1)
-    model = load_model(tiny_model_dir)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    model.save_pretrained(out)
-    load_tokenizer(tiny_model_dir).save_pretrained(out)
-    return model
-
-
 def _shard_rows(written: dict) -> list[dict]:
     import glob
 
@@ -113,9 +101,9 @@ def _shard_rows(written: dict) -> list[dict]:
     return pa.concat_tables([pq.read_table(p) for p in sorted(glob.glob(f"{written['shards']}/*.parquet"))]).to_pylist()
 
 
-def test_the_shards_hold_exactly_the_rows_read_with_the_bytes_of_scoring_every_row(tiny_model_dir, tmp_path):
+def test_the_shards_hold_exactly_the_rows_read_with_the_bytes_of_scoring_every_row(stand_in_expert, tiny_model_dir, tmp_path):
     expert_dir = str(tmp_path / "expert")
-    model = _expert(tiny_model_dir, expert_dir)
+    model = stand_in_expert(expert_dir)
     cfg, tasks, rows = _rows_and_cfg(steps=6)  # 24 of 120 rows
     keep = scored_rows(cfg, tasks)
     assert keep == rows_read(train_ids(tasks, cfg.tasks.names), 24, cfg.seed) and len(keep) == 24
@@ -140,8 +128,8 @@ def test_a_student_that_reads_every_row_still_scores_every_row(tiny_model_dir):
     assert keep_rows(rows, scored_rows(cfg, tasks)) == rows
 
 
-def test_a_group_the_student_never_reads_gets_an_empty_validated_shard(tiny_model_dir, tmp_path):
-    model = _expert(tiny_model_dir, str(tmp_path / "expert"))
+def test_a_group_the_student_never_reads_gets_an_empty_validated_shard(stand_in_expert, tiny_model_dir, tmp_path):
+    model = stand_in_expert(str(tmp_path / "expert"))
     st = {"rows": [], "top_k": TOP_K, "batch_size": BATCH, "shards_dir": str(tmp_path / "none")}
     written = score_soft_targets(model, load_tokenizer(str(tmp_path / "expert")), {"soft_targets": st})
     assert written["rows"] == 0 and _shard_rows(written) == []
