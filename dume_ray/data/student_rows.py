@@ -62,6 +62,13 @@ def train_ids(tasks: dict, names: Iterable[str]) -> list[str]:
     return [f"{name}/train/{i}" for name in names for i in range(len(tasks[name].examples("train")))]
 
 
+def every_group_train_ids(tasks: dict, groups: dict[str, list[str]]) -> list[str]:
+    """The example ids of every training row of every task in `groups` (`cfg.groups`: group -> task names): the
+    ids the student's draw is made from, for the student and baseline (distill.launch) and both scorers
+    (experts.launch.scored_rows) alike."""
+    return train_ids(tasks, [name for names in groups.values() for name in names])
+
+
 def keep_rows(rows: list[dict], keep: set[str]) -> list[dict]:
     """The encoded rows whose example id is in `keep`, in their own order."""
     return [row for row in rows if row["example_id"] in keep]

@@ -31,7 +31,7 @@ from ray.data.datasource import FileShuffleConfig
 from dume_ray import manifest, storage
 from dume_ray.config import PipelineConfig
 from dume_ray.data.encode import stream_order
-from dume_ray.data.student_rows import rows_read, train_ids
+from dume_ray.data.student_rows import every_group_train_ids, rows_read
 from dume_ray.distill.on_policy import ExpertTeacher
 from dume_ray.distill.worker import train_fn_per_worker
 from dume_ray.experts.launch import finished_experts
@@ -75,7 +75,7 @@ def run_students(cfg: PipelineConfig, stages: list[str]) -> dict[str, dict]:
     soft_targets = checked_soft_targets(cfg)  # every shard validated (regenerated if bad) before it is trained on
     tokenizer = load_tokenizer(base_dir)
     tasks = load_tasks(cfg.tasks, tokenizer, cfg.model.max_seq_len)
-    all_ids = train_ids(tasks, [t for names in cfg.groups.values() for t in names])
+    all_ids = every_group_train_ids(tasks, cfg.groups)
     reads = {stage: rows_read(all_ids, read_budget(cfg, stage), cfg.seed) for stage in todo}  # the scorers' draw
     streams = {}  # one per (rows read, schedule): the student and baseline share it when both agree
     pending, inits = {}, {}

@@ -23,7 +23,7 @@ import ray.data
 from dume_ray import manifest, storage
 from dume_ray.config import PipelineConfig, ResourcesConfig
 from dume_ray.data.encode import training_order
-from dume_ray.data.student_rows import keep_rows, rows_read, train_ids
+from dume_ray.data.student_rows import every_group_train_ids, keep_rows, rows_read
 from dume_ray.experts.worker import train_fn_per_worker
 from dume_ray.model import create_initial_model, expert_trainable, load_tokenizer
 from dume_ray.stage_hashes import base_hash, base_tasks, expert_hash, pipeline_hashes, score_budget, soft_target_group_hash
@@ -106,7 +106,7 @@ def scored_rows(cfg: PipelineConfig, tasks: dict) -> set[str]:
     """The example ids that get soft targets: the rows the student reads (`soft_targets.rows=read`, drawn from
     every group's training rows with `stage_hashes.score_budget`), or every row. Both scoring paths (an expert's
     job, the soft_targets stage's pool) call this, so they score the same rows."""
-    return rows_read(train_ids(tasks, [t for names in cfg.groups.values() for t in names]), score_budget(cfg), cfg.seed)
+    return rows_read(every_group_train_ids(tasks, cfg.groups), score_budget(cfg), cfg.seed)
 
 
 def soft_target_group_dir(cfg: PipelineConfig, group: str) -> str:

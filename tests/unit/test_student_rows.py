@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 
 from dume_ray.config import load_config
-from dume_ray.data.student_rows import keep_rows, row_key, rows_read, train_ids
+from dume_ray.data.student_rows import every_group_train_ids, keep_rows, row_key, rows_read, train_ids
 from dume_ray.data.tokenizer import build_char_tokenizer
 from dume_ray.experts.launch import scored_rows
 from dume_ray.experts.worker import score_soft_targets
@@ -92,6 +92,17 @@ def _rows_and_cfg(steps: int, rows: str = "read"):
     tasks = load_tasks(cfg.tasks, tokenizer, cfg.model.max_seq_len)
     rows = encode_rows(tasks, tokenizer, "train", cfg.model.max_seq_len, {t: "g" for t in cfg.tasks.names})
     return cfg, tasks, rows
+
+
+def test_every_group_train_ids_are_the_encoded_ids_of_every_task_in_every_group_and_both_draws_use_them():
+    cfg, tasks, rows = _rows_and_cfg(steps=6)
+    groups = {"g1": ["add", "copy"], "g2": ["reverse"]}  # several tasks in a group, not in the tasks' order
+    ids = every_group_train_ids(tasks, groups)
+    assert len(ids) == len(set(ids)) == 120
+    assert set(ids) == {r["example_id"] for r in rows}  # the ids tasks.encode_rows gives the rows
+    assert set(every_group_train_ids(tasks, {"g2": ["reverse"]})) == {r["example_id"] for r in rows if r["task"] == "reverse"}
+    # the scorers' draw (experts.launch.scored_rows) is the student's (distill.launch: its budget, these ids)
+    assert scored_rows(cfg, tasks) == rows_read(every_group_train_ids(tasks, cfg.groups), read_budget(cfg, "student"), cfg.seed)
 
 
 def _shard_rows(written: dict) -> list[dict]:
