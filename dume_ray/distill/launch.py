@@ -182,7 +182,7 @@ def soft_target_stream(soft_targets: dict, cache_max_mb: float, seed: int, sched
     if store is not None:  # the read tasks may run on any node: read the stored copies, not this node's
         dataset = ray.data.read_parquet(sorted(store.remote_path(p) for p in paths), filesystem=store.fs, shuffle=shuffle)
     else:
-        dataset = ray.data.read_parquet(sorted(paths), shuffle=shuffle)
+        dataset = ray.data.read_parquet(sorted(os.path.abspath(p) for p in paths), shuffle=shuffle)  # (read by workers)
     if subset:  # shards scored for more rows than this stage reads (a continued student): keep its rows
         keep = pa.array(sorted(reads), pa.string())
         dataset = dataset.map_batches(lambda t: t.filter(pc.is_in(t.column("example_id"), value_set=keep)),

@@ -132,13 +132,16 @@ def score_groups(cfg: PipelineConfig, groups: list[str], experts: dict, base_dir
     done = {}
     with tempfile.TemporaryDirectory(dir=f"{cfg.run_dir}/soft_targets", prefix=".scoring-") as scratch:
         if scored:
-            write_scored(scored[0].union(*scored[1:]) if len(scored) > 1 else scored[0], scratch)
+            # absolute: Ray Data's write tasks run in worker processes, whose working folder need not be the driver's
+            write_scored(scored[0].union(*scored[1:]) if len(scored) > 1 else scored[0], os.path.abspath(scratch))
         files = {group: [] for group in groups}
         for path in sorted(glob.glob(os.path.join(scratch, "*.parquet"))):
             files[_group_of_file(path)].append(path)
         seconds = time.time() - start
         for group in groups:
-            shards_dir = os.path.abspath(f"{group_dir(cfg, group)}/shards")
+            # in the form the expert jobs write (under cfg.run_dir, not absolute): a run folder copied or moved
+            # elsewhere (another node's working copy) reads its own shards. Old manifests' absolute paths still read.
+            shards_dir = f"{group_dir(cfg, group)}/shards"
             with manifest.atomic_dir(shards_dir) as tmp_dir:
                 for path in files[group]:
                     os.replace(path, os.path.join(tmp_dir, os.path.basename(path)))

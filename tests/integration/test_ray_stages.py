@@ -70,3 +70,49 @@ def test_soft_target_stream_mixes_the_groups_in_memory_and_streams_large_shards(
         assert sorted(r["example_id"] for r in soft_target_stream(manifest, cache, 0, reads=reads).take_all()) == sorted(reads)
     with pytest.raises(StageInputError, match="1 of the 31 rows this stage reads have no soft targets.*'add/train/0'"):
         soft_target_stream(manifest, 1.0, seed=0, reads=reads | {"add/train/0"})
+
+
+def test_a_moved_run_folder_reuses_the_soft_targets_its_actor_pools_scored(ray_session, stand_in_expert, tiny_model_dir,
+                                                                            tmp_path, monkeypatch, capsys):
+    """The soft_targets stage's actor pools (`soft_targets.in_expert_jobs=false`) write their shards' folders
+    into the manifests under the run folder, as the expert jobs do, not as absolute paths: the run folder copied
+    or moved elsewhere (another node's working copy) validates and reads its own shards, nothing rescored. A
+    manifest written before, with absolute paths, still reads."""
+    import json
+    import shutil
+
+    from dume_ray import manifest
+    from dume_ray.config import load_config
+    from dume_ray.distill.launch import soft_target_stream
+    from dume_ray.soft_targets.launch import checked_soft_targets, run_soft_targets
+    from dume_ray.stage_hashes import pipeline_hashes
+
+    (tmp_path / "a").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    cfg = load_config(None, ["runs_dir=runs", "tasks.builtin=[copy,reverse]", "tasks.num_train=12", "model.max_seq_len=32",
+                             "soft_targets.in_expert_jobs=false", "soft_targets.top_k=4", "soft_targets.batch_size=8"])
+    hashes = pipeline_hashes(cfg)
+    manifest.mark_done(f"{cfg.run_dir}/base", hashes["base"], {"model": tiny_model_dir})  # stand-ins outside the run
+    for g in cfg.groups:
+        stand_in_expert(str(tmp_path / "experts" / g))
+        manifest.mark_done(f"{cfg.run_dir}/experts/{g}", hashes[f"experts/{g}"], {"model": str(tmp_path / "experts" / g)})
+    scored = run_soft_targets(cfg)
+    assert scored["metrics"]["scored"] == list(cfg.groups) and scored["metrics"]["scored_in_expert_jobs"] == []
+    assert all(not os.path.isabs(p) for p in scored["outputs"]["shards"].values()), scored["outputs"]["shards"]
+
+    shutil.copytree(tmp_path / "a" / "runs", tmp_path / "b" / "runs")  # the run moved: the old folder is gone
+    shutil.rmtree(tmp_path / "a" / "runs")
+    monkeypatch.chdir(tmp_path / "b")
+    capsys.readouterr()
+    assert checked_soft_targets(cfg) == scored and run_soft_targets(cfg) == scored
+    out = capsys.readouterr().out
+    assert "rejected" not in out and "regenerating" not in out and "done already" in out, out
+    assert len(soft_target_stream(scored, 1.0, seed=0).take_all()) == 24  # every row, from the moved shards
+
+    stage = f"{cfg.run_dir}/soft_targets/DONE.json"  # an older manifest: absolute shard paths
+    old = json.loads(open(stage).read())
+    old["outputs"]["shards"] = {g: os.path.abspath(p) for g, p in old["outputs"]["shards"].items()}
+    open(stage, "w").write(json.dumps(old))
+    assert checked_soft_targets(cfg)["outputs"]["shards"] == old["outputs"]["shards"]
+    assert len(soft_target_stream(old, 1.0, seed=0).take_all()) == 24
+    assert "regenerating" not in capsys.readouterr().out
