@@ -109,7 +109,7 @@ def train_student(cfg, prep: dict, alpha: float, schedule: str, every: int, eval
     model = load_model(prep["base_dir"])
     optimizer, scheduler = make_optimizer(model, d.optim)
     rows = rows if rows is not None else prep["soft_rows"]
-    batches = scheduled_batches(rows, d.optim.batch_size, cfg.seed, schedule, prep["groups"])
+    batches = scheduled_batches(rows, d.optim.batch_size, cfg.seed, schedule, prep["groups"], d.optim.steps * d.optim.batch_size)
     train_step = kd_step(d.optim.grad_clip, min(cfg.soft_targets.top_k, len(tokenizer)), alpha, d.optim.steps,
                          d.anneal and alpha > 0, d.temperature, d.divergence, d.jsd_beta, cfg.model.dtype)
     curve = []

@@ -263,12 +263,12 @@ class DistillConfig:
     divergence: str = "forward_kl"  # "forward_kl" | "reverse_kl" | "generalized_jsd"
     jsd_beta: float = 0.5  # generalized_jsd only
     anneal: bool = False  # BAM! teacher annealing: KD weight decays linearly from alpha to 0
-    teacher_schedule: str = "interleaved"  # order of the student's stream, per epoch: "interleaved" (every group's
-    #   rows mixed, the default), "sequential" (one expert's rows after another, each group shuffled within) or
-    #   "annealed" (rounds in which every group, in turn, gives a block of half its rows left: one expert after
-    #   another for the first half of the epoch, blocks halving each round, row-by-row alternation at the end;
-    #   data.encode.stream_order). The multitask baseline always reads the interleaved stream. KD-weight annealing
-    #   (BAM!) is `anneal`, a different thing
+    teacher_schedule: str = "interleaved"  # order of the student's stream: "interleaved" (every group's rows
+    #   mixed each epoch, the default), "sequential" (each epoch, one expert's rows after another, each group
+    #   shuffled within) or "annealed" (once over the whole step budget, not per epoch: rounds in which every
+    #   group, in turn, gives a block of half its rows left: one expert after another for the first half of the
+    #   steps, blocks halving each round, row-by-row alternation at the end; data.encode.stream_order). The
+    #   multitask baseline always reads the interleaved stream. KD-weight annealing (BAM!) is `anneal`, a different thing
     on_policy_ratio: float = 0.0  # lambda: share of the student's steps that are on-policy (it answers the batch's
     #   prompts itself and the prompt's expert scores its tokens, GKD); 0 = off-policy only (the stored soft targets)
     on_policy_divergence: str = "reverse_kl"  # on-policy loss: "reverse_kl" | "generalized_jsd" (with jsd_beta)

@@ -127,7 +127,8 @@ def student_hash(cfg: PipelineConfig, stage: str, soft_targets: str) -> str:
     if on_policy:  # (off-policy runs keep the hashes they had before)
         kd += (d.on_policy_ratio, d.on_policy_divergence, d.on_policy_sample)
     if stage == "student" and d.teacher_schedule != "interleaved":  # the baseline always reads the mixed stream
-        kd += (d.teacher_schedule,)
+        kd += (d.teacher_schedule,) if d.teacher_schedule != "annealed" else ("annealed", "over the step budget")
+        # (a student annealed per epoch, as before, is not this one: it trains again)
     student_model = d.student_model if d.init == "scratch" else None  # the base's own architecture otherwise
     parent = parent_hash(cfg, stage)
     if parent:  # continued from a finished model: its hash (which folds in its own parent) and the steps added

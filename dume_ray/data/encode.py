@@ -198,13 +198,15 @@ def shuffled_batches(rows: list[dict], batch_size: int, seed: int) -> Iterator[d
             yield to_columns([rows[i] for i in order[start:start + batch_size]])
 
 
-def scheduled_batches(rows: list[dict], batch_size: int, seed: int, schedule: str, groups: list[str]) -> Iterator[dict[str, list]]:
-    """Endless columnar batches of `rows` (each with a "group") in `stream_order(..., schedule)`, a new order
-    every epoch (seed + epoch), for loops that run without Ray Data (benchmarks/curves.py). The incomplete
-    last batch of an epoch is dropped as in `shuffled_batches`."""
+def scheduled_batches(rows: list[dict], batch_size: int, seed: int, schedule: str, groups: list[str],
+                      length: int | None = None) -> Iterator[dict[str, list]]:
+    """Endless columnar batches of `rows` (each with a "group") in `stream_order(..., schedule, length)`, a new
+    order every pass (seed + pass), for loops that run without Ray Data (benchmarks/curves.py); `length`: the
+    rows the loop reads in all (steps x batch size), which an "annealed" pass spans. The incomplete last batch
+    of a pass is dropped as in `shuffled_batches`."""
     epoch = 0
     while True:
-        order = stream_order([r["group"] for r in rows], groups, seed + epoch, schedule)
+        order = stream_order([r["group"] for r in rows], groups, seed + epoch, schedule, length)
         for start in range(0, len(order) - batch_size + 1 if len(order) >= batch_size else 1, batch_size):
             yield to_columns([rows[i] for i in order[start:start + batch_size]])
         epoch += 1
@@ -242,23 +244,32 @@ def training_order(rows: list, seed: int) -> list:
     return [rows[i] for i in order]
 
 
-def stream_order(row_groups: list[str], groups: list[str], seed: int, schedule: str) -> list[int]:
-    """Row indices of one epoch in the order of `distill.teacher_schedule` (`row_groups[i]` = row i's group):
+def stream_order(row_groups: list[str], groups: list[str], seed: int, schedule: str,
+                 length: int | None = None) -> list[int]:
+    """Row indices in the order of `distill.teacher_schedule` (`row_groups[i]` = row i's group):
 
-    * "interleaved": one seeded shuffle of all rows (every group's rows mixed);
-    * "sequential": each group's rows shuffled, the groups one after another in `groups` order;
-    * "annealed": from sequential to interleaved over the epoch, in rounds: in each round every group, in
-      `groups` order, gives one block of half its rows still left (at least one row). The first half of the
-      epoch is one expert after another (blocks of half a group), the blocks halve round by round, and the
-      last rounds alternate the groups row by row. Each group's rows are shuffled within, as for "sequential".
+    * "interleaved": one epoch, one seeded shuffle of all rows (every group's rows mixed);
+    * "sequential": one epoch, each group's rows shuffled, the groups one after another in `groups` order;
+    * "annealed": from sequential to interleaved over the whole stream the student reads, `length` rows (its
+      steps x batch size; None = one epoch), not over each epoch: each group queues its share of `length`
+      (passes over its rows, each shuffled with seed + pass), then in rounds every group, in `groups` order,
+      gives one block of half its rows still queued (at least one row). The first half of the stream is one
+      expert after another, the blocks halve round by round, and the last rounds alternate the groups row by
+      row. The stream holds at least `length` rows (each group's share rounded up).
     """
     if schedule == "interleaved":
         return training_order(list(range(len(row_groups))), seed)
-    queues = {g: training_order([i for i, x in enumerate(row_groups) if x == g], seed) for g in groups}
+    members = {g: [i for i, x in enumerate(row_groups) if x == g] for g in groups}
     if schedule == "sequential":
-        return [i for g in groups for i in queues[g]]
+        return [i for g in groups for i in training_order(members[g], seed)]
     if schedule != "annealed":
         raise ValueError(f"unknown teacher schedule {schedule!r}; expected interleaved, sequential or annealed")
+    length = len(row_groups) if length is None else length
+    passes = max(1, -(-length // max(1, len(row_groups))))
+    queues = {}
+    for g in groups:
+        share = -(-length * len(members[g]) // max(1, len(row_groups)))  # its share of the rows read, rounded up
+        queues[g] = [i for p in range(passes) for i in training_order(members[g], seed + p)][:share]
     order = []
     while any(queues.values()):
         for g in groups:

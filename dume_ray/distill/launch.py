@@ -83,9 +83,11 @@ def run_students(cfg: PipelineConfig, stages: list[str]) -> dict[str, dict]:
         inits[stage] = continued_init(cfg, stage) or student_init(cfg, base_dir, f"{cfg.run_dir}/{stage}/init")
         check_same_vocab(base_dir, inits[stage])
         schedule = "interleaved" if stage == "multitask" else cfg.distill.teacher_schedule
-        key = (frozenset(reads[stage]), schedule)
+        length = read_budget(cfg, stage) if schedule == "annealed" else None  # it anneals over the whole budget
+        key = (frozenset(reads[stage]), schedule, length)
         if key not in streams:
-            streams[key] = soft_target_stream(soft_targets, cfg.soft_targets.cache_max_mb, cfg.seed, schedule, reads[stage])
+            streams[key] = soft_target_stream(soft_targets, cfg.soft_targets.cache_max_mb, cfg.seed, schedule, reads[stage],
+                                              length)
         stage_stream = streams[key]
         pending[stage] = (_loop_config(cfg, stage, stage_hashes[stage], inits[stage], tasks, len(tokenizer)), stage_stream)
     teachers = start_teachers(cfg, tokenizer, pending) if "student" in pending and cfg.distill.on_policy_ratio > 0 else {}
@@ -143,9 +145,12 @@ def _loop_config(cfg: PipelineConfig, stage: str, stage_hash: str, init_dir: str
 
 
 def soft_target_stream(soft_targets: dict, cache_max_mb: float, seed: int, schedule: str = "interleaved",
-                       reads: set[str] | None = None) -> ray.data.Dataset:
+                       reads: set[str] | None = None, length: int | None = None) -> ray.data.Dataset:
     """The shards as one Ray Dataset, its rows mixed across tasks (the shards hold one expert group each), or
     in the order of another `distill.teacher_schedule` ("sequential", "annealed": `data.encode.stream_order`).
+    `length`: the rows the stage reads in all (steps x batch size), which an "annealed" stream spans, so its
+    annealing runs once over the whole step budget (the stream then holds every pass over the rows it needs,
+    `length` rows in memory); None = one epoch, repeated.
 
     `reads`: the example ids the stage reads (`data.student_rows.rows_read`, the draw the scorers made); the
     stream holds exactly those rows. StageInputError, before any training, when one of them has no soft target
@@ -170,7 +175,7 @@ def soft_target_stream(soft_targets: dict, cache_max_mb: float, seed: int, sched
         table = pa.concat_tables([pq.read_table(path) for path in paths])
         if subset:
             table = table.filter(pc.is_in(table.column("example_id"), value_set=pa.array(sorted(reads), pa.string())))
-        table = table.take(stream_order(table.column("group").to_pylist(), groups, seed, schedule))
+        table = table.take(stream_order(table.column("group").to_pylist(), groups, seed, schedule, length))
         block = max(1, -(-table.num_rows // 16))
         return ray.data.from_arrow([table.slice(i, block) for i in range(0, table.num_rows, block)])
     if schedule != "interleaved":

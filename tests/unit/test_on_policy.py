@@ -183,6 +183,32 @@ def test_annealed_schedule_goes_from_one_group_at_a_time_to_mixed():
     assert [set(next(batches)["group"]) for _ in range(4)] == [{"a"}, {"b"}, {"c"}, {"a"}]  # one group per block, per epoch
 
 
+def test_annealed_schedule_runs_once_over_the_whole_step_budget_not_once_per_epoch():
+    """A student reading 3 epochs (steps x batch size = 3 x the rows): one annealing over all 3, not 3 in a row.
+    The first half of the budget is one group after another (blocks of half a group's share: 1.5 epochs of that
+    group), the end alternates row by row, every row is read 3 times; a budget that is no whole number of
+    epochs is spanned too (each group's share rounded up)."""
+    from dume_ray.data.encode import scheduled_batches, stream_order
+    row_groups = [g for g in "abc" for _ in range(20)]
+    order = stream_order(row_groups, ["a", "b", "c"], seed=0, schedule="annealed", length=180)
+    assert len(order) == 180 and all(order.count(i) == 3 for i in range(60))
+    seen = "".join(row_groups[i] for i in order)
+    assert seen[:90] == "a" * 30 + "b" * 30 + "c" * 30 and seen[90:135] == "a" * 15 + "b" * 15 + "c" * 15
+    assert seen.endswith("aabbcc" + "abc")  # mixed at the very end of the budget, not at the end of each epoch
+    one_epoch = "".join(row_groups[i] for i in stream_order(row_groups, ["a", "b", "c"], 0, "annealed"))
+    assert seen != one_epoch * 3 and one_epoch[:30] == "a" * 10 + "b" * 10 + "c" * 10  # before: this, 3 times
+    assert stream_order(row_groups, ["a", "b", "c"], 0, "annealed", length=60) == stream_order(row_groups, ["a", "b", "c"], 0, "annealed")
+    first = [i for i in order if row_groups[i] == "a"][:20]
+    assert sorted(first) == list(range(20))  # each pass over a group's rows reads each row once
+    uneven = stream_order(row_groups, ["a", "b", "c"], 0, "annealed", length=100)  # 1.67 epochs: 34 rows a group
+    assert len(uneven) == 102 and max(uneven.count(i) for i in range(60)) == 2
+    assert "".join(row_groups[i] for i in uneven)[:51] == "a" * 17 + "b" * 17 + "c" * 17
+    # the loop without Ray Data (benchmarks/curves.py) reads the same order, in batches
+    rows = [{"group": g, "id": i} for i, g in enumerate(row_groups)]
+    batches = scheduled_batches(rows, 30, 0, "annealed", ["a", "b", "c"], length=180)
+    assert [set(next(batches)["group"]) for _ in range(3)] == [{"a"}, {"b"}, {"c"}]
+
+
 def test_teacher_schedule_is_a_config_error_when_unknown():
     from dume_ray.config import ConfigError, load_config
     with pytest.raises(ConfigError, match=r"distill\.teacher_schedule"):
