@@ -1,7 +1,7 @@
-"""The `search` stage end to end on a tiny config: a 2-trial Ray Tune run (ASHA, seeded points), experts
-shared through the cache, best.yaml + report + affinity heatmap written, and `Tuner.restore` of the finished
-experiment repeating no trial; a 3-trial search interrupted (Ctrl-C) after its first trial, then resumed by
-rerunning it (`Tuner.restore`) without rerunning the finished trial.
+"""The `search` stage end to end on a tiny config: a 3-trial Ray Tune run (ASHA, seeded points) interrupted
+(Ctrl-C) after its first trial, then resumed by rerunning it (`Tuner.restore`) without rerunning the finished
+trial; experts shared through the cache, best.yaml + report + affinity heatmap written, and `Tuner.restore` of
+the finished experiment repeating no trial.
 
     .venv/bin/python -m pytest -q tests/integration/test_search.py
 """
@@ -20,43 +20,12 @@ from dume_ray.config import load_config
 pytestmark = pytest.mark.integration
 
 
-def test_tiny_search_runs_two_trials_reuses_experts_and_writes_best(ray_session, tmp_path):
-    from dume_ray.search.launch import run_search
-
-    cfg = load_config("configs/smoke/tiny.yaml", [
-        f"runs_dir={tmp_path}", "name=search", "base.enabled=false", "search.num_samples=2", "search.compare_random=false",
-        "search.groupings=['copy | reverse | add', 'copy+reverse | add']", "search.num_affinity_seeds=1",
-        "search.proxy_steps=4", "search.report_every=2", "search.affinity_batches=1", "search.affinity_batch_size=8",
-        "search.max_concurrent_trials=1", "search.temperature=[1.0,4.0]", "search.alpha=[0.5,1.0]"])
-    done = run_search(cfg)
-    stage = f"{tmp_path}/search/search"
-
-    best = yaml.safe_load(open(f"{stage}/best.yaml"))
-    assert best["grouping"] in ("copy | reverse | add", "copy+reverse | add")
-    assert 0.0 <= best["val_mean"] <= 1.0 and best["default_val_mean"] is not None
-    assert done["metrics"]["grouping"] == best["grouping"]
-    report = open(f"{stage}/report.md").read()
-    assert "Gradient affinity" in report and "default (one expert per task)" in report
-    assert open(f"{stage}/affinity.png", "rb").read(4) == b"\x89PNG"
-
-    # Two trials, both with a full set of reports; the 'add' expert was trained once and reused.
-    trials = glob.glob(f"{stage}/tune/seeded-*/trial_*/result.json")
-    assert len(trials) == 2
-    lines = [yaml.safe_load(open(p).read().splitlines()[-1]) for p in trials]
-    assert sum(r["cache_hits"] for r in lines) == 1 and sum(r["cache_misses"] for r in lines) == 4
-    assert len([d for d in os.listdir(f"{stage}/expert_cache") if not d.startswith(".")]) == 4
-    assert {r["grouping"] for r in lines} == {"copy | reverse | add", "copy+reverse | add"}
-
-    # Restore: with the manifest gone, the same config resumes the Tune experiment and repeats nothing.
-    manifest.clear(stage)
-    again = run_search(cfg)
-    assert glob.glob(f"{stage}/tune/seeded-*/trial_*/result.json") == trials
-    assert again["metrics"]["val_mean"] == done["metrics"]["val_mean"]
-
-
-def test_interrupted_search_resumes_with_tuner_restore_without_rerunning_finished_trials(ray_session, tmp_path):
+def test_interrupted_search_resumes_with_tuner_restore_reuses_experts_and_writes_best(ray_session, tmp_path):
     """Ctrl-C (Tune's SIGINT/SIGUSR1 handler) after the first trial: no best.yaml, no manifest, an error saying
-    to rerun; the rerun restores the experiment, keeps the finished trial as it was, and completes the rest."""
+    to rerun; the rerun restores the experiment, keeps the finished trial as it was, and completes the rest,
+    with experts shared through the cache, best.yaml, the report and the affinity heatmap. Then, with the
+    manifest gone, the finished experiment is restored again and repeats nothing. (One search for what were
+    two tests, each running its own: a 2-trial search restored once finished, and this interrupted one.)"""
     from dume_ray.search.launch import run_search
 
     cfg = load_config("configs/smoke/tiny.yaml", [
@@ -109,6 +78,24 @@ def test_interrupted_search_resumes_with_tuner_restore_without_rerunning_finishe
     assert len({r["trial_id"] for r in lines}) == 3
     best = yaml.safe_load(open(f"{stage}/best.yaml"))
     assert best["val_mean"] == max(r["val_mean"] for r in lines) == again["metrics"]["val_mean"]
+    assert best["grouping"] in ("copy | reverse | add", "copy+reverse | add", "copy | reverse+add")
+    assert 0.0 <= best["val_mean"] <= 1.0 and best["default_val_mean"] is not None
+    assert again["metrics"]["grouping"] == best["grouping"]
+    report = open(f"{stage}/report.md").read()
+    assert "Gradient affinity" in report and "default (one expert per task)" in report
+    assert open(f"{stage}/affinity.png", "rb").read(4) == b"\x89PNG"
+    # 7 expert look-ups (3 + 2 + 2), 5 distinct experts, each trained once into the cache: 'add' and 'copy' were
+    # reused (a trial rerun after the interrupt may also find the experts its first attempt cached).
+    assert {r["grouping"] for r in lines} == {"copy | reverse | add", "copy+reverse | add", "copy | reverse+add"}
+    assert sum(r["cache_hits"] + r["cache_misses"] for r in lines) == 7 and sum(r["cache_hits"] for r in lines) >= 2
+    assert len([d for d in os.listdir(f"{stage}/expert_cache") if not d.startswith(".")]) == 5
+
+    # Restore: with the manifest gone, the same config resumes the finished Tune experiment and repeats nothing.
+    reports = {p: _records(p) for p in results}
+    manifest.clear(stage)
+    restored = run_search(cfg)
+    assert sorted(glob.glob(pattern)) == sorted(results) and {p: _records(p) for p in results} == reports
+    assert restored["metrics"]["val_mean"] == again["metrics"]["val_mean"]
 
 
 def _records(result_json: str) -> list[dict]:
