@@ -57,7 +57,7 @@ SCHEDULES = ("interleaved", "sequential", "annealed")
 SINGLE_SKILLS, TWO_SKILL = ("reverse_words", "upper_words"), "reverse_upper"
 TWO_SKILL_OVERRIDES = [f"tasks.builtin=[{','.join(SINGLE_SKILLS)},{TWO_SKILL}]", "model.max_seq_len=112",
                        "eval.max_new_tokens=36"]
-TINY_OVERRIDES = ["tasks.num_train=32", "tasks.num_validation=4", "tasks.num_test=4", "base.optim.steps=2",
+TINY_OVERRIDES = ["tasks.builtin=[copy,reverse]", "tasks.num_train=32", "tasks.num_validation=4", "tasks.num_test=4", "base.optim.steps=2",
                   "experts.optim.steps=2", "distill.optim.steps=4", "eval.max_new_tokens=4",
                   "upcycle.stats_examples_per_task=8"]
 
