@@ -12,7 +12,9 @@ index, so rounds differ in model init and data order, not in the task data. Read
 - each stage's own seconds from its `DONE.json` (the experts summed over their jobs, which overlap), the eval
   report's "timings" (the same manifests, as `eval/launch.py` writes them) and the eval stage's manifest seconds;
 - how much eval scored: the test rows per task (the split eval reads, `eval.split`) and the models scored
-  (each on its tasks: base, student, multitask, weight average on all, each expert on its group, the DUME MoE).
+  (each on its tasks: base, student, multitask, weight average on all, each expert on its group, the DUME MoE);
+- the faults it survived (`end_to_end.log_faults`: out-of-memory task kills, restarts), which lengthen the
+  training stages and so shrink eval's share.
 Eval's share = eval stage wall / pipeline wall; also given against the stages' total (Ray start left out).
 Medians over rounds; load averages before and after each round. The run folder is deleted after each round
 (~1 GB for SmolLM2). Goal (issue 16): eval <= 20% of the pipeline's wall time.
@@ -29,7 +31,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import REPO, command_line, markdown_table, result_path, write_result  # noqa: E402
-from end_to_end import TINY_OVERRIDES, ray_pipeline  # noqa: E402
+from end_to_end import TINY_OVERRIDES, log_faults, ray_pipeline  # noqa: E402
 
 sys.path.insert(0, REPO)
 TARGET = 0.20  # issue 16: eval's share of the SmolLM2 pipeline's wall time
@@ -65,6 +67,7 @@ def run_round(config: str, overrides: list[str], runs_dir: str, seed: int) -> di
     stages_total = sum(walls.values())
     return {"seed": seed, "wall_seconds": total, "ray_start_seconds": total - stages_total,
             "stage_walls": walls, "stage_manifest_seconds": manifests, "eval": workload,
+            "faults": log_faults(os.path.join(runs_dir, f"{name}.log")),
             "eval_share": walls["eval"] / total, "eval_share_of_stages": walls["eval"] / stages_total}
 
 
