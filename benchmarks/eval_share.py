@@ -16,7 +16,7 @@ index, so rounds differ in model init and data order, not in the task data. Read
 - the faults it survived (`end_to_end.log_faults`: out-of-memory task kills, restarts), which lengthen the
   training stages and so shrink eval's share.
 Eval's share = eval stage wall / pipeline wall; also given against the stages' total (Ray start left out).
-Ray's workers run at `RAY_worker_niceness=0` (set unless the environment sets it; Ray's default is nice 15),
+Ray's workers run at `RAY_worker_niceness=0` (set unless the environment sets it or --tiny; Ray's default is nice 15),
 the priority of the `run` process that starts Ray, as docs/cluster.md advises on a shared machine: at nice 15 the
 stages in Ray workers (training, eval) and those in the driver (Ray start) would run at different priorities.
 Medians over rounds; load averages before and after each round. The run folder is deleted after each round
@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         args.out = args.out or result_path("eval_share", None, True)
         args.runs_dir = os.path.join(os.path.dirname(args.out), "runs")
     path = result_path("eval_share", args.out, args.tiny)
-    os.environ.setdefault("RAY_worker_niceness", "0")  # the `run` subprocess's Ray workers at its own priority
+    if not args.tiny:  # the `run` subprocess's Ray workers at its own priority (the smoke test keeps Ray's default)
+        os.environ.setdefault("RAY_worker_niceness", "0")
     runs_dir = os.path.abspath(args.runs_dir)
     rounds, load = [], []
     for seed in range(args.rounds):  # one after another, each from scratch
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{load[-1]}", flush=True)
         table, median = summarize(rounds)  # written after every round (partial until the last)
         write_result(path, "eval_share", command_line(), started,
-                     {"config": args.config, "overrides": overrides, "ray_worker_niceness": os.environ["RAY_worker_niceness"],
+                     {"config": args.config, "overrides": overrides, "ray_worker_niceness": os.environ.get("RAY_worker_niceness", "Ray's default (15)"),
                       "rounds": rounds, "partial": len(rounds) < args.rounds,
                       "median": median, "eval_share": median["eval_share"], "target": TARGET,
                       "target_met": median["eval_share"] <= TARGET, "eval_test_rows": rounds[0]["eval"]["rows"],
