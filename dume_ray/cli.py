@@ -372,7 +372,8 @@ def init_ray(cfg: PipelineConfig, output: RayOutput, worker_env: Optional[dict] 
     session_dir = None
     if not ray.is_initialized():
         output.started_ray = True
-        context = ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=True)
+        context = ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=True,
+                           include_dashboard=None if address else cfg.ray_dashboard)  # a joined cluster keeps its own
         session_dir = (context.address_info or {}).get("session_dir")
     output.attach()
     ray.data.DataContext.get_current().enable_progress_bars = False

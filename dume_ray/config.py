@@ -412,6 +412,8 @@ class PipelineConfig:
     seed: int = 0  # model init and data order
     ray_address: Optional[str] = None  # None: RAY_ADDRESS if set (ray job submit), else a local Ray
     resource_wait_s: float = 120.0  # on a joined (autoscaling) cluster: wait this long for a stage's resources, then fail
+    ray_dashboard: bool = False  # a local Ray started by the command also starts Ray's dashboard (http://localhost:8265);
+    #   off by default: its ~11 extra processes (head modules, agent) add CPU to every Ray start on a small machine
     mlflow_tracking_uri: Optional[str] = None  # also log training metrics to MLflow (default: $MLFLOW_TRACKING_URI)
     tasks: TasksConfig = field(default_factory=TasksConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -3,7 +3,7 @@
 Run: .venv/bin/python -m pytest tests/smoke/test_benchmarks.py -q -m smoke
 
 The benchmarks themselves are not run by CI (minutes to tens of minutes); this keeps them working.
-`quality`, `end_to_end` and `smollm2_stages` start the real pipeline (Ray) on a 2-task, 2-step setting
+`quality`, `end_to_end`, `eval_share` and `smollm2_stages` start the real pipeline (Ray) on a 2-task, 2-step setting
 (`smollm2_stages --tiny` on the tiny embedded model, not SmolLM2).
 """
 
@@ -29,7 +29,7 @@ def _results_snapshot() -> dict:
 @pytest.mark.smoke
 @pytest.mark.parametrize("script", ["storage", "stream_cost", "scaling", "quality", "end_to_end", "select_defaults",
                                     "on_policy", "add_task", "search_predicts", "curves", "regime", "soft_rows",
-                                    "smollm2_stages"])
+                                    "smollm2_stages", "eval_share"])
 def test_benchmark_runs_tiny_and_writes_json(script, tmp_path):
     before = _results_snapshot()
     out = tmp_path / f"{script}.json"

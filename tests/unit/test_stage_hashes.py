@@ -33,6 +33,7 @@ ROWS = {
     "seed": [((), "seed=1", EVERYTHING), (("base.enabled=false",), "seed=1", EVERYTHING)],
     "ray_address": [((), "ray_address=auto", NOTHING)],
     "resource_wait_s": [((), "resource_wait_s=5", NOTHING)],
+    "ray_dashboard": [((), "ray_dashboard=true", NOTHING)],
     "mlflow_tracking_uri": [((), "mlflow_tracking_uri=file:/tmp/mlruns", NOTHING)],
     # Built-in splits come from one deduplicated pool, so any split's size changes the training data.
     "tasks.seed": [((), "tasks.seed=1", EVERYTHING)],
