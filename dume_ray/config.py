@@ -382,10 +382,10 @@ class SearchConfig:
     torch_threads: int = 1  # intra-op threads per trial on CPU
     cache_dir: str = ""  # expert cache shared by trials (and by later searches); "" = <run_dir>/search/expert_cache
     best_path: str = ""  # best.yaml read by grouping=from_search; "" = <runs_dir>/search/search/best.yaml
-    default_margin: float = 0.02  # the winner stays the default point (one expert per task at distill.temperature/
-    #   alpha) unless a searched trial's val_mean beats the default's by more than this; 0.02 = the proxy's seed
-    #   spread of (trial - default) on 4 demo tasks (benchmarks/results/search_predicts.json), where the full pipeline
-    #   could not tell groupings apart either; 0 = the best trial wins (ties go to the default)
+    default_margin: float = 0.02  # the winner stays the default point (one expert per task, default T and alpha)
+    #   unless a searched trial's val_mean beats the default's by more than this. 0.02 = the proxy's seed spread of
+    #   (trial - default), 0.017 on 4 demo tasks, where the full pipeline's 3 seeds could not tell the groupings
+    #   apart either (benchmarks/results/search_predicts.json); 0 = the best trial wins (ties go to the default)
 
     def __post_init__(self) -> None:
         _check(self.num_samples >= 1, f"search.num_samples must be >= 1 (an empty search space runs nothing), got {self.num_samples}")
