@@ -27,11 +27,19 @@ over the seeds with every full cell measured (the "judge"). Spearman rho of each
 proxy's seed mean, with a one-sided permutation p-value (10,000 shuffles) and a bootstrap 95% interval over
 groupings; one seed against another seed of the same fidelity is the noise ceiling.
 
+Can the groupings be told apart at all? Per fidelity, over its seeds (each seed one block: its own base), a
+two-way F of grouping x seed with a permutation p-value (each seed's scores shuffled over the groupings), the
+residual std, and per grouping the std over seeds of (its score - the default's in the same seed): the noise
+of one comparison with the default, from which `search.default_margin` is set. When the full score's F is
+within noise, no proxy can rank the groupings the way the full pipeline does.
+
 Last, the search at equal trial counts, replayed on these scores: per proxy seed, the "seeded" arm tries the
 default grouping (one expert per task) and the groupings the gradient-affinity matrix (the search stage's
 `compute_affinity` on the proxy's base) ranks best, the "random" arm the default and uniform draws (as Tune's
 `tune.choice`); each arm picks its best trial by PROXY score and is judged by that grouping's FULL score. T and
 alpha stay at the default and ASHA stops nothing, so this measures the groupings the arms propose, not Tune.
+"+ margin rule" arms apply the search's own decision (search.default_margin of --proxy-config): the best trial
+only if its proxy beats the default's by more than the margin, else the default.
 
 Every (fidelity, seed, grouping) cell is a file under `<runs-dir>/cells/`, written when measured: a rerun resumes
 and parallel shards never clash (experts and bases are cached per content hash with a file lock, as in a search).
@@ -50,7 +58,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import REPO, command_line, fmt_pm, markdown_table, result_path, write_result  # noqa: E402
+from common import REPO, command_line, fmt_pm, markdown_table, mean_std, result_path, write_result  # noqa: E402
 
 sys.path.insert(0, REPO)
 import torch  # noqa: E402
@@ -188,22 +196,71 @@ def correlation(x: list[float], y: list[float]) -> dict:
     return {"rho": spearman(x, y), "p_permutation": permutation_p(x, y), "bootstrap_95": bootstrap_interval(x, y), "n": len(x)}
 
 
+def grouping_f(table: list[list[float]]) -> float:
+    """Two-way (grouping x seed, one value per cell) F of the groupings: mean square between groupings over
+    the residual mean square. `table[s][g]`: seed s, grouping g. Seeds are blocks (one base per seed), so a seed
+    that is better on every grouping adds nothing to F; inf when the residual is exactly 0."""
+    n, k = len(table), len(table[0])
+    grand = sum(map(sum, table)) / (n * k)
+    g_mean = [sum(row[g] for row in table) / n for g in range(k)]
+    s_mean = [sum(row) / k for row in table]
+    ss_g = n * sum((m - grand) ** 2 for m in g_mean)
+    ss_res = sum((table[s][g] - g_mean[g] - s_mean[s] + grand) ** 2 for s in range(n) for g in range(k))
+    return (ss_g / (k - 1)) / (ss_res / ((k - 1) * (n - 1))) if ss_res > 0 else float("inf")
+
+
+def separability(table: list[list[float]], labels: list[str], default: str, rounds: int = 10000, seed: int = 0) -> dict:
+    """Do the groupings differ by more than the seed-to-seed spread? `table[s][g]` over >= 2 seeds, >= 2 groupings.
+
+    F of `grouping_f` with a permutation p-value (each seed's scores shuffled over the groupings, 10,000 rounds,
+    (hits + 1) / (rounds + 1)); the residual standard deviation; per grouping, the std over seeds of its score
+    minus the default's in the same seed ("seed spread of a difference", the noise of one comparison with the
+    default), and its root mean square over groupings; the range of the grouping means."""
+    observed, rng = grouping_f(table), random.Random(seed)
+    hits = 0
+    for _ in range(rounds):
+        shuffled = [rng.sample(row, len(row)) for row in table]
+        hits += grouping_f(shuffled) >= observed - 1e-12
+    n, k = len(table), len(labels)
+    means = {g: sum(row[i] for row in table) / n for i, g in enumerate(labels)}
+    d = labels.index(default) if default in labels else None
+    diff_sd = ({g: mean_std([row[i] - row[d] for row in table])[1] for i, g in enumerate(labels) if i != d}
+               if d is not None else {})
+    residual_ms = (sum((table[s][g] - means[labels[g]] - sum(table[s]) / k + sum(map(sum, table)) / (n * k)) ** 2
+                       for s in range(n) for g in range(k)) / ((k - 1) * (n - 1)))
+    return {"seeds": n, "groupings": labels, "F": observed, "df": [k - 1, (k - 1) * (n - 1)],
+            "p_permutation": (hits + 1) / (rounds + 1), "residual_sd": residual_ms ** 0.5,
+            "grouping_means": means, "range_of_means": max(means.values()) - min(means.values()),
+            "diff_vs_default_sd": diff_sd,
+            "diff_vs_default_sd_rms": (sum(v * v for v in diff_sd.values()) / len(diff_sd)) ** 0.5 if diff_sd else None}
+
+
 # ---- the search replayed on measured scores --------------------------------------------------------------------
 
 def replay_search(space: list[str], default: str, seeded: list[str], proxy: dict, full: dict, trials: int,
-                  seed: int, draws: int = 2000) -> dict:
+                  seed: int, margin: float, draws: int = 2000) -> dict:
     """Best grouping (by proxy) among `trials` trials of each arm, and its full score. Seeded: default + the
     affinity ranking; random: default + uniform draws with replacement (one draw with `seed`, and the mean
-    over `draws` draws, which removes the luck of one draw)."""
-    def best(tried: list[str]) -> str:
-        return max(tried, key=lambda g: (proxy[g], -space.index(g)))
+    over `draws` draws, which removes the luck of one draw). "+ margin": the search's rule
+    (`search.default_margin`, report.choose_winner): the best trial only if its proxy beats the default's by
+    more than `margin`, else the default."""
+    def best(tried: list[str], rule_margin: float = -1.0) -> str:
+        top = max(tried, key=lambda g: (proxy[g], -space.index(g)))
+        return top if rule_margin < 0 or proxy[top] - proxy[default] > rule_margin else default
 
-    chosen = best(([default] + [g for g in seeded if g != default])[:trials])
+    tried = ([default] + [g for g in seeded if g != default])[:trials]
+    chosen, ruled = best(tried), best(tried, margin)
     rng = random.Random(seed)
     one = best([default] + [rng.choice(space) for _ in range(trials - 1)])
-    expected = sum(full[best([default] + [rng.choice(space) for _ in range(trials - 1)])] for _ in range(draws)) / draws
+    random_full, random_ruled = 0.0, 0.0
+    for _ in range(draws):
+        draw = [default] + [rng.choice(space) for _ in range(trials - 1)]
+        random_full += full[best(draw)] / draws
+        random_ruled += full[best(draw, margin)] / draws
     return {"seeded": {"grouping": chosen, "full": full[chosen], "proxy": proxy[chosen]},
-            "random": {"grouping": one, "full": full[one], "proxy": proxy[one]}, "random_expected_full": expected,
+            "seeded_margin": {"grouping": ruled, "full": full[ruled], "proxy": proxy[ruled]},
+            "random": {"grouping": one, "full": full[one], "proxy": proxy[one]}, "random_expected_full": random_full,
+            "random_margin_expected_full": random_ruled, "margin": margin,
             "oracle_full": max(full.values()), "default_full": full[default]}
 
 
@@ -362,6 +419,23 @@ def summarise(args, cfgs: dict, labels: list[str], cells: dict, affinity: dict) 
                                      "num_train": cfgs["full"].tasks.num_train, "num_validation": cfgs["full"].tasks.num_validation},
                             "temperature": cfgs["full"].distill.temperature, "alpha": cfgs["full"].distill.alpha,
                             "proxy_variants": "proxy-<name> cells: the proxy with overrides (see their 'overrides' field)"}}
+    default = readable([[t] for t in cfgs["full"].tasks.names])
+    separable, sep_rows = {}, []
+    for fidelity in ["full", *proxies]:  # can the groupings be told apart at all, by this score, over its seeds?
+        seeds = sorted({k[1] for k in cells if k[0] == fidelity})
+        common = [g for g in labels if all((fidelity, s, g) in cells for s in seeds)]
+        if len(seeds) < 2 or len(common) < 2:
+            continue
+        sep = separability([[cells[(fidelity, s, g)]["exact_match"] for g in common] for s in seeds], common, default)
+        separable[fidelity] = sep
+        sep_rows.append([f"{fidelity} student EM", f"{len(seeds)} {seeds}", len(common), f"{sep['F']:.2f} ({sep['df'][0]}, {sep['df'][1]})",
+                         f"{sep['p_permutation']:.3f}", sep["range_of_means"], sep["residual_sd"],
+                         "–" if sep["diff_vs_default_sd_rms"] is None else f"{sep['diff_vs_default_sd_rms']:.3f}"])
+    if sep_rows:
+        table += "\n\n" + markdown_table(["do groupings differ beyond seed noise?", "seeds", "groupings", "F (df)",
+                                           "p (permutation within seed)", "range of grouping means", "residual sd",
+                                           "seed sd of (grouping - default), rms"], sep_rows)
+    payload["separability"] = separable
     rankings: dict = {}
     if full_seeds:
         judge = {g: sum(cells[("full", s, g)]["exact_match"] for s in full_seeds) / len(full_seeds) for g in labels}
@@ -395,19 +469,22 @@ def summarise(args, cfgs: dict, labels: list[str], cells: dict, affinity: dict) 
         space = [encode(parse_readable(g), names) for g in labels]
         rankings = {s: [readable(decode(r, names)) for _, r in rank_groupings(torch.tensor(affinity[s]["matrix"]), len(space),
                                                                            candidates=space)] for s in complete("proxy") if s in affinity}
+        margin = cfgs["proxy"].search.default_margin
         for trials in args.trials:
-            per_seed = {s: replay_search(labels, readable([[t] for t in names]), rankings[s],
-                                         {g: cells[("proxy", s, g)]["exact_match"] for g in labels}, judge, trials, s)
+            per_seed = {s: replay_search(labels, default, rankings[s], {g: cells[("proxy", s, g)]["exact_match"] for g in labels},
+                                         judge, trials, s, margin)
                         for s in rankings}
             replays[str(trials)] = per_seed
             if per_seed:
                 v = list(per_seed.values())
-                replay_rows.append([trials, len(v), fmt_pm([r["seeded"]["full"] for r in v]), fmt_pm([r["random"]["full"] for r in v]),
-                                    fmt_pm([r["random_expected_full"] for r in v]), fmt_pm([r["default_full"] for r in v]),
+                replay_rows.append([trials, len(v), fmt_pm([r["seeded"]["full"] for r in v]), fmt_pm([r["seeded_margin"]["full"] for r in v]),
+                                    fmt_pm([r["random"]["full"] for r in v]), fmt_pm([r["random_expected_full"] for r in v]),
+                                    fmt_pm([r["random_margin_expected_full"] for r in v]), fmt_pm([r["default_full"] for r in v]),
                                     fmt_pm([r["oracle_full"] for r in v])])
-        table += "\n\n" + markdown_table(["trials per arm", "search seeds", "affinity-seeded: best's full EM", "random: best's full EM",
-                                          "random, mean of 2000 draws", "default (1 expert/task)", "best of all groupings"],
-                                         replay_rows)
+        table += "\n\n" + markdown_table(["trials per arm", "search seeds", "affinity-seeded: best's full EM",
+                                           f"seeded + margin rule ({margin:g})", "random: best's full EM",
+                                           "random, mean of 2000 draws", "random + margin rule, mean of draws",
+                                           "default (1 expert/task)", "best of all groupings"], replay_rows)
         payload.update({"judge": judge, "correlations": corr, "replay": replays})
     payload.update({"table": table, "affinity": {str(s): a for s, a in sorted(affinity.items())},
                     "affinity_rankings": {str(s): r for s, r in sorted(rankings.items())},

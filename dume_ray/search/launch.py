@@ -81,8 +81,9 @@ def run_search(cfg: PipelineConfig) -> dict:
     # ---- winner, report, manifest ------------------------------------------------------------------------------
     trials = {arm: summarize_trials(grid, max_reports=_max_reports(cfg)) for arm, grid in grids.items()}
     best = write_report(cfg, stage_dir, trials, matrix, seeds, seconds, default)
-    print(f"[search] best: {best['grouping']} T={best['temperature']:.3g} alpha={best['alpha']:.3g} "
-          f"val_mean {best['val_mean']:.3f} (default {best['default_val_mean']}) -> {stage_dir}/best.yaml", flush=True)
+    print(f"[search] winner: {best['grouping']} T={best['temperature']:.3g} alpha={best['alpha']:.3g} "
+          f"val_mean {best['val_mean']:.3f} (default {best['default_val_mean']}; {best['rule']}) -> {stage_dir}/best.yaml",
+          flush=True)
     return manifest.mark_done(stage_dir, stage_hash, {"best": f"{stage_dir}/best.yaml", "report": f"{stage_dir}/report.md",
                                                       "tune": os.path.abspath(f"{stage_dir}/tune")},
                               metrics=best, inputs={"base": base_dir}, seconds=time.time() - start)

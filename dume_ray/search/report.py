@@ -1,11 +1,15 @@
 """The search's outputs for people and for the pipeline: report.md, and best.yaml for `grouping=from_search`.
 
-`summarize_trials(result_grid)` turns Tune's results into plain rows in trial order; `write_report` picks
-the winner (the best `val_mean` among trials that ran every report, i.e. were not stopped early by ASHA, so
-fidelities are not mixed), writes `best.yaml` and a markdown report: the affinity matrix, the seeds, every
-trial, best vs the default one-expert-per-task point, and the best score after N trials, seeded vs random.
+`summarize_trials(result_grid)` turns Tune's results into plain rows in trial order; `choose_winner` applies
+the search's rule: the best searched trial (best `val_mean` among trials that ran every report, i.e. were not
+stopped early by ASHA, so fidelities are not mixed) wins only if it beats the default point (one expert per
+task at distill.temperature/alpha) by more than `search.default_margin`, else the default stays, because the
+proxy's seed-to-seed spread is as large as its differences between groupings (docs/search.md). `write_report`
+writes `best.yaml` and a markdown report: the rule and its outcome, the affinity matrix, the seeds, every
+trial, and the best score after N trials, seeded vs random.
 
-Pure: no Ray import (a ResultGrid is only iterated). Tested through tests/integration/test_search.py.
+Pure: no Ray import (a ResultGrid is only iterated). `choose_winner`: tests/unit/test_search_report.py; the
+rest through tests/integration/test_search.py.
 """
 
 from __future__ import annotations
@@ -36,12 +40,6 @@ def summarize_trials(grid: Iterable, max_reports: int) -> list[dict]:
     return sorted(rows, key=lambda r: _index(r["trial_id"]))
 
 
-def best_trial(rows: list[dict]) -> Optional[dict]:
-    finished = [r for r in rows if r["completed"] and r["val_mean"] is not None]
-    pool = finished or [r for r in rows if r["val_mean"] is not None]
-    return max(pool, key=lambda r: r["val_mean"]) if pool else None
-
-
 def best_after(rows: list[dict]) -> list[Optional[float]]:
     """Best completed-trial val_mean among the first N trials, for N = 1 .. len(rows)."""
     out, best = [], None
@@ -52,22 +50,58 @@ def best_after(rows: list[dict]) -> list[Optional[float]]:
     return out
 
 
+def choose_winner(trials: dict[str, list[dict]], default: dict, margin: float) -> dict:
+    """The search's decision: the default point unless the best searched trial beats it by more than `margin`.
+
+    `trials`: rows of `summarize_trials` per arm; `default`: {"grouping", "temperature", "alpha"} of the default
+    point. Only completed trials count when any completed (ASHA-stopped ones are of lower fidelity). Returns {"winner": row, "arm": arm
+    of the winner, "kept_default": bool, "reason": one line, "best_searched": row or None (best non-default
+    trial), "best_searched_arm", "default": row or None (the default's best completed run), "margin"}. Without a
+    measured default (search.include_default=false, or it failed) the best searched trial wins and the reason
+    says that the rule was not applied.
+
+    Raises:
+        RuntimeError: when no trial reported a score.
+    """
+    scored = [(arm, r) for arm, rows in trials.items() for r in rows if r["val_mean"] is not None]
+    if not scored:
+        errors = [r["error"] for rows in trials.values() for r in rows if r["error"]]
+        raise RuntimeError(f"search: no trial reported a validation score; first errors: {errors[:3]}")
+    pool = [(arm, r) for arm, r in scored if r["completed"]] or scored
+    defaults = [(arm, r) for arm, r in pool if _is_default(r, default)]
+    searched = [(arm, r) for arm, r in pool if not _is_default(r, default)]
+    base_arm, base = max(defaults, key=lambda c: c[1]["val_mean"]) if defaults else (None, None)
+    best_arm, best = max(searched, key=lambda c: c[1]["val_mean"]) if searched else (None, None)
+    if base is None:
+        keep, reason = False, "the default point was not measured (search.include_default=false or it failed): the best trial wins, no margin rule"
+    elif best is None:
+        keep, reason = True, "no searched trial besides the default point"
+    else:
+        gain = best["val_mean"] - base["val_mean"]
+        keep = gain <= margin
+        reason = (f"best searched trial {'-' if gain < 0 else '+'}{abs(gain):.3f} vs the default, "
+                  f"{'not more than' if keep else 'more than'} search.default_margin = {margin:g}: "
+                  + ("the default stays" if keep else "the searched trial replaces the default"))
+    arm, winner = (base_arm, base) if keep else (best_arm, best)
+    return {"winner": winner, "arm": arm, "kept_default": keep, "reason": reason, "best_searched": best,
+            "best_searched_arm": best_arm, "default": base, "margin": margin}
+
+
 def write_report(cfg: PipelineConfig, stage_dir: str, trials: dict[str, list[dict]], matrix: torch.Tensor,
                  seeds: list[RGS], seconds: dict[str, float], default: dict) -> dict:
     """Write best.yaml + report.md; returns the winner as written to best.yaml."""
     names = cfg.tasks.names
-    candidates = [(arm, best_trial(rows)) for arm, rows in trials.items()]
-    candidates = [(arm, b) for arm, b in candidates if b is not None]
-    if not candidates:
-        errors = [r["error"] for rows in trials.values() for r in rows if r["error"]]
-        raise RuntimeError(f"search: no trial reported a validation score; first errors: {errors[:3]}")
-    arm, winner = max(candidates, key=lambda c: c[1]["val_mean"])
-    default_rows = [r for rows in trials.values() for r in rows if _is_default(r, default) and r["val_mean"] is not None]
-    default_score = round(max(r["val_mean"] for r in default_rows), 4) if default_rows else None
+    choice = choose_winner(trials, default, cfg.search.default_margin)
+    winner, searched = choice["winner"], choice["best_searched"]
+    default_score = round(choice["default"]["val_mean"], 4) if choice["default"] else None
     groups = [g.split("+") for g in winner["grouping"].split(" | ")]
     best = {"grouping": winner["grouping"], "groups": groups, "temperature": winner["temperature"],
             "alpha": winner["alpha"], "val_mean": round(winner["val_mean"], 4), "default_val_mean": default_score,
-            "arm": arm, "trial_id": winner["trial_id"], "search_run": cfg.name, "tasks": names}
+            "kept_default": choice["kept_default"], "default_margin": choice["margin"], "rule": choice["reason"],
+            "best_searched": ({"grouping": searched["grouping"], "temperature": searched["temperature"],
+                               "alpha": searched["alpha"], "val_mean": round(searched["val_mean"], 4),
+                               "arm": choice["best_searched_arm"], "trial_id": searched["trial_id"]} if searched else None),
+            "arm": choice["arm"], "trial_id": winner["trial_id"], "search_run": cfg.name, "tasks": names}
     with open(f"{stage_dir}/best.yaml", "w") as f:
         f.write("# Winner of `python -m dume_ray search`; used by `python -m dume_ray run ... grouping=from_search`\n")
         yaml.safe_dump(best, f, sort_keys=False)
@@ -83,8 +117,13 @@ def _markdown(cfg, trials, matrix, seeds, seconds, best) -> str:
              f"{s.report_every}), experts {cfg.experts.optim.steps} steps; ASHA grace {s.grace_period} reports, "
              f"reduction factor {s.reduction_factor:g}. Scores: mean exact-match on the **validation** split.", "",
              "## Winner", "",
+             f"Rule: a searched trial replaces the default point (one expert per task at T = {cfg.distill.temperature:.3g}, "
+             f"α = {cfg.distill.alpha:.3g}) only when its val mean beats the default's by more than `search.default_margin` "
+             f"= {s.default_margin:g}, the proxy's seed-to-seed spread (docs/search.md). Here: {best['rule']}.", "",
              f"| | grouping | T | α | val mean |", "|---|---|---|---|---|",
-             f"| best searched | {_cell(best['grouping'])} | {best['temperature']:.3g} | {best['alpha']:.3g} | {best['val_mean']:.3f} |",
+             f"| **winner** ({'default' if best['kept_default'] else 'searched'}) | {_cell(best['grouping'])} | "
+             f"{best['temperature']:.3g} | {best['alpha']:.3g} | {best['val_mean']:.3f} |",
+             _searched_row(best["best_searched"]),
              f"| default (one expert per task) | {_cell(' | '.join(names))} | {cfg.distill.temperature:.3g} | {cfg.distill.alpha:.3g} | "
              + (f"{best['default_val_mean']:.3f} |" if best['default_val_mean'] is not None else "not run |"), "",
              "## Gradient affinity on the base", "",
@@ -112,6 +151,13 @@ def _markdown(cfg, trials, matrix, seeds, seconds, best) -> str:
                          f"{'no' if r['completed'] else 'yes'} | {r['cache_hits']}/{r['cache_misses']} |")
         lines += [""]
     return "\n".join(lines)
+
+
+def _searched_row(searched: Optional[dict]) -> str:
+    if searched is None:
+        return "| best searched | none besides the default | | | |"
+    return (f"| best searched | {_cell(searched['grouping'])} | {searched['temperature']:.3g} | {searched['alpha']:.3g} | "
+            f"{searched['val_mean']:.3f} |")
 
 
 def _cell(text: str) -> str:

@@ -33,7 +33,8 @@ def test_interrupted_search_resumes_with_tuner_restore_reuses_experts_and_writes
         "search.groupings=['copy | reverse | add', 'copy+reverse | add', 'copy | reverse+add']",
         "search.num_affinity_seeds=1", "search.proxy_steps=4", "search.report_every=2", "search.affinity_batches=1",
         "search.affinity_batch_size=8", "search.max_concurrent_trials=1", "search.temperature=[1.0,4.0]",
-        "search.alpha=[0.5,1.0]", "search.grace_period=2"])  # no ASHA rung before the last report: all finish
+        "search.alpha=[0.5,1.0]", "search.grace_period=2",  # no ASHA rung before the last report: all finish
+        "search.default_margin=0"])  # the plain best trial wins: best.yaml's val_mean is the best trial's
     stage = f"{tmp_path}/search/search"
     pattern = f"{stage}/tune/seeded-*/trial_*/result.json"
 

@@ -146,7 +146,8 @@ SEARCH_FLIPS = {"num_samples": "3", "max_groups": "2", "groupings": "['copy | re
                 "num_affinity_seeds": "1", "include_default": "false", "compare_random": "false",
                 "proxy_steps": "100", "report_every": "5", "grace_period": "2", "reduction_factor": "3",
                 "affinity_batches": "1", "affinity_batch_size": "8", "cpus_per_trial": "2", "gpus_per_trial": "1",
-                "max_concurrent_trials": "1", "torch_threads": "2", "cache_dir": "/tmp/cache", "best_path": "/tmp/b.yaml"}
+                "max_concurrent_trials": "1", "torch_threads": "2", "cache_dir": "/tmp/cache", "best_path": "/tmp/b.yaml",
+                "default_margin": "0.1"}
 for knob, value in SEARCH_FLIPS.items():  # the search is its own stage: the pipeline's stages never read it
     ROWS[f"search.{knob}"] = [((), f"search.{knob}={value}", NOTHING)]
 
