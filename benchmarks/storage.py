@@ -136,7 +136,10 @@ def demo_teacher_logprobs(args, cfg, work: str):
                 score(BASE_REFERENCE, load_model(fresh).eval(), rows, task_out)
             if not has_expert and args.finetune_steps > 0:
                 model = quick_expert(model, task_rows, tokenizer.pad_token_id, cfg.experts, args.finetune_steps)
-                score(f"stand-in experts: {source} fine-tuned {args.finetune_steps} steps per task as the experts stage does", model, rows, task_out)
+                recipe = "the experts stage's recipe" if args.finetune_steps == cfg.experts.optim.steps else "as the experts stage does"
+                score(f"stand-in experts: {source} fine-tuned {args.finetune_steps} steps per task, {recipe} "
+                      f"({cfg.experts.mode}, lr {cfg.experts.optim.lr:g}, batch {cfg.experts.optim.batch_size})",
+                      model, rows, task_out)
             if cache:
                 os.makedirs(args.logprobs_cache, exist_ok=True)
                 torch.save(task_out, cache)
@@ -593,13 +596,15 @@ def main(argv: list[str] | None = None) -> int:
 
     teachers = demo_teacher_logprobs(args, cfg, work)
     reference = teachers.pop(BASE_REFERENCE, None)  # the base on the trained experts' rows
+    if reference is None and any(t.startswith("stand-in") for t in teachers):  # the base as the stand-ins' reference only
+        reference = teachers.pop(next(t for t in teachers if not t.startswith("stand-in")))
     labels, results = [], []
     for teacher, (demo_lp, demo_rows) in teachers.items():
         labels.append(f"{cfg.name} ({teacher})")
         results += measure(labels[-1], demo_lp, demo_rows, demo_lp.shape[1], work, args.ks)
         results += measure_schemes(labels[-1], demo_lp, demo_rows, demo_lp.shape[1], work, args.scheme_ks)
         # The base-shaped tail for experts only: the base scored on the same rows (stand-ins: the base teacher's rows).
-        base = reference[0] if reference else next((lp for t, (lp, _) in teachers.items() if not t.startswith("stand-in") and t != teacher), None)
+        base = reference[0] if reference else None
         if not args.no_adaptive:
             results += measure_adaptive(labels[-1], demo_lp, demo_rows, demo_lp.shape[1], work,
                                         base if teacher.startswith(("stand-in", "trained")) else None)
