@@ -26,6 +26,13 @@ format row is written by the pipeline's own `rows_to_table(adaptive=True)` + `wr
 is measured with a uniform tail and, for stand-in experts, with the tail spread like the base model's
 distribution (see the section below). `--logprobs-cache DIR` keeps each task's teacher log-probs (~0.25 GB per
 teacher and task at V = 49,152 and 100 rows) so reruns skip the fine-tuning; `--tasks` measures a subset.
+Bytes are measured twice for every table: as written by pyarrow's default writer (snappy, what `write_shard` and
+Ray Data's write_parquet use) and rewritten with zstd (level ZSTD_LEVEL), a lossless writer option; the goal
+counts the smaller. The kl_base rule (only where the base was scored on the same rows: trained or stand-in
+experts) picks the fewest top tokens, possibly none, whose reconstruction with a base-shaped tail is within the
+bound; a stored scheme only for a KD loss that spreads the tail like the base (a frozen base forward at distill
+time; the pipeline's bucket loss does not). Sampled targets (random-sampling KD) are measured by bytes and by
+the squared error of the target, not by KL (see that section).
 - config vocab: the config's tokenizer; teachers are the experts of `--run-dir` if it has them (trained), else
   the base: fresh models for the demo (random weights: nearly flat distributions, the worst case), the
   pretrained model for a pretrained config; with `--finetune-steps N` also stand-in experts, the base
