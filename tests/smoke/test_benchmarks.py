@@ -47,3 +47,23 @@ def test_tiny_runs_without_out_go_to_a_temp_folder():
     from common import result_path
     assert not result_path("quality", None, tiny=True).startswith(RESULTS)
     assert result_path("quality", None, tiny=False) == os.path.join(RESULTS, "quality.json")
+
+
+def test_storage_kl_base_rule_identities():
+    """The kl_base rule: a base equal to the teacher keeps nothing; a uniform base is the uniform tail, so it keeps
+    what the pipeline's kept_counts keeps; the kept tokens + base-shaped tail are within the bound (exact values) where the cap did not stop it."""
+    import torch
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    from storage import adaptive_counts, adaptive_kl, kept_counts_base
+    from dume_ray.data.soft_targets import kept_counts
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.log_softmax(4 * torch.randn(64, 500, generator=g), -1)  # [n, V], peaked: KL(p ‖ uniform) > 0.05
+    base = torch.log_softmax(torch.randn(64, 500, generator=g), -1)
+    assert kept_counts_base(teacher, teacher, 32, 0.05).eq(0).all()
+    uniform = torch.full_like(teacher, -torch.log(torch.tensor(500.0)).item())
+    assert torch.equal(kept_counts_base(teacher, uniform, 32, 0.05), kept_counts(teacher, 32, 0.05))
+    values, ids, counts, tail = adaptive_counts(teacher, 32, ("kl_base", 0.05), ref_logprobs=base)
+    below = counts < 32  # positions that met the bound before the cap
+    assert below.sum() > 10 and counts[below].float().mean() > 1
+    kl, _ = adaptive_kl(teacher[below], ids[below], counts[below], values[below], tail[below], base[below])
+    assert kl <= 0.05 + 1e-6
