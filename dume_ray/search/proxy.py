@@ -26,6 +26,7 @@ import torch
 
 from dume_ray.config import OptimConfig, PipelineConfig, config_hash
 from dume_ray.data.encode import shuffled_batches
+from dume_ray.data.soft_targets import PARQUET_WRITE_ARGS
 from dume_ray.model import expert_trainable, load_model, make_trainable, merge_adapters
 from dume_ray.soft_targets.teacher_scoring import score_rows
 from dume_ray.tasks import encode_rows
@@ -73,7 +74,7 @@ def train_expert(model, tokenizer, rows: list[dict], optim: OptimConfig, seed: i
 def score_soft_targets(expert_dir: str, rows: list[dict], top_k: int, path: str, batch_size: int = 256,
                        kl_max: float = 0.0) -> None:
     """The expert's top-k soft targets for its group's rows, as one Parquet file (the pipeline's schema)."""
-    pq.write_table(score_rows(expert_dir, rows, top_k, batch_size, kl_max), path)
+    pq.write_table(score_rows(expert_dir, rows, top_k, batch_size, kl_max), path, **PARQUET_WRITE_ARGS)
 
 
 def read_soft_targets(path: str) -> list[dict]:

@@ -31,7 +31,8 @@ import ray.data
 
 from dume_ray import manifest, storage
 from dume_ray.config import PipelineConfig
-from dume_ray.data.soft_targets import SoftTargetError, rows_to_table, validate_shards, write_shard
+from dume_ray.data.soft_targets import (PARQUET_WRITE_ARGS, SoftTargetError, rows_to_table, validate_shards,
+                                         write_shard)
 from dume_ray.data.student_rows import keep_rows, train_ids
 from dume_ray.experts.launch import finished_experts, scored_rows
 from dume_ray.experts.launch import soft_target_group_dir as group_dir
@@ -164,10 +165,10 @@ def write_scored(dataset: ray.data.Dataset, scratch: str) -> None:
     with a storage URI they write to storage and the files are then fetched here (and deleted there)."""
     store = storage.active()
     if store is None:
-        dataset.write_parquet(scratch)
+        dataset.write_parquet(scratch, **PARQUET_WRITE_ARGS)
         return
     remote = store.remote_path(scratch)
-    dataset.write_parquet(remote, filesystem=store.fs)
+    dataset.write_parquet(remote, filesystem=store.fs, **PARQUET_WRITE_ARGS)
     pafs.copy_files(remote, scratch, source_filesystem=store.fs, destination_filesystem=pafs.LocalFileSystem())
     store.fs.delete_dir(remote)
 
