@@ -3,7 +3,8 @@
     nice -n 5 python benchmarks/regime.py                        # tiny model, widths 16 32 64 x tasks 2 4 6 x budgets 0.125 0.5 x 3 seeds
     python benchmarks/regime.py --widths 64 --seeds 0 --budgets 0.125     # a slice; the map fills over sittings
     python benchmarks/regime.py --model smollm2 --only smollm2 --seeds 2 1 0    # one model; another process may run the other
-    nice -n 19 python benchmarks/regime.py --model smollm2       # SmolLM2 whole and cut to --keep-layers, 4 tasks, budget 1/8
+    nice -n 10 python benchmarks/regime.py --model smollm2       # SmolLM2 whole and cut to --keep-layers, 4 tasks, budgets 1/8 1/2
+    nice -n 10 python benchmarks/regime.py --model smollm2 --only smollm2-L15 --budgets 0.125 --seeds 1 2   # a slice
     python benchmarks/regime.py --tiny                            # smoke setting, temp folder
     python benchmarks/regime.py --report-only --pipeline-report runs/.../eval/report.json   # rewrite JSON, table, PNG
 
@@ -31,9 +32,11 @@ Each cell is written to the JSON as soon as it is measured (under a file lock, m
 processes may fill disjoint slices); a rerun skips measured cells. Per (model, n, b): mean over seeds of every
 model, and student − multitask for both compute columns as mean ± 95% t-interval half-width over seeds. Writes
 benchmarks/results/regime.json and regime.png (a heatmap of both differences; only when matplotlib imports).
-SmolLM2 (`--model smollm2`, configs/smollm2.yaml, no base training) has its own budget and fewer rows
-(SMOLLM2_BUDGETS, SMOLLM2_OVERRIDES; the reason is in the JSON's `smollm2.choice`), the cut model run first; its
-cells not yet measured are listed in the JSON as such.
+SmolLM2 (`--model smollm2`, configs/smollm2.yaml, no base training) has its own budgets and fewer rows
+(SMOLLM2_BUDGETS, SMOLLM2_OVERRIDES, training rows per task = one pass of each expert: `smollm2_rows`; the reason is
+in the JSON's `smollm2.choice`), the cut model run first. The JSON's `not_measured` lists every planned (model, tasks,
+budget) with fewer than PLANNED_SEEDS measured (seeds measured/planned, the missing ones); its table rows say how
+many seeds each mean is over.
 """
 
 from __future__ import annotations
@@ -59,21 +62,29 @@ TINY_OVERRIDES = ["tasks.num_train=32", "tasks.num_test=8", "tasks.num_validatio
                   "experts.optim.steps=4", "distill.optim.steps=4", "eval.max_new_tokens=4",
                   "upcycle.stats_examples_per_task=8"]
 WIDTHS, BUDGETS = [16, 32, 64], [0.125, 0.5]  # the map: 1/8 and 1/2 of demo.yaml's expert (800) and student (600) steps
-# SmolLM2 (configs/smollm2.yaml: experts 40 steps, student 120, batch 8): one budget and fewer rows, so that the
-# whole model and its cut x 4 tasks x 3 seeds fit about 80 CPU minutes of a shared 2-core machine.
-SMOLLM2_BUDGETS = [0.125]
-SMOLLM2_OVERRIDES = ["tasks.num_train=40", "tasks.num_test=20", "tasks.num_validation=4",
-                     "upcycle.stats_examples_per_task=16"]
+# SmolLM2 (configs/smollm2.yaml: experts 40 steps, student 120, batch 8): two budgets and fewer rows, so that the
+# whole model and its cut x 4 tasks x 3 seeds fit a shared 2-core machine. Training rows per task follow the budget
+# (smollm2_overrides): each expert reads its rows once, as at 1/8.
+SMOLLM2_BUDGETS = [0.125, 0.5]
+SMOLLM2_OVERRIDES = ["tasks.num_test=20", "tasks.num_validation=4", "upcycle.stats_examples_per_task=16"]
+PLANNED_SEEDS = [0, 1, 2]  # every cell of the map is planned with these seeds
 SMOLLM2_CHOICE = (
-    "budget 1/8 of configs/smollm2.yaml's steps (experts 5 each, student and multitask 15, multitask at the whole "
-    "budget 15 + 4 x 5 = 35; batch 8) for both SmolLM2 models: a step costs ~1.5 s on 2 idle cores and this map "
-    "runs at nice 19 on a 2-core machine shared by 6 processes, so 1/8 (the tiny map's smaller factor, the same "
-    "column of the heatmap) is the largest factor whose 6 (model, seed) groups (each 8 x 5 + 3 x 15 = 85 training "
-    "steps, soft targets, 9 evaluations) fit about 80 CPU minutes; 40 training rows per task (what the experts read: "
-    "5 x 8) and 20 test rows per task (80 per cell: one row = 1.25 points) keep scoring and generation inside that "
-    "budget; max_new_tokens stays 12 (the upper-cased answers need it)")
+    "budgets 1/8 and 1/2 of configs/smollm2.yaml's steps (1/8: experts 5 each, student and multitask 15, multitask "
+    "at the whole budget 15 + 4 x 5 = 35; 1/2: experts 20, student and multitask 60, whole budget 60 + 4 x 20 = 140; "
+    "batch 8) for both SmolLM2 models: a step costs ~1.5 s on 2 idle cores and this map runs at nice 10-19 on a "
+    "2-core machine shared by 6 processes. Training rows per task = expert steps x batch (40 at 1/8, 160 at 1/2): "
+    "each expert reads its task's rows exactly once, the student and multitask at the student's budget read 0.75 of "
+    "an epoch of the 4 tasks' rows and multitask at the whole budget 1.75 epochs, the same at both budgets (with 40 "
+    "rows at 1/2 the whole-budget multitask would loop 7 epochs and the experts 4, a memorisation regime rather than "
+    "a larger budget). 20 test rows per task (80 per cell: one row = 1.25 points) keep generation inside the budget; "
+    "max_new_tokens stays 12 (the upper-cased answers need it)")
 REPRODUCE = ("tiny-h64", 6, 0.125, 0)  # the cell compared with the CLI pipeline run alike (--pipeline-report)
 COLUMNS = ["experts", "student", "multitask_student_budget", "multitask_whole_budget", "dume_top1", "dume_top2"]
+
+
+def smollm2_rows(cfg, budget: float) -> int:
+    """Training rows per task of SmolLM2 at `budget`: one pass of each expert (its steps x batch)."""
+    return with_steps(cfg.experts.optim, budget).steps * cfg.experts.optim.batch_size
 
 
 def model_variants(args) -> list[tuple[str, list[str]]]:
@@ -134,7 +145,7 @@ def train_experts(cfg, base_dir: str, cache: str, label: str, tasks: dict, optim
             train_expert(model, tokenizer, rows, optim, cfg.seed, out, cfg.model.dtype)
             score_soft_targets(out, rows, cfg.soft_targets.top_k, f"{out}/{SOFT_TARGETS}", cfg.soft_targets.batch_size)
 
-        experts[name], hit = cached_expert(cache, f"expert-{label}-s{cfg.seed}-{optim.steps}-{name}", build)
+        experts[name], hit = cached_expert(cache, f"expert-{label}-s{cfg.seed}-{optim.steps}-r{cfg.tasks.num_train}-{name}", build)
         print(f"[regime]   expert {name} ({optim.steps} steps): {'cached' if hit else 'trained'}", flush=True)
     return experts
 
@@ -210,7 +221,7 @@ def run_group(cfg, label: str, budget: float, counts: list[int], task_order: lis
         for k, moe in dume(cfg, expert_dirs, tokenizer, tasks, [1, 2]).items():
             per_task[f"dume_top{k}"] = score(moe, tasks)
         cell = {"model": label, "tasks": n, "task_names": list(tasks), "budget": budget, "seed": cfg.seed,
-                "steps": {"base": 0 if cfg.model.pretrained else cfg.base.optim.steps, "expert_each": expert_optim.steps,
+                "train_rows_per_task": cfg.tasks.num_train, "steps": {"base": 0 if cfg.model.pretrained else cfg.base.optim.steps, "expert_each": expert_optim.steps,
                           "student": student_optim.steps, "multitask_student_budget": student_optim.steps,
                           "multitask_whole_budget": whole_optim.steps},
                 "test": {col: statistics.fmean(v.values()) for col, v in per_task.items()}, "per_task": per_task,
@@ -270,6 +281,21 @@ def summarise(cells: dict, variants: list[tuple[str, list[int], list[float]]], s
     table = markdown_table(header, rows) + ("\n\nexact match on test, %, mean over seeds; differences in points, "
                                             "mean ± 95% t-interval half-width over seeds")
     return {"table": table, "groups": groups, "goal": goal(groups)}
+
+
+def not_measured(cells: dict, plan: list[tuple[str, list[int], list[float]]], planned_seeds: list[int]) -> list[dict]:
+    """Every planned (model, task count, budget) with fewer than the planned seeds measured, and which seeds lack.
+    `plan`: [(model, its task counts, its budgets)], as `summarise` takes it."""
+    missing = []
+    for model, counts, budgets in plan:
+        for budget in budgets:
+            for n in counts:
+                lacking = [s for s in planned_seeds if cell_key(model, n, budget, s) not in cells]
+                if lacking:
+                    missing.append({"model": model, "tasks": n, "budget": budget,
+                                    "seeds_measured": len(planned_seeds) - len(lacking),
+                                    "seeds_planned": len(planned_seeds), "missing_seeds": lacking})
+    return missing
 
 
 def goal(groups: list[dict]) -> dict:
@@ -409,7 +435,7 @@ def main() -> None:
         args.keep_layers = 2
     variants = model_variants(args)[-1:] if args.tiny and smol else model_variants(args)  # tiny SmolLM2: the cut one
     labels, variants = [v[0] for v in variants], [v for v in variants if not args.only or v[0] in args.only]
-    overrides = [*(TINY_OVERRIDES if args.tiny else SMOLLM2_OVERRIDES if smol else []), *args.set]
+    overrides = [*(TINY_OVERRIDES if args.tiny else SMOLLM2_OVERRIDES if smol else [])]
     try:  # every setting checked before any work
         if any(not 2 <= n <= len(task_order) for n in counts):
             raise ConfigError(f"--tasks: each count must be in [2, {len(task_order)}], got {counts}")
@@ -417,13 +443,19 @@ def main() -> None:
             raise ConfigError(f"--only: unknown model(s) {sorted(set(args.only) - set(labels))}, choose from {labels}")
         if any(b <= 0 for b in args.budgets):
             raise ConfigError(f"--budgets: each factor must be > 0, got {args.budgets}")
-        cfgs = {(label, s): load_config(config, [*overrides, *extra, f"seed={s}", f"tasks.builtin=[{','.join(task_order)}]"])
-                for label, extra in variants for s in args.seeds}
+        cfgs = {}
+        for label, extra in variants:
+            for s in args.seeds:
+                common = [*extra, f"seed={s}", f"tasks.builtin=[{','.join(task_order)}]", *args.set]
+                for b in args.budgets:  # SmolLM2's training rows follow the budget (a --set tasks.num_train wins)
+                    rows = [f"tasks.num_train={smollm2_rows(load_config(config, [*overrides, *common]), b)}"] if smol and not args.tiny else []
+                    cfgs[(label, s, b)] = load_config(config, [*overrides, *rows, *common])
     except ConfigError as exc:
         sys.exit(f"error: {exc}")
     out = result_path("regime", args.out, args.tiny)
     cache = os.path.join(os.path.dirname(out), "cache") if args.tiny else args.cache
     png = os.path.splitext(out)[0] + ".png"
+    planned_seeds = args.seeds if args.tiny else PLANNED_SEEDS
     smol_labels = [label for label, _ in model_variants(argparse.Namespace(**{**vars(args), "model": "smollm2"}))]
 
     def map_labels(cells: dict) -> list[str]:
@@ -447,8 +479,8 @@ def main() -> None:
             family = m.startswith("smollm2")
             return ([4], SMOLLM2_BUDGETS) if family else ([2, 4, len(TASK_ORDER)], BUDGETS)
 
-        summary = summarise(cells, [(m, *row_axes(m)) for m in map_labels(cells)], seeds)
-        not_measured = [{k: g[k] for k in ("model", "tasks", "budget")} for g in summary["groups"] if not g["measured"]]
+        plan = [(m, *row_axes(m)) for m in map_labels(cells)]
+        summary = summarise(cells, plan, seeds)
         first = cfgs[next(iter(cfgs))]
         mine = {"config": config, "settings": {"temperature": first.distill.temperature, "alpha": first.distill.alpha,
                                                "routing": first.upcycle.routing}}
@@ -457,10 +489,11 @@ def main() -> None:
         payload = {"config": tiny_rows["config"], "settings": tiny_rows["settings"],
                    "task_order": {"tiny": TASK_ORDER, "smollm2": SMOLLM2_TASKS}, "split": "test",
                    "budgets_meaning": "factor on the config's experts.optim.steps and distill.optim.steps",
-                   "smollm2": {**smol_rows, "budgets": SMOLLM2_BUDGETS, "overrides": SMOLLM2_OVERRIDES,
+                   "smollm2": {**smol_rows, "budgets": SMOLLM2_BUDGETS, "overrides": [*SMOLLM2_OVERRIDES, "tasks.num_train=<expert steps x batch>"],
                                "keep_layers": args.keep_layers, "choice": SMOLLM2_CHOICE},
                    **summary, "reproduction": reproduction(cells, previous.get("reproduction"), args.pipeline_report),
-                   "not_measured": not_measured, "png": png_relative(heatmap(summary["groups"], png)),
+                   "planned_seeds": planned_seeds,
+                   "not_measured": not_measured(cells, plan, planned_seeds), "png": png_relative(heatmap(summary["groups"], png)),
                    "cells": [cells[k] for k in sorted(cells)]}
         write_result(out, "regime", command_line(), started, payload, payload["table"])
         return payload
@@ -477,10 +510,13 @@ def main() -> None:
                 done = read_cells(out)
                 todo = [n for n in counts if cell_key(label, n, budget, seed) not in done]
                 if todo:
-                    run_group(cfgs[(label, seed)], label, budget, todo, task_order, cache, record)
+                    run_group(cfgs[(label, seed, budget)], label, budget, todo, task_order, cache, record)
     with locked(out):
         payload = save(read_cells(out))
     print(payload["table"], flush=True)
+    for g in payload["not_measured"]:
+        print(f"not measured: {g['model']} {g['tasks']} tasks budget {g['budget']:g}: {g['seeds_measured']}/"
+              f"{g['seeds_planned']} seeds (missing {' '.join(map(str, g['missing_seeds']))})", flush=True)
 
 
 if __name__ == "__main__":

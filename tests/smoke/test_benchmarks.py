@@ -67,3 +67,21 @@ def test_storage_kl_base_rule_identities():
     assert below.sum() > 10 and counts[below].float().mean() > 1
     kl, _ = adaptive_kl(teacher[below], ids[below], counts[below], values[below], tail[below], base[below])
     assert kl <= 0.05 + 1e-6
+
+
+def test_regime_lists_every_planned_cell_short_of_its_seeds():
+    """regime.json's `not_measured`: a planned (model, tasks, budget) with 0 < seeds < planned is listed too, with
+    the seeds it lacks; a complete one is not; cells outside the plan change nothing (pure function, no training)."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    from regime import PLANNED_SEEDS, SMOLLM2_BUDGETS, cell_key, not_measured
+    assert 0.5 in SMOLLM2_BUDGETS and 0.125 in SMOLLM2_BUDGETS  # the SmolLM2 plan holds budget 1/2
+    cells = {cell_key(m, 4, b, s): {} for m, b, seeds in [("smollm2", 0.125, [0, 1, 2]), ("smollm2-L15", 0.125, [0]),
+                                                          ("smollm2", 0.5, [1]), ("smollm2", 1.0, [0])] for s in seeds}
+    plan = [(m, [4], SMOLLM2_BUDGETS) for m in ("smollm2", "smollm2-L15")]
+    missing = {(g["model"], g["tasks"], g["budget"]): g for g in not_measured(cells, plan, [0, 1, 2])}
+    assert set(missing) == {("smollm2", 4, 0.5), ("smollm2-L15", 4, 0.125), ("smollm2-L15", 4, 0.5)}
+    assert missing[("smollm2-L15", 4, 0.125)] == {"model": "smollm2-L15", "tasks": 4, "budget": 0.125,
+                                                "seeds_measured": 1, "seeds_planned": 3, "missing_seeds": [1, 2]}
+    assert missing[("smollm2", 4, 0.5)]["missing_seeds"] == [0, 2]
+    assert missing[("smollm2-L15", 4, 0.5)]["seeds_measured"] == 0
+    assert [g["budget"] for g in not_measured(cells, plan[:1], PLANNED_SEEDS)] == [0.5]  # the map's own plan of seeds
