@@ -126,6 +126,8 @@ def student_hash(cfg: PipelineConfig, stage: str, soft_targets: str) -> str:
     kd = (d.alpha, d.temperature, d.divergence, jsd_beta, d.anneal) if stage == "student" else None
     if on_policy:  # (off-policy runs keep the hashes they had before)
         kd += (d.on_policy_ratio, d.on_policy_divergence, d.on_policy_sample)
+        if d.on_policy_schedule != "interleaved":  # (interleaved runs keep the hashes they had before)
+            kd += (d.on_policy_schedule,)
     if stage == "student" and d.teacher_schedule != "interleaved":  # the baseline always reads the mixed stream
         kd += (d.teacher_schedule,)
     student_model = d.student_model if d.init == "scratch" else None  # the base's own architecture otherwise
