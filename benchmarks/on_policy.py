@@ -5,7 +5,8 @@ on validation and the choice reported on test.
     python benchmarks/on_policy.py --config configs/smollm2.yaml --seeds 0 --runs-dir runs/bench-on-policy \
         --set upcycle.enabled=false --out benchmarks/results/on_policy_smollm2.json
     python benchmarks/on_policy.py --config configs/smollm2.yaml --seeds 0 --runs-dir runs/bench-on-policy \
-        --set upcycle.enabled=false --arms 0 0.5 0.5:end 0.25:end 0.5:end:generalized_jsd   # where the steps go
+        --set upcycle.enabled=false multitask.enabled=false experts.optim.steps=20 distill.optim.steps=60 \
+        distill.optim.checkpoint_every=30 --arms 0 0.5:end 0.25:end 0.5:end:generalized_jsd   # where the steps go
     python benchmarks/on_policy.py --tiny                            # smoke setting, temp folder
 
 For each seed S it runs the pipeline once (`python -m dume_ray run --config C seed=S name=select-sS
@@ -96,7 +97,7 @@ def main() -> None:
     previous = json.load(open(out)) if os.path.exists(out) else {}
     cells = {}  # (seed, arm label) -> measures
     for other in [previous, *(json.load(open(path)) for path in args.cells_from)]:
-        if other.get("set", args.set) != args.set or other.get("config", args.config) != args.config:
+        if other.get("cells") and (other.get("set") != args.set or other.get("config") != args.config):
             sys.exit(f"error: cached cells of {other.get('command')!r} were measured with another --config/--set")
         cells.update({(c["key"][0], cell_label(c["key"][1])): c["values"] for c in other.get("cells", [])})
     overrides = [*(TINY_OVERRIDES if args.tiny else []), *args.set, "eval.split=validation"]
