@@ -1,19 +1,27 @@
-"""On-policy against off-policy distillation at the same steps (issue 14 item 2), the share lambda chosen on
-validation and the choice reported on test.
+"""On-policy against off-policy distillation at the same steps (issue 14 item 2), the on-policy setting chosen
+on validation and the choice reported on test.
 
     python benchmarks/on_policy.py                                   # demo runs of select_defaults.py, seeds 0 1 2
     python benchmarks/on_policy.py --config configs/smollm2.yaml --seeds 0 --runs-dir runs/bench-on-policy \
         --set upcycle.enabled=false --out benchmarks/results/on_policy_smollm2.json
+    python benchmarks/on_policy.py --config configs/smollm2.yaml --seeds 0 --runs-dir runs/bench-on-policy \
+        --set upcycle.enabled=false multitask.enabled=false experts.optim.steps=20 distill.optim.steps=60 \
+        distill.optim.checkpoint_every=30 --arms 0 0.5:end 0.25:end 0.5:end:generalized_jsd   # where the steps go
     python benchmarks/on_policy.py --tiny                            # smoke setting, temp folder
 
 For each seed S it runs the pipeline once (`python -m dume_ray run --config C seed=S name=select-sS
 runs_dir=R eval.split=validation`; with the default R = runs/select the runs of benchmarks/select_defaults.py are
-reused), then retrains only the student for each lambda (`distill.on_policy_ratio`): lambda = 0 is the off-policy
-student, lambda > 0 turns that share of its steps on-policy (the student answers the prompts, the prompt's expert
-scores its tokens, reverse KL). Same steps, batch, T and alpha for all. Each student is scored on validation
-(its stage manifest, written by the training job) and on test (here, in-process, greedy decoding); lambda is
-chosen on validation only. Also reported: the distill stage's wall time and the experts' scoring throughput.
-Cells are cached in the output JSON, so an interrupted run resumes. Writes benchmarks/results/on_policy.json
+reused), then retrains only the student for each arm `LAMBDA[:SCHEDULE[:DIVERGENCE]]` (`distill.on_policy_ratio`,
+`distill.on_policy_schedule` = interleaved | end, `distill.on_policy_divergence` = reverse_kl | generalized_jsd;
+defaults interleaved, reverse_kl): lambda = 0 is the off-policy student, lambda > 0 turns that share of its
+steps on-policy (the student answers the prompts, the prompt's expert scores its tokens), spread from step 0
+(interleaved) or as the last steps (end). Same steps, batch, T and alpha for all. Each student is scored on
+validation (its stage manifest, written by the training job) and on test (here, in-process, greedy decoding);
+the arm is chosen on validation only ("chosen" over all arms, "best_on_policy" over the lambda > 0 ones: the
+arm to run on more seeds). Also reported: the distill stage's wall time and the experts' scoring throughput.
+Cells are cached in the output JSON (key: seed, arm), so an interrupted run resumes and
+more seeds or arms can be added later (also from
+another JSON of the same settings, --cells-from). Writes benchmarks/results/on_policy.json
 (or --out) and prints the table.
 """
 
@@ -30,6 +38,34 @@ from common import REPO, command_line, fmt_pm, markdown_table, mean_std, result_
 from select_defaults import TINY_OVERRIDES, choose, cli, run_arguments, validation_mean  # noqa: E402
 
 sys.path.insert(0, REPO)
+
+
+DIVERGENCES = ("reverse_kl", "generalized_jsd")
+
+
+def parse_arm(text: str) -> tuple[float, str, str]:
+    """"0.5:end:generalized_jsd" -> (0.5, "end", "generalized_jsd"); schedule and divergence may be left out."""
+    from dume_ray.config import ON_POLICY_SCHEDULES
+    parts = text.split(":")
+    try:
+        ratio = float(parts[0])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"arm {text!r}: lambda {parts[0]!r} is not a number") from None
+    schedule = parts[1] if len(parts) > 1 else "interleaved"
+    divergence = parts[2] if len(parts) > 2 else "reverse_kl"
+    if not 0.0 <= ratio <= 1.0 or schedule not in ON_POLICY_SCHEDULES or divergence not in DIVERGENCES or len(parts) > 3:
+        raise argparse.ArgumentTypeError(f"arm {text!r}: want LAMBDA in [0, 1][:SCHEDULE in {ON_POLICY_SCHEDULES}]"
+                                         f"[:DIVERGENCE in {DIVERGENCES}]")
+    return ratio, schedule, divergence
+
+
+def arm_label(arm: tuple[float, str, str]) -> str:
+    """The arm's name in the table and the cache: "0", "0.5", "0.5:end", "0.5:end:generalized_jsd"."""
+    ratio, schedule, divergence = arm
+    if ratio == 0:
+        return "0"
+    tail = [schedule] if schedule != "interleaved" or divergence != "reverse_kl" else []
+    return ":".join([f"{ratio:g}", *tail, *([divergence] if divergence != "reverse_kl" else [])])
 
 
 def test_mean(cfg_args: list[str], run_dir: str) -> float:
@@ -49,12 +85,21 @@ def test_mean(cfg_args: list[str], run_dir: str) -> float:
 
 def main() -> None:
     parser = run_arguments(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
-    parser.add_argument("--ratios", type=float, nargs="+", default=[0.0, 0.25, 0.5])
+    parser.add_argument("--arms", type=parse_arm, nargs="+", default=[parse_arm(a) for a in ("0", "0.5", "0.5:end")],
+                        help="LAMBDA[:SCHEDULE[:DIVERGENCE]] each, e.g. 0 0.5 0.5:end 0.5:end:generalized_jsd")
+    parser.add_argument("--cells-from", nargs="*", default=[],
+                        help="other JSONs of this benchmark (same config and --set, e.g. one seed run in parallel "
+                             "with --out elsewhere) whose cells count as cached")
     args = parser.parse_args()
+    args.arms = list(dict.fromkeys(args.arms))
     started = time.time()
     out = result_path("on_policy", args.out, args.tiny)
     previous = json.load(open(out)) if os.path.exists(out) else {}
-    cells = {tuple(c["key"]): c["values"] for c in previous.get("cells", [])}  # (seed, lambda) -> measures
+    cells = {}  # (seed, arm label) -> measures
+    for other in [previous, *(json.load(open(path)) for path in args.cells_from)]:
+        if other.get("cells") and (other.get("set") != args.set or other.get("config") != args.config):
+            sys.exit(f"error: cached cells of {other.get('command')!r} were measured with another --config/--set")
+        cells.update({(c["key"][0], cell_label(c["key"][1])): c["values"] for c in other.get("cells", [])})
     overrides = [*(TINY_OVERRIDES if args.tiny else []), *args.set, "eval.split=validation"]
     runs_dir = os.path.join(os.path.dirname(out), "runs") if args.tiny else args.runs_dir
     os.makedirs(runs_dir, exist_ok=True)
@@ -68,47 +113,67 @@ def main() -> None:
         run = [f"seed={seed}", f"name=select-s{seed}", f"runs_dir={runs_dir}", *overrides]
         run_dir = os.path.join(runs_dir, f"select-s{seed}")
         log = os.path.join(runs_dir, f"on-policy-s{seed}.log")
-        if any((seed, ratio) not in cells for ratio in args.ratios):
+        if any((seed, arm_label(arm)) not in cells for arm in args.arms):
             cli(["run", "--config", args.config, *run], log)  # skips every stage already done for this config
-        for ratio in args.ratios:
-            if (seed, ratio) in cells:
+        for arm in args.arms:
+            if (seed, arm_label(arm)) in cells:
                 continue
-            stage = [args.config, *run, f"distill.on_policy_ratio={ratio}"]
+            ratio, schedule, divergence = arm
+            stage = [args.config, *run, f"distill.on_policy_ratio={ratio}", f"distill.on_policy_schedule={schedule}",
+                     f"distill.on_policy_divergence={divergence}"]
             cli(["distill", "--config", *stage], log)
             done = json.load(open(os.path.join(run_dir, "student", "DONE.json")))
             metrics, seconds = done["metrics"], done.get("seconds") or 0.0  # the training job's own wall time
-            cells[(seed, ratio)] = {"validation": validation_mean(f"{run_dir}/student"),
-                                    "multitask_validation": validation_mean(f"{run_dir}/multitask"),
-                                    "test": test_mean(stage, run_dir), "distill_seconds": round(seconds, 1),
-                                    "teachers": metrics.get("on_policy_teachers")}
+            multitask = os.path.join(run_dir, "multitask", "DONE.json")
+            cells[(seed, arm_label(arm))] = {
+                "validation": validation_mean(f"{run_dir}/student"),
+                "multitask_validation": validation_mean(f"{run_dir}/multitask") if os.path.exists(multitask) else None,
+                "test": test_mean(stage, run_dir), "distill_seconds": round(seconds, 1),
+                "teachers": metrics.get("on_policy_teachers")}
             save()
     print(save()["table"], flush=True)
 
 
+def cell_label(key) -> str:
+    """A cached cell's arm label; the JSONs before arms keyed cells by lambda alone (interleaved, reverse KL)."""
+    return key if isinstance(key, str) else arm_label((float(key), "interleaved", "reverse_kl"))
+
+
 def summarise(args, cells: dict) -> dict:
     rows, validation = [], {}
-    for ratio in args.ratios:
-        measured = [cells[(s, ratio)] for s in args.seeds if (s, ratio) in cells]
+    labels = [arm_label(arm) for arm in args.arms]
+    for label in labels:
+        measured = [cells[(s, label)] for s in args.seeds if (s, label) in cells]
         if not measured:
             continue
-        validation[(ratio,)] = [m["validation"] for m in measured]
+        validation[(label,)] = [m["validation"] for m in measured]
         speeds = [t["tokens_per_s"] for m in measured for t in (m["teachers"] or {}).values() if t.get("tokens_per_s")]
-        rows.append([f"{ratio:g}", len(measured), fmt_pm([m["validation"] for m in measured]),
+        rows.append([label, len(measured), fmt_pm([m["validation"] for m in measured]),
                      fmt_pm([m["test"] for m in measured]), fmt_pm([m["distill_seconds"] for m in measured], digits=0),
                      f"{sorted(speeds)[len(speeds) // 2]:.0f}" if speeds else "–"])
-    chosen = None
+    chosen = best_on_policy = None
     if validation:
         best, ties = choose(validation)
-        chosen = {"on_policy_ratio": best[0], "tied_with": [t[0] for t in ties if t != best]}
-    table = markdown_table(["lambda (on-policy share)", "seeds", "student validation", "student test",
+        chosen = {"arm": best[0], "tied_with": [t[0] for t in ties if t != best]}
+        on_policy = {k: v for k, v in validation.items() if k[0] != "0"}
+        if on_policy:
+            best_on_policy = max(on_policy, key=lambda k: mean_std(on_policy[k])[0])[0]
+    table = markdown_table(["arm: lambda[:schedule[:divergence]]", "seeds", "student validation", "student test",
                             "distill stage (s)", "teacher tokens/s (median)"], rows)
-    off = {s: cells[(s, 0.0)]["test"] for s in args.seeds if (s, 0.0) in cells}
-    diffs = {r: [cells[(s, r)]["test"] - off[s] for s in off if (s, r) in cells] for r in args.ratios if r > 0}
-    diff_rows = [[f"{r:g}", len(d), fmt_pm(d)] for r, d in diffs.items() if d]
+    diffs = {}
+    for label in [lab for lab in labels if lab != "0"]:
+        for kind in ("validation", "test"):
+            pairs = [cells[(s, label)][kind] - cells[(s, "0")][kind] for s in args.seeds
+                     if (s, label) in cells and (s, "0") in cells]
+            if pairs:
+                diffs.setdefault(label, {})[kind] = pairs
+    diff_rows = [[label, len(d["test"]), fmt_pm(d["validation"]), fmt_pm(d["test"])] for label, d in diffs.items()]
     if diff_rows:
-        table += "\n\n" + markdown_table(["lambda", "seeds", "test: on-policy − off-policy student"], diff_rows)
-    return {"config": args.config, "seeds": args.seeds, "ratios": args.ratios, "table": table, "chosen": chosen,
-            "test_difference_vs_off_policy": {str(r): mean_std(d) for r, d in diffs.items() if d},
+        table += "\n\n" + markdown_table(["arm", "seeds", "validation: on − off-policy", "test: on − off-policy"],
+                                          diff_rows)
+    return {"config": args.config, "seeds": args.seeds, "arms": labels, "set": args.set, "table": table,
+            "chosen": chosen, "best_on_policy_on_validation": best_on_policy,
+            "difference_vs_off_policy": {label: {k: mean_std(v) for k, v in d.items()} for label, d in diffs.items()},
             "cells": [{"key": list(key), "values": values} for key, values in sorted(cells.items())]}
 
 

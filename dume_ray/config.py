@@ -31,6 +31,7 @@ LOCAL_TASK_FORMATS = ("jsonl", "json", "parquet", "csv")
 TOO_LONG_POLICIES = ("error", "drop", "truncate")
 TEACHER_SCHEDULES = ("interleaved", "sequential", "annealed")  # distill.teacher_schedule
 AFTER_EDIT = ("continue", "retrain")  # distill.after_edit
+ON_POLICY_SCHEDULES = ("interleaved", "end")  # distill.on_policy_schedule
 SOFT_TARGET_ROWS = ("read", "all")  # soft_targets.rows
 ROUTING_GRANULARITIES = ("token", "sequence_mean", "whole_sequence", "prompt")  # upcycle.routing
 
@@ -271,6 +272,8 @@ class DistillConfig:
     #   multitask baseline always reads the interleaved stream. KD-weight annealing (BAM!) is `anneal`, a different thing
     on_policy_ratio: float = 0.0  # lambda: share of the student's steps that are on-policy (it answers the batch's
     #   prompts itself and the prompt's expert scores its tokens, GKD); 0 = off-policy only (the stored soft targets)
+    on_policy_schedule: str = "interleaved"  # where the on-policy steps go: "interleaved" (spread evenly from step 0)
+    #   or "end" (the last lambda share of the steps, after the off-policy ones: the student already answers well)
     on_policy_divergence: str = "reverse_kl"  # on-policy loss: "reverse_kl" | "generalized_jsd" (with jsd_beta)
     on_policy_sample: bool = True  # on-policy answers sampled (temperature 1) rather than greedy
     init: str = "base"  # "base" (student starts from the base) or "scratch" (fresh init of student_model)
@@ -295,6 +298,8 @@ class DistillConfig:
         _check(self.teacher_schedule in TEACHER_SCHEDULES,
                f"distill.teacher_schedule must be one of {TEACHER_SCHEDULES}, got {self.teacher_schedule!r}")
         _check(0.0 <= self.on_policy_ratio <= 1.0, f"distill.on_policy_ratio must be in [0, 1], got {self.on_policy_ratio}")
+        _check(self.on_policy_schedule in ON_POLICY_SCHEDULES,
+               f"distill.on_policy_schedule must be one of {ON_POLICY_SCHEDULES}, got {self.on_policy_schedule!r}")
         on_policy = ("reverse_kl", "generalized_jsd")
         _check(self.on_policy_divergence in on_policy,
                f"distill.on_policy_divergence must be one of {on_policy}, got {self.on_policy_divergence!r}")

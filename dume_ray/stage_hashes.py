@@ -126,6 +126,8 @@ def student_hash(cfg: PipelineConfig, stage: str, soft_targets: str) -> str:
     kd = (d.alpha, d.temperature, d.divergence, jsd_beta, d.anneal) if stage == "student" else None
     if on_policy:  # (off-policy runs keep the hashes they had before)
         kd += (d.on_policy_ratio, d.on_policy_divergence, d.on_policy_sample)
+        if d.on_policy_schedule != "interleaved":  # (interleaved runs keep the hashes they had before)
+            kd += (d.on_policy_schedule,)
     if stage == "student" and d.teacher_schedule != "interleaved":  # the baseline always reads the mixed stream
         kd += (d.teacher_schedule,) if d.teacher_schedule != "annealed" else ("annealed", "over the step budget")
         # (a student annealed per epoch, as before, is not this one: it trains again)

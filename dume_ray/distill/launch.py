@@ -125,9 +125,9 @@ def start_teachers(cfg: PipelineConfig, tokenizer, pending: dict) -> dict:
     d = cfg.distill
     pending["student"][0]["on_policy"] = {
         "teachers": teachers, "ratio": d.on_policy_ratio, "divergence": d.on_policy_divergence,
-        "sample": d.on_policy_sample, "max_new_tokens": cfg.eval.max_new_tokens,
+        "schedule": d.on_policy_schedule, "sample": d.on_policy_sample, "max_new_tokens": cfg.eval.max_new_tokens,
         "pad_id": tokenizer.pad_token_id, "eos_id": tokenizer.eos_token_id}
-    print(f"[student] on-policy on {d.on_policy_ratio:.0%} of the steps ({d.on_policy_divergence}), "
+    print(f"[student] on-policy on {d.on_policy_ratio:.0%} of the steps ({d.on_policy_schedule}, {d.on_policy_divergence}), "
           f"{len(teachers)} expert actors", flush=True)
     return teachers
 

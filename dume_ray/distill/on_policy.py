@@ -3,8 +3,10 @@ expert scores the student's own tokens, and the student is trained on a divergen
 
 Off-policy distillation (the stored soft targets) trains the student on the gold responses only, so it never
 sees its own mistakes; on-policy steps train it where it will actually be at inference. The two are mixed by a
-ratio lambda of steps (`distill.on_policy_ratio`): step s is on-policy when floor((s+1)·λ) > floor(s·λ), so
-exactly a λ share of the steps is, deterministically (a resumed run makes the same choice at the same step).
+ratio lambda of steps (`distill.on_policy_ratio`), placed by `distill.on_policy_schedule`: "interleaved" (step s
+is on-policy when floor((s+1)·λ) > floor(s·λ), spread evenly from step 0) or "end" (the last floor(N·λ) of the N
+steps: off-policy first, then on-policy from a student that already answers, as GKD and MOPD start after SFT).
+Either way exactly a λ share of the steps is, deterministically (a resumed run makes the same choice at the same step).
 
     rows = student_rollouts(student, prompt_rows, pad_id, eos_id, max_new_tokens, sample=True, seed=step)
     batch = collate(rows, pad_id)                     # prompt + the student's own response, labels on the response
@@ -28,6 +30,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from dume_ray.config import ON_POLICY_SCHEDULES
 from dume_ray.data.encode import batch_rows, collate
 from dume_ray.losses import generalized_jsd, reverse_kl
 from dume_ray.model import load_model
@@ -36,8 +39,13 @@ from dume_ray.training import TrainStep, autocast, left_padded, optimizer_step, 
 ON_POLICY_DIVERGENCES = ("reverse_kl", "generalized_jsd")
 
 
-def is_on_policy_step(step: int, ratio: float) -> bool:
-    """Step `step` (0-based) is on-policy: exactly floor(n·λ) of the first n steps are, spread evenly."""
+def is_on_policy_step(step: int, ratio: float, schedule: str = "interleaved", total_steps: int = 0) -> bool:
+    """Step `step` (0-based) of `total_steps` is on-policy. "interleaved": exactly floor(n·λ) of the first n steps
+    are, spread evenly; "end": the last floor(total_steps·λ) steps are (total_steps is only read there)."""
+    if schedule == "end":
+        return step >= total_steps - math.floor(total_steps * ratio + 1e-9)
+    if schedule != "interleaved":
+        raise ValueError(f"on-policy schedule must be one of {ON_POLICY_SCHEDULES}, got {schedule!r}")
     return math.floor((step + 1) * ratio + 1e-9) > math.floor(step * ratio + 1e-9)
 
 
@@ -132,12 +140,14 @@ TeacherFn = Callable[[list[dict], list[str]], Tensor]  # (rows, each row's group
 
 
 def on_policy_step(off_policy: TrainStep, score: TeacherFn, ratio: float, divergence: str, jsd_beta: float,
-                   sample: bool, max_new_tokens: int, eos_id: int, grad_clip: float, dtype: str) -> TrainStep:
-    """The student's step with a `ratio` share of on-policy steps: on those, the student answers the batch's
+                   sample: bool, max_new_tokens: int, eos_id: int, grad_clip: float, dtype: str,
+                   schedule: str = "interleaved", total_steps: int = 0) -> TrainStep:
+    """The student's step with a `ratio` share of on-policy steps, placed by `schedule` (`is_on_policy_step`,
+    `total_steps` the run's steps): on those, the student answers the batch's
     prompts, `score(rows, groups)` returns each row's own expert's log-probs at the answer's tokens ([n, V],
     row-major), and the step descends `on_policy_loss`; the other steps are `off_policy` unchanged."""
     def train_step(model, batch, optimizer, scheduler, step, pad_id, device) -> dict:
-        if not is_on_policy_step(step, ratio):
+        if not is_on_policy_step(step, ratio, schedule, total_steps):
             return {**off_policy(model, batch, optimizer, scheduler, step, pad_id, device), "on_policy": 0.0}
         generator = getattr(model, "module", model)  # generate on the model inside a DDP wrapper
         rows = student_rollouts(generator, batch_rows(batch), pad_id, eos_id, max_new_tokens, sample, seed=step)

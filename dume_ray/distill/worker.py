@@ -34,5 +34,5 @@ def train_fn_per_worker(config: dict) -> dict:
 
         step = on_policy_step(step, score, on_policy["ratio"], on_policy["divergence"], config["jsd_beta"],
                               on_policy["sample"], on_policy["max_new_tokens"], on_policy["eos_id"], optim.grad_clip,
-                              config["dtype"])
+                              config["dtype"], on_policy.get("schedule", "interleaved"), optim.steps)
     return training_run(config, step)

@@ -197,7 +197,7 @@ def _settings(cfg: PipelineConfig) -> dict:
                 "steps (base / each expert / student = multitask)": f"{base_steps} / {cfg.experts.optim.steps} / {d.optim.steps}",
                 "batch size (student = multitask)": d.optim.batch_size, "experts train": cfg.experts.mode}
     if d.on_policy_ratio > 0:
-        settings["on-policy (student only)"] = (f"{d.on_policy_ratio:.0%} of the steps, {d.on_policy_divergence}, "
+        settings["on-policy (student only)"] = (f"{d.on_policy_ratio:.0%} of the steps ({d.on_policy_schedule}), {d.on_policy_divergence}, "
                                                 f"{'sampled' if d.on_policy_sample else 'greedy'} answers")
     continued = [s for s in ("student", "multitask") if parent_hash(cfg, s)]
     if continued:  # add-task / remove-task with distill.after_edit=continue

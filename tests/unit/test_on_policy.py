@@ -39,6 +39,16 @@ def test_on_policy_steps_are_exactly_the_ratio_and_spread_evenly(ratio):
         assert sum(flags[:n]) == int(n * ratio + 1e-9)  # every prefix holds floor(n * ratio) on-policy steps
 
 
+@pytest.mark.parametrize("ratio", [0.0, 0.25, 0.5, 1 / 3, 1.0])
+def test_end_schedule_puts_the_same_share_of_on_policy_steps_last(ratio):
+    flags = [is_on_policy_step(s, ratio, "end", 60) for s in range(60)]
+    n = int(60 * ratio + 1e-9)
+    assert sum(flags) == sum(is_on_policy_step(s, ratio) for s in range(60)) == n  # the same share as interleaved
+    assert flags == [False] * (60 - n) + [True] * n  # off-policy first, then on-policy to the end
+    with pytest.raises(ValueError, match="schedule"):
+        is_on_policy_step(0, ratio, "start", 60)
+
+
 def test_rollouts_keep_the_prompt_and_end_at_eos_or_the_budget():
     model = tiny(0)
     out = student_rollouts(model, rows(), TOKENIZER.pad_token_id, TOKENIZER.eos_token_id, max_new_tokens=6, seed=3)
@@ -96,6 +106,7 @@ def test_bad_divergence_or_shapes_are_named():
 @pytest.mark.parametrize("override,key", [("distill.on_policy_ratio=1.5", "distill.on_policy_ratio"),
                                           ("distill.on_policy_ratio=-0.1", "distill.on_policy_ratio"),
                                           ("distill.on_policy_divergence=forward_kl", "distill.on_policy_divergence"),
+                                          ("distill.on_policy_schedule=ramp", "distill.on_policy_schedule"),
                                           ("distill.temperature=0", "distill.temperature"),
                                           ("distill.alpha=1.01", "distill.alpha"),
                                           ("distill.divergence=kl", "distill.divergence")])
@@ -147,6 +158,13 @@ def test_on_policy_step_trains_on_its_rollouts_on_its_share_of_steps_only():
     assert [m["on_policy"] for m in metrics] == [0.0, 1.0, 0.0, 1.0] and seen == [0, 2]
     assert all(m["on_policy_loss"] > 0 and m["tokens"] > 0 for m in metrics if m["on_policy"])
     assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))  # the on-policy steps moved it
+
+    seen.clear()
+    step_fn = on_policy_step(off_policy, score, 0.5, "reverse_kl", 0.5, True, 4, TOKENIZER.eos_token_id, 1.0, "float32",
+                             "end", 4)
+    metrics = [step_fn(student, batch, optimizer, scheduler, s, TOKENIZER.pad_token_id, torch.device("cpu"))
+               for s in range(4)]
+    assert [m["on_policy"] for m in metrics] == [0.0, 0.0, 1.0, 1.0] and seen == [0, 1]  # "end": the last half
 
 
 def test_teacher_schedules_order_the_students_stream():

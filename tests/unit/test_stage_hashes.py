@@ -86,6 +86,8 @@ ROWS = {
     "distill.on_policy_divergence": [((), "distill.on_policy_divergence=generalized_jsd", NOTHING),  # off-policy only
                                      (("distill.on_policy_ratio=0.5",), "distill.on_policy_divergence=generalized_jsd",
                                       STUDENT)],
+    "distill.on_policy_schedule": [((), "distill.on_policy_schedule=end", NOTHING),  # off-policy only
+                                   (("distill.on_policy_ratio=0.5",), "distill.on_policy_schedule=end", STUDENT)],
     "distill.on_policy_sample": [((), "distill.on_policy_sample=false", NOTHING),
                                  (("distill.on_policy_ratio=0.5",), "distill.on_policy_sample=false", STUDENT)],
     "base.tasks": [((), "base.tasks=[copy]", EVERYTHING),  # the base's mixture
