@@ -39,7 +39,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import REPO, command_line, markdown_table, result_path, write_result  # noqa: E402
+from common import REPO, command_line, markdown_table, ray_workers_at_own_priority, result_path, write_result  # noqa: E402
 
 sys.path.insert(0, REPO)
 TINY_OVERRIDES = ["tasks.builtin=[copy,reverse]", "tasks.num_train=32", "tasks.num_test=8", "tasks.num_validation=4",
@@ -284,8 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     # Ray's workers at the plain loop's priority (Ray's default is nice 15, the plain loop runs at this process's):
     # a like-for-like comparison on a machine other work also loads, as benchmarks/smollm2_stages.py does.
-    if not args.tiny:  # the smoke test keeps Ray's default, as the test suite's other Ray instances do (4de6347)
-        os.environ.setdefault("RAY_worker_niceness", "0")
+    niceness = ray_workers_at_own_priority(args.tiny)
     cfg = load_config(os.path.join(REPO, args.config), overrides)
 
     runs, load, path = [], [], result_path("end_to_end", args.out, args.tiny)
@@ -311,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         table = f"{table}\n\n{profile_table(runs)}"
         write_result(path, "end_to_end", command_line(), started,
                      {"config": args.config, "overrides": overrides, "plain_torch_threads": torch.get_num_threads(),
-                      "ray_worker_niceness": os.environ.get("RAY_worker_niceness", "Ray's default (15)"),
+                      "ray_worker_niceness": niceness,
                       "rounds": runs, "partial": len(runs) < args.repeats, "median": median,
                       "ray_over_plain": median["ray_over_plain"], "target_met": median["ray_over_plain"] <= TARGET_TOTAL,
                       "soft_targets_target_met": median["soft_targets_ray_over_plain"] <= TARGET_SOFT_TARGETS,

@@ -33,7 +33,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import REPO, command_line, markdown_table, result_path, write_result  # noqa: E402
+from common import REPO, command_line, markdown_table, ray_workers_at_own_priority, result_path, write_result  # noqa: E402
 from end_to_end import TINY_OVERRIDES, log_faults, ray_pipeline  # noqa: E402
 
 sys.path.insert(0, REPO)
@@ -114,8 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out = args.out or result_path("eval_share", None, True)
         args.runs_dir = os.path.join(os.path.dirname(args.out), "runs")
     path = result_path("eval_share", args.out, args.tiny)
-    if not args.tiny:  # the `run` subprocess's Ray workers at its own priority (the smoke test keeps Ray's default)
-        os.environ.setdefault("RAY_worker_niceness", "0")
+    niceness = ray_workers_at_own_priority(args.tiny)
     runs_dir = os.path.abspath(args.runs_dir)
     rounds, load = [], []
     for seed in range(args.rounds):  # one after another, each from scratch
@@ -127,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{load[-1]}", flush=True)
         table, median = summarize(rounds)  # written after every round (partial until the last)
         write_result(path, "eval_share", command_line(), started,
-                     {"config": args.config, "overrides": overrides, "ray_worker_niceness": os.environ.get("RAY_worker_niceness", "Ray's default (15)"),
+                     {"config": args.config, "overrides": overrides, "ray_worker_niceness": niceness,
                       "rounds": rounds, "partial": len(rounds) < args.rounds,
                       "median": median, "eval_share": median["eval_share"], "target": TARGET,
                       "target_met": median["eval_share"] <= TARGET, "eval_test_rows": rounds[0]["eval"]["rows"],

@@ -97,7 +97,7 @@ def main() -> None:
     previous = json.load(open(out)) if os.path.exists(out) else {}
     cells = {}  # (seed, arm label) -> measures
     for other in [previous, *(json.load(open(path)) for path in args.cells_from)]:
-        if other.get("cells") and (other.get("set") != args.set or other.get("config") != args.config):
+        if other.get("cells") and (other.get("set", []) != args.set or other.get("config") != args.config):
             sys.exit(f"error: cached cells of {other.get('command')!r} were measured with another --config/--set")
         cells.update({(c["key"][0], cell_label(c["key"][1])): c["values"] for c in other.get("cells", [])})
     overrides = [*(TINY_OVERRIDES if args.tiny else []), *args.set, "eval.split=validation"]

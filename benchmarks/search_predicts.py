@@ -71,6 +71,7 @@ from dume_ray.search.partitions import decode, encode, iter_rgs, parse_readable,
 from dume_ray.search.proxy import (cached_expert, expert_cache_key, grouping_soft_targets, proxy_distill,  # noqa: E402
                                    train_expert)
 from dume_ray.stage_hashes import base_hash  # noqa: E402
+from dume_ray.search.report import beats_by_margin  # noqa: E402
 from dume_ray.tasks import encode_rows, load_tasks  # noqa: E402
 from dume_ray.training import evaluate_tasks, make_optimizer, score_tasks  # noqa: E402
 
@@ -246,7 +247,7 @@ def replay_search(space: list[str], default: str, seeded: list[str], proxy: dict
     more than `margin`, else the default."""
     def best(tried: list[str], rule_margin: float = -1.0) -> str:
         top = max(tried, key=lambda g: (proxy[g], -space.index(g)))
-        return top if rule_margin < 0 or proxy[top] - proxy[default] > rule_margin else default
+        return top if rule_margin < 0 or beats_by_margin(proxy[top], proxy[default], rule_margin) else default
 
     tried = ([default] + [g for g in seeded if g != default])[:trials]
     chosen, ruled = best(tried), best(tried, margin)

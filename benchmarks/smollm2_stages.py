@@ -46,7 +46,8 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import REPO, cli, command_line, markdown_table, result_path, start_ray, write_result  # noqa: E402
+from common import (REPO, cli, command_line, markdown_table, ray_workers_at_own_priority, result_path,  # noqa: E402
+                    start_ray, write_result)
 
 sys.path.insert(0, REPO)
 SETTINGS = ["tasks.builtin=[reverse_words,sort_words]", "tasks.num_train=64", "tasks.num_validation=8",
@@ -297,8 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out = args.out or result_path("smollm2_stages", None, True)
         args.runs_dir = os.path.join(os.path.dirname(args.out), "runs")
     path = result_path("smollm2_stages", args.out, args.tiny)
-    if not args.tiny:  # Ray's workers at the plain loop's priority (Ray's default is nice 15): a like-for-like
-        os.environ.setdefault("RAY_worker_niceness", "0")  # comparison on a machine other work also loads
+    niceness = ray_workers_at_own_priority(args.tiny)
     cfg = load_config(os.path.join(REPO, args.config), overrides)
     name = "bench-smollm2-stages"
     run_dir = os.path.join(os.path.abspath(args.runs_dir), name)
@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         def save() -> None:  # after every stage: the finished rounds' tables, and the round in progress as it is
             table, ratios = summarize(rounds, scored) if rounds else ("no round finished yet", {})
             write_result(path, "smollm2_stages", command_line(), started,
-                         {"config": args.config, "overrides": overrides, "plain_torch_threads": threads,
+                         {"config": args.config, "overrides": overrides, "plain_torch_threads": threads, "ray_worker_niceness": niceness,
                           "scored_response_tokens": scored, "rounds": rounds, "round_in_progress": rnd,
                           "partial": len(rounds) < args.repeats, "ratios": ratios, "target": TARGET,
                           "target_met": bool(ratios) and all(ratios[s]["wall_ray_over_plain"] <= TARGET for s in STAGES),

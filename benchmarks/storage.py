@@ -15,7 +15,7 @@ Loss: KL(full ‖ reconstruction) per response token, where the reconstruction k
 top-k probabilities and spreads the stored tail mass uniformly over the other V − k tokens; the KD loss
 itself sees the top k plus one tail bucket, so this KL is what it can no longer distinguish.
 Compressed schemes (benchmark only: the product keeps the format above), each written as its own Parquet table
-with the same columns and pyarrow's default writer (as `write_shard`), so their bytes are measured too: top-k
+with the same columns and pyarrow's default writer (snappy), so their bytes are measured too: top-k
 ids as uint16 (V <= 65,536) with the log-probs and the tail as float16, or log-quantised to 8 bits (step 1/16
 nat, range 16 nats) or 4 bits (step 1/2 nat, two per byte; tail 8 bits). Their KL decodes the stored values
 and renormalises (top k + tail to sum 1) before spreading the tail uniformly. Issue 16's goal: <= 40 bytes per
@@ -26,9 +26,9 @@ format row is written by the pipeline's own `rows_to_table(adaptive=True)` + `wr
 is measured with a uniform tail and, for stand-in experts, with the tail spread like the base model's
 distribution (see the section below). `--logprobs-cache DIR` keeps each task's teacher log-probs (~0.25 GB per
 teacher and task at V = 49,152 and 100 rows) so reruns skip the fine-tuning; `--tasks` measures a subset.
-Bytes are measured twice for every table: as written by pyarrow's default writer (snappy, what `write_shard` and
-Ray Data's write_parquet use) and rewritten with zstd (level ZSTD_LEVEL), a lossless writer option; the goal
-counts the smaller. The kl_base rule (only where the base was scored on the same rows: trained or stand-in
+Bytes are measured twice for every table: with pyarrow's default writer (snappy; `write_shard`'s output is
+rewritten so) and with zstd (`PARQUET_WRITE_ARGS`, what the pipeline has written since this measurement), both
+lossless; the goal counts the smaller. The kl_base rule (only where the base was scored on the same rows: trained or stand-in
 experts) picks the fewest top tokens, possibly none, whose reconstruction with a base-shaped tail is within the
 bound; a stored scheme only for a KD loss that spreads the tail like the base (a frozen base forward at distill
 time; the pipeline's bucket loss does not). Sampled targets (random-sampling KD) are measured by bytes and by
@@ -60,7 +60,6 @@ SOFT_COLUMNS = ("topk_ids", "topk_logprobs", "tail_logmass")
 STORED_FORMAT = "stored format: int32 ids + fp16 log-probs + fp32 tail"
 BASE_REFERENCE = "base model (reference for the base-shaped tail)"
 GOAL_BYTES, GOAL_KL = 40.0, 0.05
-ZSTD_LEVEL = 9  # issue 16: <= 40 bytes/token at <= 0.05 nats KL lost (V = 49,152)
 
 
 def kl_full_vs_topk(logprobs, k: int):
@@ -95,12 +94,19 @@ def shard_bytes(path: str, n_tokens: int, columns=SOFT_COLUMNS) -> tuple[float, 
 
 
 def zstd_bytes(path: str, n_tokens: int, columns=SOFT_COLUMNS) -> tuple[float, float]:
-    """shard_bytes of the same table rewritten with zstd (level ZSTD_LEVEL) instead of pyarrow's default snappy:
-    a writer option, lossless, readable by any Parquet reader."""
+    """shard_bytes of the same table rewritten with the pipeline's zstd writer (`PARQUET_WRITE_ARGS`) instead of
+    pyarrow's default snappy: a writer option, lossless, readable by any Parquet reader."""
     import pyarrow.parquet as pq
+    from dume_ray.data.soft_targets import PARQUET_WRITE_ARGS
     zpath = path[:-len(".parquet")] + "-zstd.parquet"
-    pq.write_table(pq.read_table(path), zpath, compression="zstd", compression_level=ZSTD_LEVEL)
+    pq.write_table(pq.read_table(path), zpath, **PARQUET_WRITE_ARGS)
     return shard_bytes(zpath, n_tokens, columns)
+
+
+def as_snappy(path: str) -> None:
+    """Rewrite a `write_shard` file (zstd) with pyarrow's default writer, the "snappy" column's baseline."""
+    import pyarrow.parquet as pq
+    pq.write_table(pq.read_table(path), path, compression="snappy")
 
 
 def demo_teacher_logprobs(args, cfg, work: str):
@@ -208,6 +214,7 @@ def measure(name: str, logprobs, rows, vocab: int, work: str, ks=KS) -> list[dic
         assert offset == logprobs.shape[0]
         path = os.path.join(work, f"{name}-k{k}.parquet")
         write_shard(rows_to_table(shard_rows, k_eff), path)
+        as_snappy(path)
         whole, soft = shard_bytes(path, offset)
         whole_z, soft_z = zstd_bytes(path, offset)
         out.append({"teacher": name, "scheme": STORED_FORMAT, "vocab": vocab, "k": k, "k_stored": k_eff, "tokens": offset, "bytes_per_token_file": whole,
@@ -219,7 +226,7 @@ def measure(name: str, logprobs, rows, vocab: int, work: str, ks=KS) -> list[dic
 
 # ---------------------------------------------------------------------------------------------------------
 # Compressed top-k schemes (benchmark only; the product's shards keep the format above). Each is written as a
-# real Parquet table with pyarrow's default writer settings (what `write_shard` uses), so bytes are measured.
+# real Parquet table with pyarrow's default writer settings (snappy: the "snappy" column), so bytes are measured.
 # ---------------------------------------------------------------------------------------------------------
 
 # name -> (k, ids type, log-prob codec, tail codec). Codecs: "fp16", "fp32", ("log", bits, step): a log-prob
@@ -319,7 +326,7 @@ def measure_schemes(name: str, logprobs, rows, vocab: int, work: str, ks=SCHEME_
                 "tail_logmass": pa.array(per_row_tail, pa.list_(pa.from_numpy_dtype(per_row_tail[0].dtype))),
             })
             path = os.path.join(work, f"{name.split()[0]}-{id_type}-{lp_codec if isinstance(lp_codec, str) else lp_codec[1]}bit-k{k}.parquet")
-            pq.write_table(table, path)  # write_shard's writer settings (pyarrow defaults: snappy, dictionary)
+            pq.write_table(table, path)  # pyarrow defaults (snappy, dictionary): the "snappy" column
             whole, soft = shard_bytes(path, int(offsets[-1]))
             whole_z, soft_z = zstd_bytes(path, int(offsets[-1]))
             out.append({"teacher": name, "scheme": scheme, "vocab": vocab, "k": k, "k_stored": k, "tokens": int(offsets[-1]),
@@ -468,6 +475,7 @@ def measure_adaptive(name: str, logprobs, rows, vocab: int, work: str, ref_logpr
                                                 "topk_counts": cnt[offsets[i]:offsets[i + 1]]} for i, r in enumerate(rows)],
                                               cap, adaptive=True), path)
                     validate_shard(path, vocab, cap, adaptive=True)  # readable by the pipeline as written
+                    as_snappy(path)
                 else:
                     write_adaptive_table(rows, per, flat_ids, flat_lp, tail_stored, cnt, offsets, path)
                 whole, soft = shard_bytes(path, int(offsets[-1]), SOFT_COLUMNS + ("topk_counts",))
@@ -570,7 +578,7 @@ def write_adaptive_table(rows, per, flat_ids, flat_lp, tail_stored, cnt, offsets
                                  pa.list_(pa.from_numpy_dtype(tail_stored.dtype))),
         "topk_counts": pa.array([cnt[offsets[i]:offsets[i + 1]].astype(np.uint8) for i in range(len(rows))], pa.list_(pa.uint8())),
     })
-    pq.write_table(table, path)  # write_shard's writer settings (pyarrow defaults: snappy, dictionary)
+    pq.write_table(table, path)  # pyarrow defaults (snappy, dictionary): the "snappy" column
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -627,7 +635,7 @@ def main(argv: list[str] | None = None) -> int:
              f"{r['compression_vs_full']:,.0f}×", "n/a (sampled)" if r["kl_full_vs_topk_nats"] is None else f"{r['kl_full_vs_topk_nats']:.2e}",
              f"{r['target_sq_error']:.2e}" if r.get("target_sq_error") is not None else ""] for r in results]
     table = markdown_table(["teacher", "scheme", "vocab V", "k", "bytes/token, soft-target columns",
-                            f"same, zstd {ZSTD_LEVEL}", "bytes/token, whole shard",
+                            "same, zstd 9 (the pipeline's writer)", "bytes/token, whole shard",
                             "full fp32 logits, bytes/token (4·V)", "saving", "KL(full ‖ top-k + tail), nats/token",
                             "E||target − p||² per token"], rows)
     verdicts, meets = [], []
@@ -651,8 +659,8 @@ def main(argv: list[str] | None = None) -> int:
                                   "bytes_per_token": stored_bytes(r), "kl_nats": r["kl_full_vs_topk_nats"]} for r in meets],
                   "bytes_definition": "soft-target columns (top-k ids, log-probs, tail, counts where adaptive) of a real Parquet "
                                       "file, compressed sizes from its metadata, over the response tokens; each table is written "
-                                      f"twice, with pyarrow's default writer (snappy, what write_shard uses) and with zstd level "
-                                      f"{ZSTD_LEVEL} (*_zstd); the goal counts the smaller",
+                                      "twice, with pyarrow's default writer (snappy) and with the pipeline's writer, zstd level 9 "
+                                      "(*_zstd; dume_ray.data.soft_targets.PARQUET_WRITE_ARGS); the goal counts the smaller",
                   "kl_definition": "KL(full teacher log-probs ‖ decoded targets) per response token: decoded = stored "
                                    "(dequantised) top-k probs + stored tail mass spread uniformly over the other V − k "
                                    "tokens (rows with 'base tail': spread in proportion to the base model's probabilities "

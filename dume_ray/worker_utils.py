@@ -14,6 +14,7 @@ also keep the latest one in the stage folder.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import random
@@ -59,8 +60,10 @@ def training_run(config: dict, train_step: TrainStep,
     history = StepHistory(config["history_path"], step)
     progress = Progress(config["label"], optim.steps, every=max(1, optim.steps // 10))
     dashboards = open_dashboards(config, step)  # rank 0: TensorBoard (+ MLflow when configured)
-    batches = phases.timed_iter(batch_stream("train", per_worker_batch_size(optim.batch_size), seed=config["seed"] + step,
-                                             keep_in_memory=config.get("keep_in_memory", False)), "data load")
+    batches = phases.timed_iter(resumed_stream(
+        lambda seed: batch_stream("train", per_worker_batch_size(optim.batch_size), seed=seed,
+                                  keep_in_memory=config.get("keep_in_memory", False)),
+        config["seed"], step, ordered=config.get("ordered_stream", False)), "data load")
     start = time.time()
 
     def on_step(step: int, metrics: dict) -> None:
@@ -111,6 +114,17 @@ def is_rank_zero() -> bool:
 def per_worker_batch_size(global_batch_size: int) -> int:
     world = ray.train.get_context().get_world_size()
     return max(1, global_batch_size // world)
+
+
+def resumed_stream(make_stream: Callable[[int], Iterator], seed: int, step: int, ordered: bool) -> Iterator:
+    """The batches a job resumed at `step` trains on. A mixed stream (interleaved teachers, experts, multitask)
+    is reseeded with `seed + step`, so a resumed job does not replay the batches it has seen. An `ordered` one
+    (`distill.teacher_schedule` sequential or annealed: the stream's order IS the schedule) restarts from its
+    seed and skips the `step` batches already trained, so the job continues the schedule where its checkpoint
+    left it instead of starting the one-teacher-at-a-time opening again."""
+    if not ordered:
+        return make_stream(seed + step)
+    return itertools.islice(make_stream(seed), step, None)
 
 
 def batch_stream(dataset_name: str, batch_size: int, seed: int, keep_in_memory: bool = False) -> Iterator[dict]:

@@ -141,6 +141,7 @@ def _loop_config(cfg: PipelineConfig, stage: str, stage_hash: str, init_dir: str
         "alpha": alpha, "temperature": cfg.distill.temperature, "divergence": cfg.distill.divergence,
         "jsd_beta": cfg.distill.jsd_beta, "anneal": cfg.distill.anneal and alpha > 0,
         "top_k": min(cfg.soft_targets.top_k, vocab_size),
+        "ordered_stream": stage == "student" and cfg.distill.teacher_schedule != "interleaved",  # resume: skip, not reseed
     }
 
 
@@ -171,7 +172,9 @@ def soft_target_stream(soft_targets: dict, cache_max_mb: float, seed: int, sched
             f"{len(missing)} of the {len(reads)} rows this stage reads have no soft targets in the shards of "
             f"{groups} (e.g. {missing[0]!r}): they were scored for fewer rows (soft_targets.rows); rerun the "
             f"soft-targets stage for this config")
-    if soft_targets["metrics"].get("bytes", float("inf")) <= cache_max_mb * 2**20:
+    passes = max(1.0, (length or 0) / max(1, len(reads if reads is not None else scored)))  # annealed: every pass held
+    held_bytes = soft_targets["metrics"].get("bytes", float("inf")) * passes
+    if held_bytes <= cache_max_mb * 2**20:
         table = pa.concat_tables([pq.read_table(path) for path in paths])
         if subset:
             table = table.filter(pc.is_in(table.column("example_id"), value_set=pa.array(sorted(reads), pa.string())))
@@ -180,8 +183,8 @@ def soft_target_stream(soft_targets: dict, cache_max_mb: float, seed: int, sched
         return ray.data.from_arrow([table.slice(i, block) for i in range(0, table.num_rows, block)])
     if schedule != "interleaved":
         raise manifest.StageInputError(
-            f"distill.teacher_schedule={schedule} needs the soft targets in memory ({soft_targets['metrics'].get('bytes')} "
-            f"bytes > soft_targets.cache_max_mb={cache_max_mb}): raise soft_targets.cache_max_mb")
+            f"distill.teacher_schedule={schedule} needs the soft targets in memory ({held_bytes:.0f} bytes on disk for "
+            f"{passes:.2g} passes > soft_targets.cache_max_mb={cache_max_mb}): raise soft_targets.cache_max_mb")
     shuffle = FileShuffleConfig(seed=seed, reseed_after_execution=True)
     store = storage.active()
     if store is not None:  # the read tasks may run on any node: read the stored copies, not this node's

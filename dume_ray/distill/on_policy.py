@@ -43,6 +43,8 @@ def is_on_policy_step(step: int, ratio: float, schedule: str = "interleaved", to
     """Step `step` (0-based) of `total_steps` is on-policy. "interleaved": exactly floor(n·λ) of the first n steps
     are, spread evenly; "end": the last floor(total_steps·λ) steps are (total_steps is only read there)."""
     if schedule == "end":
+        if total_steps <= 0:
+            raise ValueError(f"on-policy schedule 'end' needs the job's total steps, got total_steps={total_steps}")
         return step >= total_steps - math.floor(total_steps * ratio + 1e-9)
     if schedule != "interleaved":
         raise ValueError(f"on-policy schedule must be one of {ON_POLICY_SCHEDULES}, got {schedule!r}")

@@ -50,6 +50,12 @@ def best_after(rows: list[dict]) -> list[Optional[float]]:
     return out
 
 
+def beats_by_margin(score: float, default_score: float, margin: float) -> bool:
+    """`score` beats the default's by MORE than `margin`. Scores are multiples of 1/(tasks x rows), so a
+    difference equal to the margin comes out as 0.020000000000000018 in floats; 1e-9 keeps that a tie."""
+    return score - default_score > margin + 1e-9
+
+
 def choose_winner(trials: dict[str, list[dict]], default: dict, margin: float) -> dict:
     """The search's decision: the default point unless the best searched trial beats it by more than `margin`.
 
@@ -68,7 +74,8 @@ def choose_winner(trials: dict[str, list[dict]], default: dict, margin: float) -
         errors = [r["error"] for rows in trials.values() for r in rows if r["error"]]
         raise RuntimeError(f"search: no trial reported a validation score; first errors: {errors[:3]}")
     pool = [(arm, r) for arm, r in scored if r["completed"]] or scored
-    defaults = [(arm, r) for arm, r in pool if _is_default(r, default)]
+    defaults = ([(arm, r) for arm, r in pool if _is_default(r, default)]
+                or [(arm, r) for arm, r in scored if _is_default(r, default)])  # ASHA stopped it: its best report
     searched = [(arm, r) for arm, r in pool if not _is_default(r, default)]
     base_arm, base = max(defaults, key=lambda c: c[1]["val_mean"]) if defaults else (None, None)
     best_arm, best = max(searched, key=lambda c: c[1]["val_mean"]) if searched else (None, None)
@@ -78,7 +85,7 @@ def choose_winner(trials: dict[str, list[dict]], default: dict, margin: float) -
         keep, reason = True, "no searched trial besides the default point"
     else:
         gain = best["val_mean"] - base["val_mean"]
-        keep = gain <= margin
+        keep = not beats_by_margin(best["val_mean"], base["val_mean"], margin)
         reason = (f"best searched trial {'-' if gain < 0 else '+'}{abs(gain):.3f} vs the default, "
                   f"{'not more than' if keep else 'more than'} search.default_margin = {margin:g}: "
                   + ("the default stays" if keep else "the searched trial replaces the default"))

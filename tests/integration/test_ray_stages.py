@@ -70,6 +70,11 @@ def test_soft_target_stream_mixes_the_groups_in_memory_and_streams_large_shards(
         assert sorted(r["example_id"] for r in soft_target_stream(manifest, cache, 0, reads=reads).take_all()) == sorted(reads)
     with pytest.raises(StageInputError, match="1 of the 31 rows this stage reads have no soft targets.*'add/train/0'"):
         soft_target_stream(manifest, 1.0, seed=0, reads=reads | {"add/train/0"})
+    # An annealed stream holds every pass over its rows (4 here): the in-memory cap counts them all.
+    one_pass_mb = manifest["metrics"]["bytes"] / 2**20
+    assert len(soft_target_stream(manifest, 5 * one_pass_mb, 0, "annealed", length=480).take_all()) == 480
+    with pytest.raises(StageInputError, match="for 4 passes > soft_targets.cache_max_mb"):
+        soft_target_stream(manifest, 2 * one_pass_mb, 0, "annealed", length=480)
 
 
 def test_a_moved_run_folder_reuses_the_soft_targets_its_actor_pools_scored(ray_session, stand_in_expert, tiny_model_dir,

@@ -50,3 +50,28 @@ def test_without_keep_in_memory_every_epoch_reads_the_shard(monkeypatch):
     monkeypatch.setattr(worker_utils.ray.train, "get_dataset_shard", lambda name: shard)
     list(itertools.islice(worker_utils.batch_stream("train", 4, seed=0), 9))
     assert shard.executions == 3
+
+
+def _ids(batches):
+    return [list(b["example_id"]) for b in batches]
+
+
+def test_a_resumed_ordered_stream_continues_the_schedule_where_the_checkpoint_left_it(monkeypatch):
+    # sequential/annealed teachers: the stream's order is the schedule, so a job resumed at step 3 must train on
+    # the batches an uninterrupted job trains on from step 3, not restart the schedule's opening
+    monkeypatch.setattr(worker_utils.ray.train, "get_dataset_shard", lambda name: FakeShard(_rows(20)))
+
+    def make(seed):
+        return worker_utils.batch_stream("train", 4, seed=seed, keep_in_memory=True)
+
+    whole = list(itertools.islice(worker_utils.resumed_stream(make, 7, 0, ordered=True), 8))
+    resumed = list(itertools.islice(worker_utils.resumed_stream(make, 7, 3, ordered=True), 5))
+    assert _ids(resumed) == _ids(whole[3:])
+    restarted = list(itertools.islice(make(7), 5))
+    assert _ids(restarted) != _ids(whole[3:])  # what resuming did before: the schedule's opening again
+
+
+def test_a_resumed_mixed_stream_is_reseeded_by_the_step():
+    seeds = []
+    worker_utils.resumed_stream(lambda seed: seeds.append(seed) or iter(()), 7, 3, ordered=False)
+    assert seeds == [10]

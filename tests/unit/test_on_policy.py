@@ -47,6 +47,8 @@ def test_end_schedule_puts_the_same_share_of_on_policy_steps_last(ratio):
     assert flags == [False] * (60 - n) + [True] * n  # off-policy first, then on-policy to the end
     with pytest.raises(ValueError, match="schedule"):
         is_on_policy_step(0, ratio, "start", 60)
+    with pytest.raises(ValueError, match="total steps"):  # without the budget every step would be on-policy
+        is_on_policy_step(0, ratio, "end")
 
 
 def test_rollouts_keep_the_prompt_and_end_at_eos_or_the_budget():

@@ -27,6 +27,18 @@ def test_default_stays_when_the_best_searched_trial_gains_no_more_than_the_margi
     assert "+0.020" in choice["reason"] and "the default stays" in choice["reason"]
 
 
+def test_a_gain_equal_to_the_margin_in_float_arithmetic_is_still_a_tie():
+    assert 0.43 - 0.41 > 0.02  # 0.020000000000000018: what a plain comparison would call a win
+    trials = {"seeded": [row(0, DEFAULT["grouping"], 0.41), row(1, "copy+reverse | add", 0.43)]}
+    assert choose_winner(trials, DEFAULT, margin=0.02)["kept_default"]
+
+
+def test_a_default_stopped_early_still_anchors_the_rule_with_its_best_report():
+    trials = {"seeded": [row(0, DEFAULT["grouping"], 0.40, completed=False), row(1, "copy+reverse | add", 0.41)]}
+    choice = choose_winner(trials, DEFAULT, margin=0.02)
+    assert choice["default"]["val_mean"] == 0.40 and choice["kept_default"]
+
+
 def test_searched_trial_wins_when_it_beats_the_default_by_more_than_the_margin():
     trials = {"seeded": [row(0, DEFAULT["grouping"], 0.40), row(1, "copy+reverse | add", 0.43)],
               "random": [row(0, DEFAULT["grouping"], 0.40), row(1, "copy | reverse+add", 0.45)]}
