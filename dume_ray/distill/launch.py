@@ -89,7 +89,8 @@ def run_students(cfg: PipelineConfig, stages: list[str]) -> dict[str, dict]:
             streams[key] = soft_target_stream(soft_targets, cfg.soft_targets.cache_max_mb, cfg.seed, schedule, reads[stage],
                                               length)
         stage_stream = streams[key]
-        pending[stage] = (_loop_config(cfg, stage, stage_hashes[stage], inits[stage], tasks, len(tokenizer)), stage_stream)
+        pending[stage] = (_loop_config(cfg, stage, stage_hashes[stage], inits[stage], tasks, len(tokenizer), schedule),
+                          stage_stream)
     teachers = start_teachers(cfg, tokenizer, pending) if "student" in pending and cfg.distill.on_policy_ratio > 0 else {}
 
     def finish(stage: str, result: dict) -> None:  # each job's manifest as soon as it finishes
@@ -132,8 +133,10 @@ def start_teachers(cfg: PipelineConfig, tokenizer, pending: dict) -> dict:
     return teachers
 
 
-def _loop_config(cfg: PipelineConfig, stage: str, stage_hash: str, init_dir: str, tasks: dict, vocab_size: int) -> dict:
-    """What `distill/worker.py` needs, as plain data; the baseline is the same loop with alpha = 0."""
+def _loop_config(cfg: PipelineConfig, stage: str, stage_hash: str, init_dir: str, tasks: dict, vocab_size: int,
+                 schedule: str) -> dict:
+    """What `distill/worker.py` needs, as plain data; the baseline is the same loop with alpha = 0. `schedule`:
+    the teacher schedule of the stage's stream (always "interleaved" for the baseline)."""
     alpha = cfg.distill.alpha if stage == "student" else 0.0
     return {
         **job_config(cfg, stage, init_dir, f"{cfg.run_dir}/{stage}/model", student_optim(cfg, stage), cfg.distill.resources,
@@ -141,7 +144,7 @@ def _loop_config(cfg: PipelineConfig, stage: str, stage_hash: str, init_dir: str
         "alpha": alpha, "temperature": cfg.distill.temperature, "divergence": cfg.distill.divergence,
         "jsd_beta": cfg.distill.jsd_beta, "anneal": cfg.distill.anneal and alpha > 0,
         "top_k": min(cfg.soft_targets.top_k, vocab_size),
-        "ordered_stream": stage == "student" and cfg.distill.teacher_schedule != "interleaved",  # resume: skip, not reseed
+        "ordered_stream": schedule != "interleaved",  # the order is the schedule: a resume skips, not reseeds
     }
 
 

@@ -126,7 +126,7 @@ def test_model_dtype_reaches_the_training_workers(monkeypatch, rows, tmp_path):
 
     cfg = load_config(None, ["model.dtype=bfloat16"])
     for stage in ("student", "multitask"):
-        assert _loop_config(cfg, stage, "h", "init", {}, 100)["dtype"] == "bfloat16"
+        assert _loop_config(cfg, stage, "h", "init", {}, 100, "interleaved")["dtype"] == "bfloat16"
     sent = {}  # base and experts: what run_training_jobs hands to each Ray Train job (no Ray started)
     monkeypatch.setattr(ray.data, "from_items", lambda rows, **kwargs: rows)
     monkeypatch.setattr(experts_launch, "fit_concurrently", lambda fn, pending, *a, **k: sent.update(pending) or {})
