@@ -4,6 +4,8 @@
     python benchmarks/curves.py --parts two_skill            # one part (curves = learning curves + schedules)
     python benchmarks/curves.py --seeds 0 --out F0 ...; python benchmarks/curves.py --merge F0 F1 F2   # seeds apart
     python benchmarks/curves.py --tiny                       # minutes on the loaded 2-core machine, temp folder
+    nice -n 5 python benchmarks/curves.py --parts two_skill --config configs/smollm2.yaml --threads 1 --seeds 0 \
+        --out benchmarks/results/curves_two_skill_smollm2.json   # two_skill on SmolLM2-135M, ~10-15 min a seed
 
 The pipeline's stages run here as plain loops, without Ray (as the search proxy does, `search/proxy.py`): a base
 from the embedded model (CE on every training task), one expert per group (`proxy.train_expert`), its top-k soft
@@ -21,16 +23,21 @@ multitask baseline (the same loop with alpha = 0), each from the base, with the 
   needs both skills at once and which NO model trains on (base, experts, student and multitask see only the two
   single-skill tasks): do the student, the DUME MoE (top-1 and top-2: both experts' MLPs mixed per token) and the
   multitask baseline combine the two skills? Test split. A control multitask that does train on reverse_upper
-  (gold labels, same steps) says whether the tiny model can learn the task at all.
+  (gold labels, same steps) says whether the model can learn the task at all. On a pretrained model
+  (`configs/smollm2.yaml`) the model as loaded is the base (no base training, as `base.enabled: false`), the experts
+  are trained as the config says (MLP only there), and the steps are cut to TWO_SKILL_PRETRAINED (why: its
+  comment); every generation may run to the longest answer of the three tasks (`answer_room`).
 
 The in-process stream differs from the pipeline's in one way: each epoch gets a new order (seed + epoch),
 where the pipeline keeps one order and shuffles locally within four batches. Results: benchmarks/results/
-curves.json (per seed cells, kept as they finish, so an interrupted run resumes) and curves.png.
+curves.json (per seed cells, kept as they finish, so an interrupted run resumes or a later sitting adds seeds;
+a rerun refuses a JSON measured with another config or other overrides) and curves.png.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -49,14 +56,18 @@ from dume_ray.model import create_initial_model, expert_trainable, load_model, l
 from dume_ray.search.proxy import cached_expert, read_soft_targets, score_soft_targets, train_expert  # noqa: E402
 from dume_ray.tasks import encode_rows, load_tasks  # noqa: E402
 from dume_ray.training import evaluate_tasks, kd_step, make_optimizer, score_tasks, train_loop  # noqa: E402
-from dume_ray.upcycle.launch import group_router_stats  # noqa: E402
-from dume_ray.upcycle.moe import build_moe  # noqa: E402
-from dume_ray.upcycle.router import solve_router, stats_from_groups  # noqa: E402
+from regime import dume  # noqa: E402  (the DUME MoE of the experts, router solved in process)
 
 SCHEDULES = ("interleaved", "sequential", "annealed")
 SINGLE_SKILLS, TWO_SKILL = ("reverse_words", "upper_words"), "reverse_upper"
-TWO_SKILL_OVERRIDES = [f"tasks.builtin=[{','.join(SINGLE_SKILLS)},{TWO_SKILL}]", "model.max_seq_len=112",
-                       "eval.max_new_tokens=36"]
+TWO_SKILL_TASKS = f"tasks.builtin=[{','.join(SINGLE_SKILLS)},{TWO_SKILL}]"
+TWO_SKILL_EMBEDDED = ["model.max_seq_len=112", "eval.max_new_tokens=36"]  # the character model: one token a letter
+# A pretrained model (configs/smollm2.yaml: 240 training rows a task, batch 8, 50 test rows a task) in <= 15 min a
+# seed on one thread at 1.5-3 s a step: each expert 30 steps = one pass over its task's 240 rows (SmolLM2's experts
+# reach 0.5-0.8 on reverse_words at 20-40 steps); student and multitask 60 = one pass over the two tasks' 480 rows,
+# so each task's rows are read as often as by its expert; the control multitask gets the same 60 steps over three
+# tasks (2/3 of a pass). 240 training steps in all, plus 7 models x 150 test generations.
+TWO_SKILL_PRETRAINED = ["experts.optim.steps=30", "distill.optim.steps=60"]
 TINY_OVERRIDES = ["tasks.builtin=[copy,reverse]", "tasks.num_train=32", "tasks.num_validation=4", "tasks.num_test=4", "base.optim.steps=2",
                   "experts.optim.steps=2", "distill.optim.steps=4", "eval.max_new_tokens=4",
                   "upcycle.stats_examples_per_task=8"]
@@ -72,7 +83,8 @@ def mean(scores: dict) -> float:
 
 def prepare(cfg, work: str, groups: dict[str, list[str]]) -> dict:
     """Base, one expert per group and its soft targets, under `work` (reused when there): the pipeline's base,
-    experts and soft_targets stages as plain loops. The base trains on the groups' tasks only."""
+    experts and soft_targets stages as plain loops. The base trains on the groups' tasks only; a pretrained model
+    (or `base.enabled: false`) is the base as loaded, as in the pipeline."""
     init_dir = create_initial_model(cfg.model, cfg.seed, os.path.join(work, "init"), cfg.data)
     tokenizer = load_tokenizer(init_dir)
     tasks = load_tasks(cfg.tasks, tokenizer, cfg.model.max_seq_len)
@@ -82,7 +94,8 @@ def prepare(cfg, work: str, groups: dict[str, list[str]]) -> dict:
         rows = encode_rows(trained, tokenizer, "train", cfg.model.max_seq_len, {t: "base" for t in trained})
         train_expert(load_model(init_dir), tokenizer, rows, cfg.base.optim, cfg.seed, out, cfg.model.dtype)
 
-    base_dir, _ = cached_expert(work, "base", train_base)
+    as_loaded = cfg.model.pretrained or not cfg.base.enabled
+    base_dir = init_dir if as_loaded else cached_expert(work, "base", train_base)[0]
     expert_dirs, soft_rows = {}, []
     for group, names in groups.items():
         rows = encode_rows({t: tasks[t] for t in names}, tokenizer, "train", cfg.model.max_seq_len, {t: group for t in names})
@@ -90,13 +103,14 @@ def prepare(cfg, work: str, groups: dict[str, list[str]]) -> dict:
         def train_group(out: str) -> None:
             model = make_trainable(load_model(base_dir), **expert_trainable(cfg.experts))
             train_expert(model, tokenizer, rows, cfg.experts.optim, cfg.seed, os.path.join(out, "model"), cfg.model.dtype)
-            score_soft_targets(os.path.join(out, "model"), rows, cfg.soft_targets.top_k, os.path.join(out, "soft.parquet"))
+            score_soft_targets(os.path.join(out, "model"), rows, cfg.soft_targets.top_k, os.path.join(out, "soft.parquet"),
+                               cfg.soft_targets.batch_size)
 
         entry, _ = cached_expert(work, f"expert-{group}", train_group)
         expert_dirs[group] = os.path.join(entry, "model")
         soft_rows += read_soft_targets(os.path.join(entry, "soft.parquet"))
     return {"tokenizer": tokenizer, "tasks": tasks, "base_dir": base_dir, "expert_dirs": expert_dirs,
-            "soft_rows": soft_rows, "groups": list(groups)}
+            "soft_rows": soft_rows, "groups": list(groups), "base_steps": 0 if as_loaded else cfg.base.optim.steps}
 
 
 def train_student(cfg, prep: dict, alpha: float, schedule: str, every: int, eval_tasks: dict,
@@ -126,27 +140,6 @@ def train_student(cfg, prep: dict, alpha: float, schedule: str, every: int, eval
     return model, curve
 
 
-def dume_moes(cfg, prep: dict, work: str, top_ks: tuple[int, ...]) -> dict[int, torch.nn.Module]:
-    """The DUME MoE of the experts (cfg.upcycle: routing, ridge lambda, statistics per task), router solved in
-    closed form once and installed at each top-k. The upcycle stage's steps, in process."""
-    experts = {g: load_model(path) for g, path in prep["expert_dirs"].items()}
-    moe_dir = os.path.join(work, "moe")
-    moe = build_moe(experts, top_k=1, routing=cfg.upcycle.routing)
-    moe.save_pretrained(moe_dir)
-    prep["tokenizer"].save_pretrained(moe_dir)
-    groups, parts = prep["groups"], []
-    for i, group in enumerate(groups):
-        stats = group_router_stats(moe_dir, cfg.tasks, [group], i, len(groups), cfg.upcycle.stats_examples_per_task,
-                                   cfg.upcycle.batch_size, cfg.model.max_seq_len, threads=torch.get_num_threads())
-        parts.append((stats.gram, stats.cross[..., i], stats.tokens[i]))
-    router = solve_router(stats_from_groups(parts), cfg.upcycle.ridge_lambda, cfg.upcycle.normalize_columns)
-    moes = {}
-    for k in top_ks:
-        moes[k] = build_moe(experts, top_k=k, routing=cfg.upcycle.routing)
-        moes[k].set_router(router)
-    return moes
-
-
 def test_scores(model, cfg, tokenizer, tasks: dict) -> dict[str, float]:
     return evaluate_tasks(model, tokenizer, tasks, "test", cfg.eval.max_new_tokens, cfg.eval.batch_size)
 
@@ -172,9 +165,14 @@ def curves_and_schedules(cfg, work: str, every: int, schedules: list[str]) -> di
 
 def two_skill(cfg, work: str, control: bool) -> dict:
     """Part two_skill: experts for reverse_words and upper_words; every trained model sees only those two tasks;
-    test exact match of each model on the two and on reverse_upper."""
+    test exact match of each model on the two and on reverse_upper. Generations may run to `answer_room`."""
     prep = prepare(cfg, work, {t: [t] for t in SINGLE_SKILLS})
-    tasks, tokenizer, cell = prep["tasks"], prep["tokenizer"], {}
+    tasks, tokenizer = prep["tasks"], prep["tokenizer"]
+    max_new_tokens = max(cfg.eval.max_new_tokens, answer_room(tasks, tokenizer))
+    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, max_new_tokens=max_new_tokens))
+    cell = {"settings": {"max_new_tokens": max_new_tokens, "base_steps": prep["base_steps"],
+                         "expert_steps": cfg.experts.optim.steps, "student_steps": cfg.distill.optim.steps,
+                         "test_rows": {t: len(task.examples("test")) for t, task in tasks.items()}}}
     seen = {t: tasks[t] for t in SINGLE_SKILLS}
 
     def record(label: str, model, start: float) -> None:
@@ -184,7 +182,7 @@ def two_skill(cfg, work: str, control: bool) -> dict:
     for group, path in prep["expert_dirs"].items():
         record(f"expert/{group}", load_model(path), time.time())
     start = time.time()
-    for k, moe in dume_moes(cfg, prep, work, (1, 2)).items():
+    for k, moe in dume(cfg, prep["expert_dirs"], tokenizer, seen, [1, 2]).items():
         record(f"dume_top{k}", moe, start)
     for label, alpha in (("student", cfg.distill.alpha), ("multitask", 0.0)):
         start = time.time()
@@ -198,6 +196,13 @@ def two_skill(cfg, work: str, control: bool) -> dict:
         record("multitask_trained_on_reverse_upper",
                train_student(cfg, control_prep, 0.0, "interleaved", 0, tasks, rows=rows)[0], start)
     return cell
+
+
+def answer_room(tasks: dict, tokenizer) -> int:
+    """Tokens a generation needs for the longest answer of any split of `tasks`, plus its eos: a smaller
+    eval.max_new_tokens would cut correct answers (SmolLM2 spends up to 13 tokens on 5 upper-cased words)."""
+    return 1 + max(len(tokenizer(e.response, add_special_tokens=False)["input_ids"])
+                   for task in tasks.values() for examples in task.splits.values() for e in examples)
 
 
 def _no_targets(row: dict, k: int) -> dict:
@@ -229,22 +234,28 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.tiny:  # one seed, two of the schedules, 4 new tokens: minutes on a loaded 2-core machine
+    if args.tiny:  # one seed, two of the schedules, 4 new tokens (two_skill: answer_room): minutes on 2 loaded cores
         args.seeds, args.every, args.schedules = args.seeds[:1], 4, ["interleaved", "annealed"]
     started = time.time()
     out = result_path("curves", args.out, args.tiny)
     work_root = os.path.join(os.path.dirname(out), "runs") if args.tiny else args.work_dir
     overrides = [*(TINY_OVERRIDES if args.tiny else []), *args.set]
-    part_overrides = {"curves": overrides,  # --tiny keeps its 4 new tokens for the word tasks too
-                      "two_skill": [*overrides, *TWO_SKILL_OVERRIDES, *(["eval.max_new_tokens=4"] if args.tiny else [])]}
-    configs = {part: load_config(args.config, o) for part, o in part_overrides.items()}  # bad input fails here
+    try:  # bad input fails here, before any work
+        pretrained = load_config(args.config, overrides).model.pretrained
+        part_overrides = {"curves": overrides, "two_skill": two_skill_overrides(pretrained, args.tiny, args.set)}
+        configs = {part: load_config(args.config, o) for part, o in part_overrides.items()}
+    except ValueError as exc:  # ConfigError, or a value the config's checks refuse
+        sys.exit(f"error: {args.config}: {exc}")
     previous = [json.load(open(path)) for path in args.merge or ([out] if os.path.exists(out) and not args.tiny else [])]
     cells = {(c["part"], c["seed"]): c["values"] for record in previous for c in record.get("cells", [])}
-    if any(record.get("overrides", overrides) != overrides for record in previous):
-        raise SystemExit(f"error: {args.merge or out} was measured with other overrides than {overrides}")
+    for record in previous:  # cells of one JSON are measured alike (a record older than part_overrides has none)
+        if (record.get("overrides", overrides) != overrides or record.get("config", args.config) != args.config
+                or record.get("part_overrides", part_overrides) != part_overrides):
+            sys.exit(f"error: {args.merge or out} was measured with config {record.get('config')} and overrides "
+                     f"{record.get('part_overrides', record.get('overrides'))}, not {args.config} and {part_overrides}")
 
     def save() -> dict:
-        payload = {**summarise(args, cells, configs, out), "overrides": overrides}
+        payload = {**summarise(args, cells, configs, out), "overrides": overrides, "part_overrides": part_overrides}
         if args.merge:  # where each merged cell was measured
             payload["merged_from"] = [{k: record.get(k) for k in ("command", "started_utc", "finished_utc", "wall_seconds",
                                                                   "git_commit", "machine")} for record in previous]
@@ -256,7 +267,7 @@ def main() -> None:
             if (part, seed) in cells:
                 continue
             cfg = load_config(args.config, [*part_overrides[part], f"seed={seed}"])
-            work = os.path.join(work_root, f"{part}-s{seed}")
+            work = os.path.join(work_root, f"{cfg.name}-{part}-s{seed}")
             start = time.time()
             cells[(part, seed)] = (curves_and_schedules(cfg, work, args.every, args.schedules) if part == "curves"
                                    else two_skill(cfg, work, not args.no_control))
@@ -264,6 +275,13 @@ def main() -> None:
             save()
             shutil.rmtree(work, ignore_errors=True)  # models are not kept; the JSON holds every number
     print(save()["table"], flush=True)
+
+
+def two_skill_overrides(pretrained: bool, tiny: bool, user: list[str]) -> list[str]:
+    """Part two_skill's overrides, a later one winning: a pretrained model's budget (not with --tiny), --tiny's,
+    the three word tasks, the character model's sequence room, then the user's --set."""
+    return [*(TWO_SKILL_PRETRAINED if pretrained and not tiny else []), *(TINY_OVERRIDES if tiny else []),
+            TWO_SKILL_TASKS, *([] if pretrained else TWO_SKILL_EMBEDDED), *user]
 
 
 def steps_to_reach(curve: list[dict], target: float):
@@ -302,10 +320,12 @@ def summarise(args, cells: dict, configs: dict, out: str) -> dict:
             payload["schedule_chosen"] = chosen
     two = {s: v for (p, s), v in cells.items() if p == "two_skill"}
     if two:
-        labels = [label for label in next(iter(two.values())) if all(label in c for c in two.values())]
+        labels = [label for label in next(iter(two.values())) if label != "settings" and all(label in c for c in two.values())]
         tasks = [*SINGLE_SKILLS, TWO_SKILL]
         rows = [[label, len(two), *(fmt_pm([c[label]["test"][t] for c in two.values()]) for t in tasks)] for label in labels]
-        tables.append(markdown_table(["model (test exact match)", "seeds", *tasks], rows))
+        settings = {json.dumps(c.get("settings"), sort_keys=True) for c in two.values()}  # older cells have none
+        tables.append(markdown_table(["model (test exact match)", "seeds", *tasks], rows)
+                      + "".join(f"\n\nsettings: {x}" for x in sorted(settings) if x != "null"))
     payload["table"] = "\n\n".join(tables)
     return payload
 

@@ -85,3 +85,38 @@ def test_regime_lists_every_planned_cell_short_of_its_seeds():
     assert missing[("smollm2", 4, 0.5)]["missing_seeds"] == [0, 2]
     assert missing[("smollm2-L15", 4, 0.5)]["seeds_measured"] == 0
     assert [g["budget"] for g in not_measured(cells, plan[:1], PLANNED_SEEDS)] == [0.5]  # the map's own plan of seeds
+
+
+def test_curves_answer_room_fits_the_longest_answer_of_any_split():
+    """`answer_room` (two_skill's generation cap) = tokens of the longest answer in any split of any task + its eos,
+    so eval.max_new_tokens never cuts a correct answer (pure function; a word-counting tokenizer)."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    from curves import answer_room
+    from dume_ray.tasks.base import Example, Task
+    from dume_ray.tasks.words import make_word_task
+
+    def words(text, add_special_tokens=True):
+        return {"input_ids": text.split()}
+    tasks = {n: make_word_task(n, 0, 20, 5, 5) for n in ("reverse_words", "reverse_upper")}
+    longest = max(len(e.response.split()) for t in tasks.values() for split in t.splits.values() for e in split)
+    assert 3 <= longest <= 5 and answer_room(tasks, words) == longest + 1
+    short = [Example("p\n", "a b")]  # a longer answer in the test split alone still counts
+    tasks["t"] = Task("t", {"train": short, "validation": short, "test": [Example("p\n", " ".join("x" * 9))]})
+    assert answer_room(tasks, words) == 10
+
+
+def test_curves_two_skill_overrides_pretrained_budget_then_tiny_then_the_users_set():
+    """On a pretrained config the part gets TWO_SKILL_PRETRAINED's steps and the config's own sequence room; --tiny's
+    steps replace the budget; --set wins over both; the embedded model gets the character lengths instead."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    from curves import SINGLE_SKILLS, TWO_SKILL, two_skill_overrides
+    from dume_ray.config import load_config
+    smol, demo = os.path.join(REPO, "configs", "smollm2.yaml"), os.path.join(REPO, "configs", "demo.yaml")
+    cfg = load_config(smol, two_skill_overrides(True, False, []))
+    assert cfg.tasks.names == [*SINGLE_SKILLS, TWO_SKILL] and not cfg.base.enabled
+    assert (cfg.experts.optim.steps, cfg.distill.optim.steps, cfg.model.max_seq_len) == (30, 60, 48)
+    assert cfg.experts.train_mlp_only and cfg.upcycle.routing == "prompt"  # the experts and DUME as the config says
+    tiny = load_config(smol, two_skill_overrides(True, True, ["distill.optim.steps=3"]))
+    assert (tiny.experts.optim.steps, tiny.distill.optim.steps, tiny.tasks.names[-1]) == (2, 3, TWO_SKILL)
+    embedded = load_config(demo, two_skill_overrides(False, False, []))
+    assert (embedded.model.max_seq_len, embedded.eval.max_new_tokens, embedded.distill.optim.steps) == (112, 36, 600)
