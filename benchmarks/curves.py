@@ -62,11 +62,13 @@ SCHEDULES = ("interleaved", "sequential", "annealed")
 SINGLE_SKILLS, TWO_SKILL = ("reverse_words", "upper_words"), "reverse_upper"
 TWO_SKILL_TASKS = f"tasks.builtin=[{','.join(SINGLE_SKILLS)},{TWO_SKILL}]"
 TWO_SKILL_EMBEDDED = ["model.max_seq_len=112", "eval.max_new_tokens=36"]  # the character model: one token a letter
-# A pretrained model (configs/smollm2.yaml: 240 training rows a task, batch 8, 50 test rows a task) in <= 15 min a
-# seed on one thread at 1.5-3 s a step: each expert 30 steps = one pass over its task's 240 rows (SmolLM2's experts
-# reach 0.5-0.8 on reverse_words at 20-40 steps); student and multitask 60 = one pass over the two tasks' 480 rows,
-# so each task's rows are read as often as by its expert; the control multitask gets the same 60 steps over three
-# tasks (2/3 of a pass). 240 training steps in all, plus 7 models x 150 test generations.
+# A pretrained model (configs/smollm2.yaml: 240 training rows a task, batch 8, 50 test rows a task) in about a
+# quarter of an hour a seed on one thread: each expert 30 steps = one pass over its task's 240 rows (SmolLM2's
+# experts reach 0.5-0.8 on reverse_words at 20-40 steps); student and multitask 60 = one pass over the two tasks'
+# 480 rows, so each task's rows are read as often as by its expert; the control multitask gets the same 60 steps
+# over three tasks (2/3 of a pass). 240 training steps (10 min at 2.5 s a step; the pipeline's SmolLM2 run measured
+# 2.6 s a step for experts with scoring and 3.2 for the student: eval_share.json) plus 7 models x 150 test
+# generations of <= 14 tokens (about 3 min: that run's eval made 1,200 of <= 12 in 161 s).
 TWO_SKILL_PRETRAINED = ["experts.optim.steps=30", "distill.optim.steps=60"]
 TINY_OVERRIDES = ["tasks.builtin=[copy,reverse]", "tasks.num_train=32", "tasks.num_validation=4", "tasks.num_test=4", "base.optim.steps=2",
                   "experts.optim.steps=2", "distill.optim.steps=4", "eval.max_new_tokens=4",
