@@ -3,12 +3,16 @@
     python benchmarks/end_to_end.py                          # configs/demo.yaml (upcycle off, see below), 3 rounds
     python benchmarks/end_to_end.py --repeats 1              # one round
     python benchmarks/end_to_end.py --config configs/demo.yaml --threads 2
+    python benchmarks/end_to_end.py --sides ray              # without the side that joins a running Ray
     python benchmarks/end_to_end.py --tiny                   # smoke setting, writes to a temp folder
 
-1. Ray: a fresh `python -m dume_ray run --config C name=bench-e2e-rI runs_dir=R` (I = the round) in a subprocess; per-stage
+Three sides per round, in this order:
+1. Ray, started by the run (the demo's own command): a fresh `python -m dume_ray run --config C name=bench-e2e-rI runs_dir=R` (I = the round) in a subprocess; per-stage
    seconds from the stages' `DONE.json` manifests, total = the subprocess's wall time (Ray start included); the
    faults it survived from its log (`log_faults`: out-of-memory task kills, restarts from checkpoint).
-2. Plain: `reference_pipeline` below, the stages' pure functions called in order in this process, no Ray:
+2. Ray, joined running cluster: the same command with RAY_ADDRESS set to a Ray head started once before the
+   rounds (`RunningRay`), as `ray job submit` runs it on a cluster that `ray up` started: no Ray start in the run.
+3. Plain: `reference_pipeline` below, the stages' pure functions called in order in this process, no Ray:
    the same models, steps, batch sizes, schedules, checkpoint interval, validation scoring after each
    training job, soft targets (`TeacherScorer` + `write_shard`) and test-split scoring of every model.
    Experts train one after another here (the Ray run trains them concurrently, one CPU each).
@@ -29,6 +33,7 @@ what exists only here is the order it calls the stages in, and the plain shuffle
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -153,18 +158,23 @@ def reference_pipeline(cfg, out: str) -> tuple[dict[str, float], dict[str, dict[
 # The Ray run, and the comparison.
 # ---------------------------------------------------------------------------------------------------------
 
-def ray_pipeline(config: str, overrides: list[str], runs_dir: str, name: str) -> tuple[float, dict, dict, dict]:
+def ray_pipeline(config: str, overrides: list[str], runs_dir: str, name: str,
+                 address: str | None = None) -> tuple[float, dict, dict, dict]:
     """A fresh `python -m dume_ray run`; (total wall seconds, {stage: manifest seconds}, {CLI stage: wall seconds},
     {training stage: its jobs' seconds per phase (`worker_utils.Phases`), summed over the experts}; the
-    profile's "Ray start" is everything before the first stage: process start, config, `ray.init`)."""
+    profile's "Ray start" is everything before the first stage: process start, config, `ray.init`).
+    `address`: join that running Ray (RAY_ADDRESS, as `ray job submit` hands it to the job) instead of starting one."""
     shutil.rmtree(os.path.join(runs_dir, name), ignore_errors=True)
     os.makedirs(runs_dir, exist_ok=True)
     cmd = [sys.executable, "-m", "dume_ray", "run", "--config", config, f"name={name}", f"runs_dir={runs_dir}", *overrides]
     log = os.path.join(runs_dir, f"{name}.log")
     print(f"[end_to_end] $ {' '.join(cmd[1:])} (log {log})", flush=True)
     start = time.time()
+    # A driver joining a Ray that uses token authentication (Ray's default) must say so; the token is the
+    # ~/.ray/auth_token the head was started with, as on a cluster node.
+    env = {**os.environ, **({"RAY_ADDRESS": address, "RAY_AUTH_MODE": "token"} if address else {})}
     with open(log, "w") as f:
-        rc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT).returncode
+        rc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
     total = time.time() - start
     if rc != 0:
         raise RuntimeError(f"the Ray pipeline failed (rc={rc}); see {log}")
@@ -189,6 +199,34 @@ def ray_pipeline(config: str, overrides: list[str], runs_dir: str, name: str) ->
     return total, stages, walls, profiles
 
 
+class RunningRay:
+    """A local Ray head that outlives the rounds, as a cluster started by `ray up` outlives the jobs sent to it:
+    the "joined" side of each round runs `python -m dume_ray run` with RAY_ADDRESS set to it, so that side pays
+    no Ray start (a cluster's, paid once per `ray up`). Held by a child process (`ray.init` there), not by
+    `ray start`, whose only way down is `ray stop`: that would kill every other Ray on the machine. Closing the
+    child's stdin ends it, and its `ray.shutdown` takes the head's processes with it."""
+
+    HOLD = ("import ray, sys; context = ray.init(include_dashboard=False); "
+            "print(context.address_info['gcs_address'], flush=True); sys.stdin.read()")
+
+    def __enter__(self) -> "RunningRay":
+        self.process = subprocess.Popen([sys.executable, "-c", self.HOLD], cwd=REPO, stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                        env={**os.environ, "RAY_AUTH_MODE": "token"})
+        self.address = self.process.stdout.readline().strip()
+        if not self.address:
+            raise RuntimeError(f"the Ray head for the joined side did not start (rc={self.process.wait()})")
+        print(f"[end_to_end] a running Ray for the joined side at {self.address}", flush=True)
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.process.stdin.close()
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
 def stage_walls(log: str) -> dict[str, float]:
     """Wall seconds of each CLI stage from its banners ('=== [i/n] name (N s elapsed) ===', '=== done in N s')."""
     import re
@@ -209,33 +247,48 @@ def log_faults(log: str) -> dict:
             "report": [line[2:] for line in faults.splitlines() if line.startswith("- ")]}
 
 
+RAY_SIDES = {"ray": "Ray, started by the run", "joined": "Ray, joined running cluster"}
+
+
 def summarize(runs: list[dict]) -> tuple[str, str, dict]:
-    """The per-stage table (medians over rounds), the verdict line, and the median totals and ratio."""
+    """The per-stage table (medians over rounds; a column per Ray side and the plain process), the verdict line,
+    and the median totals and ratios."""
     def med(get) -> float:
         return statistics.median(get(r) for r in runs)
 
-    rows = [[s, f"{med(lambda r: r['ray']['stages'][s]):.1f}", f"{med(lambda r: r['plain']['stages'].get(s.split(' ')[0], float('nan'))):.1f}"]
-            for s in runs[0]["ray"]["stages"]]
-    walls = runs[0]["ray"]["cli_stage_walls"]
+    sides = [side for side in RAY_SIDES if side in runs[0]]
+    rows = [[s, *(f"{med(lambda r: r[side]['stages'][s]):.1f}" for side in sides),
+             f"{med(lambda r: r['plain']['stages'].get(s.split(' ')[0], float('nan'))):.1f}"]
+            for s in runs[0][sides[0]]["stages"]]
+    walls = runs[0][sides[0]]["cli_stage_walls"]
     if "experts" in walls:
-        rows.insert(2, ["experts (stage wall, jobs concurrent)", f"{med(lambda r: r['ray']['cli_stage_walls']['experts']):.1f}",
+        rows.insert(2, ["experts (stage wall, jobs concurrent)",
+                        *(f"{med(lambda r: r[side]['cli_stage_walls']['experts']):.1f}" for side in sides),
                         f"{med(lambda r: r['plain']['stages']['experts']):.1f}"])
     if "distill+multitask" in walls:  # `run` trains the two side by side; the plain loop one after the other
-        rows.append(["student + multitask (stage wall, side by side)", f"{med(lambda r: r['ray']['cli_stage_walls']['distill+multitask']):.1f}",
+        rows.append(["student + multitask (stage wall, side by side)",
+                     *(f"{med(lambda r: r[side]['cli_stage_walls']['distill+multitask']):.1f}" for side in sides),
                      f"{med(lambda r: r['plain']['stages']['student'] + r['plain']['stages']['multitask']):.1f}"])
-    ray_total, plain_total = med(lambda r: r["ray"]["total_seconds"]), med(lambda r: r["plain"]["total_seconds"])
-    ratio = med(lambda r: r["ray_over_plain"])
-    soft = med(lambda r: soft_target_seconds(r) / r["plain"]["stages"]["soft_targets"])
-    rows.append(["soft targets, all (stage + scoring in the expert jobs, summed)", f"{med(soft_target_seconds):.1f}",
+    median = {"plain_seconds": med(lambda r: r["plain"]["total_seconds"])}
+    for side in sides:
+        median[f"{side}_seconds"] = med(lambda r: r[side]["total_seconds"])
+        median[f"{side}_over_plain"] = med(lambda r: r[side]["total_seconds"] / r["plain"]["total_seconds"])
+        median[f"soft_targets_{side}_over_plain"] = med(lambda r: soft_target_seconds(r, side) / r["plain"]["stages"]["soft_targets"])
+    rows.append(["soft targets, all (stage + scoring in the expert jobs, summed)",
+                 *(f"{med(lambda r: soft_target_seconds(r, side)):.1f}" for side in sides),
                  f"{med(lambda r: r['plain']['stages']['soft_targets']):.1f}"])
-    rows.append(["**total wall** (Ray: process start to end, incl. Ray start)", f"{ray_total:.1f}", f"{plain_total:.1f}"])
-    table = markdown_table([f"stage (median of {len(runs)} rounds)", "Ray pipeline, s", "plain process, s"], rows)
-    per_round = ", ".join(f"{r['ray_over_plain']:.2f}" for r in runs)
-    verdict = (f"Ray / plain = {ratio:.2f}, median of the rounds' ratios {per_round} "
-               f"(target <= {TARGET_TOTAL}: {'met' if ratio <= TARGET_TOTAL else 'NOT met'}); soft targets Ray / plain = "
-               f"{soft:.2f} (target <= {TARGET_SOFT_TARGETS}: {'met' if soft <= TARGET_SOFT_TARGETS else 'NOT met'})")
-    return table, verdict, {"ray_seconds": ray_total, "plain_seconds": plain_total, "ray_over_plain": ratio,
-                            "soft_targets_ray_over_plain": soft}
+    rows.append(["**total wall** (Ray: process start to end, incl. Ray start when the run starts it)",
+                 *(f"{median[f'{side}_seconds']:.1f}" for side in sides), f"{median['plain_seconds']:.1f}"])
+    table = markdown_table([f"stage (median of {len(runs)} rounds)", *(f"{RAY_SIDES[side]}, s" for side in sides),
+                            "plain process, s"], rows)
+    verdicts = []
+    for side in sides:
+        ratio, soft = median[f"{side}_over_plain"], median[f"soft_targets_{side}_over_plain"]
+        per_round = ", ".join(f"{r[side]['total_seconds'] / r['plain']['total_seconds']:.2f}" for r in runs)
+        verdicts.append(f"{RAY_SIDES[side]} / plain = {ratio:.2f}, median of the rounds' ratios {per_round} "
+                        f"(target <= {TARGET_TOTAL}: {'met' if ratio <= TARGET_TOTAL else 'NOT met'}); soft targets "
+                        f"{soft:.2f} (target <= {TARGET_SOFT_TARGETS}: {'met' if soft <= TARGET_SOFT_TARGETS else 'NOT met'})")
+    return table, "\n".join(verdicts), median
 
 
 PHASES = ["Ray start", "worker start", "model build", "data load", "steps", "checkpoint", "save", "validation",
@@ -243,10 +296,10 @@ PHASES = ["Ray start", "worker start", "model build", "data load", "steps", "che
 TARGET_TOTAL, TARGET_SOFT_TARGETS = 1.15, 2.0  # issue 16's goals: Ray / plain end to end, and for the soft targets
 
 
-def soft_target_seconds(run: dict) -> float:
-    """The Ray run's soft-target time: the stage's own, plus the scoring at the end of the expert jobs (summed
+def soft_target_seconds(run: dict, side: str = "ray") -> float:
+    """A Ray run's soft-target time: the stage's own, plus the scoring at the end of the expert jobs (summed
     over the jobs, though they overlap: an upper bound on the wall time it adds)."""
-    return run["ray"]["stages"].get("soft_targets", 0.0) + run["ray"]["profile"].get("experts", {}).get("soft targets", 0.0)
+    return run[side]["stages"].get("soft_targets", 0.0) + run[side]["profile"].get("experts", {}).get("soft targets", 0.0)
 
 
 def profile_table(runs: list[dict]) -> str:
@@ -256,9 +309,10 @@ def profile_table(runs: list[dict]) -> str:
         values = [v for v in values if v is not None]
         return f"{statistics.median(values):.1f}" if values else "-"
 
-    stages = ["ray start", *(s for s in ("base", "experts", "student", "multitask") if s in runs[0]["ray"]["profile"])]
+    sides = [side for side in (*RAY_SIDES, "plain") if side in runs[0]]
+    stages = ["ray start", *(s for s in ("base", "experts", "student", "multitask") if s in runs[0][sides[0]]["profile"])]
     rows = [[f"{stage} ({side})", *(med(side, stage, p) for p in PHASES)]
-            for stage in stages for side in ("ray", "plain") if stage != "ray start" or side == "ray"]
+            for stage in stages for side in sides if stage != "ray start" or side != "plain"]
     return markdown_table([f"phase seconds (median of {len(runs)} rounds)", *PHASES], rows)
 
 
@@ -269,6 +323,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs-dir", default="runs/bench")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--repeats", type=int, default=3, help="rounds of (Ray run, plain run); medians are reported")
+    parser.add_argument("--sides", nargs="+", choices=list(RAY_SIDES), default=None,
+                        help="Ray sides to run beside the plain process: ray = the run starts its own Ray, joined = it "
+                             "joins a running one (RAY_ADDRESS, as under `ray job submit`); default both (--tiny: "
+                             "joined, the tests' CLI smoke runs cover the other)")
     parser.add_argument("--out", default=None)
     parser.add_argument("overrides", nargs="*", help="key=value config overrides for both runs")
     args = parser.parse_args(argv)
@@ -280,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
         args.config, args.repeats = "configs/smoke/tiny.yaml", 1
         args.out = args.out or result_path("end_to_end", None, True)
         args.runs_dir = os.path.join(os.path.dirname(args.out), "runs")
+        args.sides = args.sides or ["joined"]
+    args.sides = [side for side in RAY_SIDES if side in (args.sides or RAY_SIDES)]
     if args.threads:
         torch.set_num_threads(args.threads)
     # Ray's workers at the plain loop's priority (Ray's default is nice 15, the plain loop runs at this process's):
@@ -288,33 +348,43 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(os.path.join(REPO, args.config), overrides)
 
     runs, load, path = [], [], result_path("end_to_end", args.out, args.tiny)
-    for repeat in range(args.repeats):  # Ray then plain, side by side in each round; medians over rounds
-        before = list(os.getloadavg())
-        name = f"bench-e2e-r{repeat}"  # a log per round, kept (the run folder is small)
-        ray_total, ray_stages, walls, ray_profile = ray_pipeline(args.config, overrides, os.path.abspath(args.runs_dir), name)
-        faults = log_faults(os.path.join(os.path.abspath(args.runs_dir), f"{name}.log"))
-        work = tempfile.mkdtemp(prefix="bench-e2e-plain-")
-        t = time.time()
-        plain_stages, plain_profile = reference_pipeline(cfg, work)
-        plain_total = time.time() - t
-        shutil.rmtree(work, ignore_errors=True)
-        runs.append({"ray": {"total_seconds": ray_total, "stages": ray_stages, "cli_stage_walls": walls, "profile": ray_profile,
-                             "faults": faults},
-                     "plain": {"total_seconds": plain_total, "stages": plain_stages, "profile": plain_profile},
-                     "ray_over_plain": ray_total / plain_total})
-        load.append({"before": before, "after": list(os.getloadavg())})
-        print(f"[end_to_end] round {repeat + 1}/{args.repeats}: Ray {ray_total:.1f} s, plain {plain_total:.1f} s, "
-              f"ratio {ray_total / plain_total:.2f}; load average (1, 5, 15 min) {load[-1]}", flush=True)
-        # Written after every round (marked partial until the last), so a cut-short run still leaves its rounds.
-        table, verdict, median = summarize(runs)
-        table = f"{table}\n\n{profile_table(runs)}"
-        write_result(path, "end_to_end", command_line(), started,
-                     {"config": args.config, "overrides": overrides, "plain_torch_threads": torch.get_num_threads(),
-                      "ray_worker_niceness": niceness,
-                      "rounds": runs, "partial": len(runs) < args.repeats, "median": median,
-                      "ray_over_plain": median["ray_over_plain"], "target_met": median["ray_over_plain"] <= TARGET_TOTAL,
-                      "soft_targets_target_met": median["soft_targets_ray_over_plain"] <= TARGET_SOFT_TARGETS,
-                      "loadavg": load}, f"{table}\n\n{verdict}")
+    runs_dir = os.path.abspath(args.runs_dir)
+    with contextlib.ExitStack() as stack:
+        cluster = stack.enter_context(RunningRay()) if "joined" in args.sides else None
+        for repeat in range(args.repeats):  # each side in turn in each round; medians over rounds
+            before = list(os.getloadavg())
+            run = {}
+            for side in args.sides:
+                name = f"bench-e2e-{side}-r{repeat}"  # a log per round and side, kept (the run folder is small)
+                total, stages, walls, profile = ray_pipeline(args.config, overrides, runs_dir, name,
+                                                             cluster.address if side == "joined" else None)
+                run[side] = {"total_seconds": total, "stages": stages, "cli_stage_walls": walls, "profile": profile,
+                             "faults": log_faults(os.path.join(runs_dir, f"{name}.log"))}
+            work = tempfile.mkdtemp(prefix="bench-e2e-plain-")
+            t = time.time()
+            plain_stages, plain_profile = reference_pipeline(cfg, work)
+            run["plain"] = {"total_seconds": time.time() - t, "stages": plain_stages, "profile": plain_profile}
+            shutil.rmtree(work, ignore_errors=True)
+            for side in RAY_SIDES:
+                if side in run:
+                    run[f"{side}_over_plain"] = run[side]["total_seconds"] / run["plain"]["total_seconds"]
+            runs.append(run)
+            load.append({"before": before, "after": list(os.getloadavg())})
+            print(f"[end_to_end] round {repeat + 1}/{args.repeats}: " + ", ".join(
+                f"{side} {run[side]['total_seconds']:.1f} s" for side in (*RAY_SIDES, "plain") if side in run)
+                + f"; load average (1, 5, 15 min) {load[-1]}", flush=True)
+            # Written after every round (marked partial until the last), so a cut-short run still leaves its rounds.
+            table, verdict, median = summarize(runs)
+            table = f"{table}\n\n{profile_table(runs)}"
+            write_result(path, "end_to_end", command_line(), started,
+                         {"config": args.config, "overrides": overrides, "plain_torch_threads": torch.get_num_threads(),
+                          "ray_worker_niceness": niceness,
+                          "rounds": runs, "partial": len(runs) < args.repeats, "median": median,
+                          **{f"{side}_over_plain": median[f"{side}_over_plain"] for side in args.sides},
+                          **{f"{side}_target_met": median[f"{side}_over_plain"] <= TARGET_TOTAL for side in args.sides},
+                          **{f"soft_targets_{side}_target_met": median[f"soft_targets_{side}_over_plain"] <= TARGET_SOFT_TARGETS
+                             for side in args.sides},
+                          "loadavg": load}, f"{table}\n\n{verdict}")
     print(f"\n{table}\n\n{verdict}", flush=True)
     return 0
 

@@ -34,7 +34,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import REPO, command_line, fmt_pm, markdown_table, mean_std, result_path, write_result  # noqa: E402
+from common import (REPO, command_line, fmt_pm, markdown_table, mean_std, ray_workers_at_own_priority, result_path,  # noqa: E402
+                    write_result)
 from select_defaults import TINY_OVERRIDES, choose, cli, run_arguments, validation_mean  # noqa: E402
 
 sys.path.insert(0, REPO)
@@ -93,6 +94,9 @@ def main() -> None:
     args = parser.parse_args()
     args.arms = list(dict.fromkeys(args.arms))
     started = time.time()
+    # The pipeline's Ray workers at this process's priority (Ray's default is nice 15): on a machine other work
+    # loads, the distill stage's seconds and the teachers' tokens/s then count the arms' own work.
+    ray_workers_at_own_priority(args.tiny)
     out = result_path("on_policy", args.out, args.tiny)
     previous = json.load(open(out)) if os.path.exists(out) else {}
     cells = {}  # (seed, arm label) -> measures
