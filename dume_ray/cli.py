@@ -166,14 +166,34 @@ def preflight(cfg: PipelineConfig) -> None:
     tokenizer = preflight_tokenizer(cfg)
     tasks = load_tasks(cfg.tasks, tokenizer, cfg.model.max_seq_len)
     group_of = {t: g for g, names in cfg.groups.items() for t in names}
-    for split in SPLITS:
-        encode_rows(tasks, tokenizer, split, cfg.model.max_seq_len, group_of)
+    encoded = {split: encode_rows(tasks, tokenizer, split, cfg.model.max_seq_len, group_of) for split in SPLITS}
+    cut = answers_cut_by_generation_cap({s: encoded[s] for s in ("validation", "test")}, cfg.eval.max_new_tokens)
+    if cut:
+        longest = max(c["longest"] for c in cut.values())
+        print(f"[preflight] warning: eval.max_new_tokens={cfg.eval.max_new_tokens} is shorter than some answers, "
+              f"which greedy decoding then cannot match exactly: {cut}; set eval.max_new_tokens={longest} to score "
+              f"them all", flush=True)
     for what, counts in (("dropped", {n: t.skipped_rows for n, t in tasks.items() if any(t.skipped_rows.values())}),
                          ("truncated", {n: t.truncated_rows for n, t in tasks.items() if t.truncated_rows})):
         if counts:
             print(f"[preflight] {what} rows (tasks.skip_bad_rows / tasks.too_long={cfg.tasks.too_long}, "
                   f"model.max_seq_len={cfg.model.max_seq_len}): {counts}", flush=True)
     print(f"[preflight] {len(tasks)} tasks, {len(cfg.groups)} expert groups: {' | '.join(cfg.groups)}", flush=True)
+
+
+def answers_cut_by_generation_cap(rows_by_split: dict[str, list[dict]], max_new_tokens: int) -> dict[str, dict]:
+    """{"task/split": {"rows": n, "longest": tokens}} of the encoded rows (`encode_rows`) whose answer has more
+    tokens than generation may produce (eos not counted: decoding stops at the cap, so an answer of exactly
+    max_new_tokens tokens still matches)."""
+    cut: dict[str, dict] = {}
+    for split, rows in rows_by_split.items():
+        for row in rows:
+            answer = len(row["input_ids"]) - row["response_start"] - 1
+            if answer > max_new_tokens:
+                entry = cut.setdefault(f"{row['task']}/{split}", {"rows": 0, "longest": 0})
+                entry["rows"] += 1
+                entry["longest"] = max(entry["longest"], answer)
+    return cut
 
 
 def preflight_tokenizer(cfg: PipelineConfig):

@@ -243,3 +243,24 @@ def test_preflight_reads_the_finished_base_tokenizer_not_the_model_source_again(
     mark_done(f"{cfg.run_dir}/base", "another-config", {"model": base_model})
     preflight(cfg)
     assert len(calls) == before + 1  # a base of another config is not this run's: the source again
+
+
+def test_preflight_warns_when_the_generation_cap_cuts_answers(tmp_path, tiny_model_dir, capsys):
+    from dume_ray.cli import answers_cut_by_generation_cap
+    files = write_user_data(tmp_path)
+    config = user_config(tmp_path, tiny_model_dir, files)
+    cfg = load_config(config, [f"runs_dir={tmp_path}/runs"])
+    tokenizer = load_tokenizer(tiny_model_dir)
+    tasks = load_tasks(cfg.tasks, tokenizer, cfg.model.max_seq_len)
+    group_of = {t: g for g, names in cfg.groups.items() for t in names}
+    rows = {s: encode_rows(tasks, tokenizer, s, cfg.model.max_seq_len, group_of) for s in ("validation", "test")}
+    lengths = {(r["task"], s): len(r["input_ids"]) - r["response_start"] - 1 for s in rows for r in rows[s]}
+    longest = max(lengths.values())
+    assert answers_cut_by_generation_cap(rows, longest) == {}  # an answer of exactly the cap still fits
+    cut = answers_cut_by_generation_cap(rows, longest - 1)
+    assert cut and all(c["longest"] == longest and c["rows"] >= 1 for c in cut.values())
+    assert set(cut) == {f"{t}/{s}" for (t, s), n in lengths.items() if n == longest}
+    preflight(load_config(config, [f"runs_dir={tmp_path}/runs", f"eval.max_new_tokens={longest - 1}"]))
+    assert f"set eval.max_new_tokens={longest} to score them all" in capsys.readouterr().out
+    preflight(load_config(config, [f"runs_dir={tmp_path}/runs", f"eval.max_new_tokens={longest}"]))
+    assert "warning: eval.max_new_tokens" not in capsys.readouterr().out
