@@ -35,7 +35,7 @@ def test_teacher_scorer_on_a_ray_data_actor_pool_writes_valid_shards(ray_session
     paths = glob.glob(str(tmp_path / "shards" / "*.parquet"))
     vocab = len(build_char_tokenizer())
     assert sum(validate_shard(p, vocab, 4) for p in paths) == 8
-    assert pq.read_schema(paths[0]).remove_metadata() == soft_target_schema(4).remove_metadata()
+    assert pq.read_schema(paths[0]).remove_metadata() == soft_target_schema(4, vocab_size=vocab).remove_metadata()  # uint16 ids
 
 
 def test_soft_target_stream_mixes_the_groups_in_memory_and_streams_large_shards(ray_session, tiny_model_dir, tmp_path):
