@@ -610,8 +610,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--big-vocab", type=int, default=150_000)
     parser.add_argument("--big-rows", type=int, default=64, help="synthetic examples (4 response tokens each)")
     parser.add_argument("--ks", type=int, nargs="+", default=list(KS), help="top-k sizes to store")
-    parser.add_argument("--scheme-ks", type=int, nargs="+", default=list(SCHEME_KS),
-                        help="top-k sizes of the compressed schemes (uint16 ids, quantised log-probs)")
+    parser.add_argument("--scheme-ks", type=int, nargs="*", default=list(SCHEME_KS),
+                        help="top-k sizes of the compressed schemes (uint16 ids, quantised log-probs); none: skip them")
     parser.add_argument("--finetune-steps", type=int, default=0,
                         help="when --run-dir has no experts: fine-tune the base this many steps per task as stand-in experts")
     parser.add_argument("--no-synthetic", action="store_true", help="only the config's teachers, no 150k-vocab Zipf rows")
