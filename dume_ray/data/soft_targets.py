@@ -466,6 +466,14 @@ def targets_table(rows: Sequence[Mapping[str, Any]], logprobs: Tensor, top_k: in
     return rows_to_table(out, k, kl_max > 0, vocab, logprob_bits)
 
 
+def int32_ids(table: pa.Table) -> pa.Table:
+    """`table` with its ``topk_ids`` as list<int32>: shards with uint16 ids and older ones with int32 ids (a
+    run's groups kept from before ids were narrowed) in one stream need one schema."""
+    i = table.schema.get_field_index("topk_ids")
+    return table.set_column(i, table.schema.field(i).with_type(pa.list_(pa.int32())),
+                            table.column(i).cast(pa.list_(pa.int32())))
+
+
 def write_shard(table: pa.Table, path: str) -> None:
     """Write a shard atomically: to ``path + ".tmp"``, fsync, then rename.
 
