@@ -224,7 +224,7 @@ class SoftTargetsConfig:
     top_k: int = 8  # teacher tokens kept per response token; the rest is one tail bucket
     kl_max: float = 0.0  # > 0: adaptive k, per response token the fewest of the top_k (<= 255) whose kept probs + uniform tail are within kl_max nats of the full distribution (KL); 0 = always top_k
     logprob_bits: int = 16  # stored log-probs: 16 = float16 top-k log-probs + float32 tail; 8 = uint8 codes for both
-    #   (step 1/16 nat, floor -15.875 nats; readers dequantise and renormalise): fewer bytes per token, and a student
+    #   (step 1/16 nat; tokens below -15.9 nats are not stored; readers dequantise and renormalise): fewer bytes, and a student
     #   equal to its teacher has a KD loss <= 1/2048 nat per token instead of ~0 (data/soft_targets.py)
     batch_size: int = 256  # examples per teacher forward
     num_actors: int = 1  # TeacherScorer actors per expert

@@ -31,9 +31,14 @@ written before (int32 at any V) stay readable. ``soft_targets.logprob_bits``
 chooses the log-prob codec: 16 (the default) stores ``topk_logprobs`` as
 float16 and ``tail_logmass`` as float32, as above; 8 stores both as ``uint8``
 codes of a log-quantiser with step ``LOGPROB_STEP`` = 1/16 nat: code
-round(-lp / step) for finite lp, clipped to 254 (lp < -15.875 nats, i.e. a
-probability below 1.3e-7, is stored as -15.875), and code 255 = -inf (the
-empty tail when every token is kept). The scheme is the one
+round(-lp / step) for finite lp, clipped to 254, and code 255 = -inf. A top-k
+token whose code would be clipped (lp < FLOOR_8BIT, about -15.9 nats: p below
+1.3e-7) is not stored: code 255 ("absent", dropped on both sides by the KD
+loss like adaptive-k padding; the reader's renormalisation spreads its mass
+over the rest); adaptive k keeps fewer tokens instead (their mass in the
+tail). Clipped, such a token would be overweighted in the tempered target
+p^(1/T) at T > 1. Only the tail can be clipped (a tail mass below 1.3e-7,
+which only T = 1 uses). The scheme is the one
 benchmarks/storage.py measured ("uint16 ids + 8-bit log-probs (1/16 nat) +
 8-bit tail") and it imports ``quantise_logprobs`` from here. Readers
 dequantise (error <= step/2 per stored value, unless clipped) and renormalise
@@ -80,6 +85,7 @@ PARQUET_WRITE_ARGS = {"compression": "zstd", "compression_level": 9}  # what the
 
 LOGPROB_BITS = (16, 8)  # soft_targets.logprob_bits: float16 log-probs + float32 tail, or 8-bit codes for both
 LOGPROB_STEP = 1.0 / 16  # nats per 8-bit code (the step benchmarks/storage.py measured)
+FLOOR_8BIT = -(2 ** 8 - 1.5) * LOGPROB_STEP  # -15.906: log-probs from here up get codes <= 254, never clipped
 UINT16_VOCAB = 1 << 16  # vocabularies up to this size store their ids as uint16
 # validate_shard's tolerance on each position's logsumexp: float16 rounding, or half an 8-bit step (+ slack for the
 # clipped codes, each worth < 1.3e-7 of mass)
@@ -231,7 +237,10 @@ def encode_top_k(logprobs: Tensor, k: int, logprob_bits: int = 16) -> Tuple[np.n
         (topk_ids [n, k] uint16 (V <= 65,536) or int32, topk_logprobs
         float16/uint8 [n, k], tail_logmass float32/uint8 [n]). The tail is the
         exact logsumexp of the non-top-k log-probs in float32 (-inf when
-        k >= V) before it is stored.
+        k >= V) before it is stored. At 8 bits a top-k token below
+        FLOOR_8BIT is stored absent (code 255, decoded -inf): the KD loss
+        drops it on both sides, as adaptive-k padding, and the reader's
+        renormalisation spreads its mass (< 1.3e-7) over the rest.
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got k={k!r}")
@@ -246,6 +255,8 @@ def encode_top_k(logprobs: Tensor, k: int, logprob_bits: int = 16) -> Tuple[np.n
         # the top k hold nearly all the mass.
         in_topk = torch.zeros_like(logp, dtype=torch.bool).scatter_(-1, ids, True)  # [n, V]
         tail = torch.logsumexp(logp.masked_fill(in_topk, float("-inf")), dim=-1)  # [n]
+    if logprob_bits == 8:  # top-k tokens below the 8-bit floor: absent (-inf, code 255); the top-1 never is (>= -log V)
+        values = values.masked_fill(values < FLOOR_8BIT, float("-inf"))
     return (ids.cpu().numpy().astype(id_dtype(vocab)), *_encode_values(values, tail, logprob_bits))
 
 
@@ -305,7 +316,7 @@ def encode_adaptive_top_k(logprobs: Tensor, k: int, kl_max: float,
     k = min(k, logp.shape[1])
     values, ids = torch.topk(logp, k, dim=-1)  # [n, k]
     if logprob_bits == 8:  # never keep a token whose code would be clipped: its mass (< 1.3e-7) joins the exact tail
-        above = (values >= -(2 ** 8 - 1.5) * LOGPROB_STEP).sum(-1)  # [n]; values descend, so a prefix
+        above = (values >= FLOOR_8BIT).sum(-1)  # [n]; values descend, so a prefix
         counts = torch.minimum(counts, above.clamp_min(1))
     kept = torch.arange(k).unsqueeze(0) < counts.unsqueeze(1)  # [n, k]
     in_kept = torch.zeros_like(logp, dtype=torch.bool).scatter_(-1, ids, kept)  # [n, V]
@@ -546,7 +557,7 @@ def validate_shard(path: str, vocab_size: int, top_k: int, atol: Optional[float]
     if logprob_bits == 8:  # checked as the reader decodes them, before its renormalisation
         for name in ("topk_logprobs", "tail_logmass"):
             lists[name] = (dequantise_logprobs(lists[name][0]), lists[name][1])
-    _check_distributions(lists, counts, ATOL[logprob_bits] if atol is None else atol, fail)
+    _check_distributions(lists, counts, ATOL[logprob_bits] if atol is None else atol, fail, absent_ok=logprob_bits == 8)
     return table.num_rows
 
 
@@ -657,11 +668,17 @@ def _check_ids(lists: Dict[str, Tuple[np.ndarray, np.ndarray]], vocab_size: int,
 
 
 def _check_distributions(lists: Dict[str, Tuple[np.ndarray, np.ndarray]], counts: np.ndarray, atol: float,
-                         fail: RowError) -> None:
-    """Top-k log-probs finite and <= atol, tail finite or -inf, each position's buckets logsumexp to 0."""
+                         fail: RowError, absent_ok: bool = False) -> None:
+    """Top-k log-probs finite and <= atol (absent_ok, 8 bits: -inf too, but never a position's first), tail
+    finite or -inf, each position's buckets logsumexp to 0."""
     logps, lp_offsets = lists["topk_logprobs"]
     logps = logps.astype(np.float64)  # [sum(counts)]
-    bad = np.flatnonzero(~np.isfinite(logps) | (logps > atol))
+    starts = np.zeros(counts.size, dtype=np.int64)  # [positions]: each position's first (largest) value
+    np.cumsum(counts[:-1], out=starts[1:])
+    first = np.zeros(logps.size, dtype=bool)
+    first[starts] = True
+    absent = np.isneginf(logps) & (first | (not absent_ok))
+    bad = np.flatnonzero(np.isnan(logps) | (logps > atol) | (logps == np.inf) | absent)
     if bad.size:
         r = _row_of(lp_offsets, bad[0])
         raise fail(r, "topk_logprobs", f"has value {logps[bad[0]]}, expected finite and <= 0")

@@ -420,3 +420,25 @@ def test_logprob_bits_other_than_8_or_16_are_refused():
         soft_target_schema(4, logprob_bits=4)
     with pytest.raises(ConfigError, match="soft_targets.logprob_bits must be 16 or 8, got 12"):
         load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "demo.yaml"), ["soft_targets.logprob_bits=12"])
+
+
+def test_8bit_fixed_k_stores_tokens_below_the_floor_absent_and_validates(tmp_path):
+    """A peaked teacher's top 8 reach below -15.9 nats: those codes would be clipped, so they are stored absent
+    (255, decoded -inf, never a position's first) and the shard still validates; a shard whose first value is
+    absent is refused."""
+    from dume_ray.data.soft_targets import FLOOR_8BIT, targets_table
+    rows, _ = _make_rows(n_rows=4)
+    n = sum(len(r["input_ids"]) - r["response_start"] for r in rows)
+    logp = torch.log_softmax(torch.randn(n, VOCAB, generator=torch.Generator().manual_seed(3)) * 12, -1)
+    table = targets_table(rows, logp, 8, logprob_bits=8)
+    codes = np.concatenate([np.asarray(v) for v in table.column("topk_logprobs").to_pylist()]).reshape(-1, 8)
+    below = torch.topk(logp, 8, -1).values.numpy() < FLOOR_8BIT
+    assert below.any() and np.array_equal(codes == 255, below) and (codes[:, 0] < 255).all()
+    path = str(tmp_path / "absent.parquet")
+    write_shard(table, path)
+    assert validate_shard(path, VOCAB, 8, logprob_bits=8) == 4
+    bad = table.to_pylist()
+    bad[1]["topk_logprobs"] = [255] * len(bad[1]["topk_logprobs"])
+    write_shard(pa.Table.from_pylist(bad, schema=table.schema), path)
+    with pytest.raises(SoftTargetError, match=r"row 1 .*topk_logprobs has value -inf"):
+        validate_shard(path, VOCAB, 8, logprob_bits=8)
