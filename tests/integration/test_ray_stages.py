@@ -36,6 +36,14 @@ def test_teacher_scorer_on_a_ray_data_actor_pool_writes_valid_shards(ray_session
     vocab = len(build_char_tokenizer())
     assert sum(validate_shard(p, vocab, 4) for p in paths) == 8
     assert pq.read_schema(paths[0]).remove_metadata() == soft_target_schema(4, vocab_size=vocab).remove_metadata()  # uint16 ids
+    # soft_targets.logprob_bits=8: the pool's tables keep their uint8 columns through write_parquet
+    ray.data.from_items(rows).map_batches(
+        TeacherScorer, fn_constructor_kwargs={"model_dir": tiny_model_dir, "top_k": 4, "logprob_bits": 8},
+        compute=ray.data.ActorPoolStrategy(size=1), batch_size=4, batch_format="numpy", num_cpus=1,
+    ).write_parquet(str(tmp_path / "shards8"))
+    paths = glob.glob(str(tmp_path / "shards8" / "*.parquet"))
+    assert sum(validate_shard(p, vocab, 4, logprob_bits=8) for p in paths) == 8
+    assert pq.read_schema(paths[0]).remove_metadata() == soft_target_schema(4, vocab_size=vocab, logprob_bits=8).remove_metadata()
 
 
 def test_soft_target_stream_mixes_the_groups_in_memory_and_streams_large_shards(ray_session, tiny_model_dir, tmp_path):

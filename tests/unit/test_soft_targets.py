@@ -442,3 +442,16 @@ def test_8bit_fixed_k_stores_tokens_below_the_floor_absent_and_validates(tmp_pat
     write_shard(pa.Table.from_pylist(bad, schema=table.schema), path)
     with pytest.raises(SoftTargetError, match=r"row 1 .*topk_logprobs has value -inf"):
         validate_shard(path, VOCAB, 8, logprob_bits=8)
+
+
+@pytest.mark.parametrize("kl_max", [0.0, 0.05])
+def test_soft_target_batch_decodes_8bit_rows_like_decode_top_k(kl_max):
+    """The student's batch builder (Ray Data numpy batches) and the row decoder hand the loss the same targets."""
+    from dume_ray.data.encode import soft_target_batch
+    table, _ = _bits_rows(bits=8, k=8, kl_max=kl_max)
+    out = soft_target_batch({c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}, 0, 8)
+    rows = [decode_top_k(r, 8) for r in table.to_pylist()]
+    ids, lps, tail = (torch.cat(x) for x in zip(*rows))
+    width = out["topk_ids"].shape[1]  # adaptive: the batch's widest position
+    assert torch.equal(out["topk_ids"], ids[:, :width]) and torch.equal(out["topk_logprobs"], lps[:, :width])
+    assert torch.equal(out["tail_logmass"], tail) and torch.isneginf(lps[:, width:]).all()
