@@ -5,24 +5,30 @@
     python benchmarks/storage.py --tiny              # smoke setting, writes to a temp folder
     python benchmarks/storage.py --config configs/smollm2.yaml --run-dir runs/smollm2 --ks 8 32 64 --scheme-ks 8 12 16 \
         --no-synthetic --rows-per-task 100 [--finetune-steps 20] [--logprobs-cache /tmp/lp.pt] \
+        [--caps 64] [--rules kl:0.05] [--logprob-bits 16 8] \
         --out benchmarks/results/storage_smollm2.json  # V = 49,152
 
-For k = 8, 32, 128 we write real Parquet shards with `rows_to_table` + `write_shard` (the soft-targets
-stage's format: top-k ids int32, log-probs float16, tail log-mass float32, plus the token ids of the example)
-and divide the file size by the number of response tokens; the soft-target columns alone are read from the
-Parquet metadata. Full-vocabulary float32 logits would take 4·V bytes per token (computed, never written).
-Loss: KL(full ‖ reconstruction) per response token, where the reconstruction keeps the stored (float16)
-top-k probabilities and spreads the stored tail mass uniformly over the other V − k tokens; the KD loss
-itself sees the top k plus one tail bucket, so this KL is what it can no longer distinguish.
-Compressed schemes (benchmark only: the product keeps the format above), each written as its own Parquet table
-with the same columns and pyarrow's default writer (snappy), so their bytes are measured too: top-k
-ids as uint16 (V <= 65,536) with the log-probs and the tail as float16, or log-quantised to 8 bits (step 1/16
-nat, range 16 nats) or 4 bits (step 1/2 nat, two per byte; tail 8 bits). Their KL decodes the stored values
-and renormalises (top k + tail to sum 1) before spreading the tail uniformly. Issue 16's goal: <= 40 bytes per
-token at <= 0.05 nats at V = 49,152; the script prints which rows meet it.
+The product's own format ("stored format (logprob_bits B): ..." rows, `product: true` in the JSON): for every
+k (--ks) and every `soft_targets.logprob_bits` (--logprob-bits, 16 and 8) the log-probs go through
+`targets_table` (exactly what TeacherScorer returns in the expert jobs and the stage's actor pool: top-k ids as
+uint16 when V <= 65,536 else int32; fp16 log-probs + fp32 tail at 16 bits, 8-bit codes of 1/16 nat for both at 8),
+`write_shard` (zstd 9), `validate_shard`, and are read back by `decode_top_k` (8 bits: dequantised and
+renormalised). Bytes: the file size and the soft-target columns (from the Parquet metadata) per response token;
+full-vocabulary float32 logits would take 4·V bytes per token (computed, never written). Loss: KL(full ‖
+reconstruction) per response token, where the reconstruction keeps the decoded top-k probabilities and spreads the
+decoded tail mass uniformly over the other V − k tokens, renormalised to sum 1; the KD loss itself sees the top k
+plus one tail bucket, so this KL is what it can no longer distinguish.
+Compressed schemes (benchmark only), each written as its own Parquet table with the same columns and pyarrow's
+default writer (snappy), so their bytes are measured too: top-k ids as uint16 (V <= 65,536) with the log-probs
+and the tail as float16, or log-quantised to 8 bits (step 1/16 nat; the product's quantiser, so the same codes as
+logprob_bits 8) or 4 bits (step 1/2 nat, two per byte; tail 8 bits); the top code of a width means -inf, finite
+values clip one below it. Their KL decodes the stored values and renormalises (top k + tail to sum 1) before
+spreading the tail uniformly. Issue 16's goal: <= 40 bytes per token at <= 0.05 nats at V = 49,152; the script
+prints which rows meet it, and which of the product's own.
 Adaptive k (the pipeline's `soft_targets.kl_max`, and a mass rule for comparison): per response token the fewest
-top tokens meeting a rule, capped at k, stored as variable-length lists + one uint8 count per token; the stored
-format row is written by the pipeline's own `rows_to_table(adaptive=True)` + `write_shard` and validated. Its KL
+top tokens meeting a rule, capped at k, stored as variable-length lists + one uint8 count per token; for the KL
+rule the product's own rows (its writer, each logprob_bits; at 8 bits it never keeps a token below the 8-bit floor)
+beside the benchmark's 8-bit scheme with the rule's exact counts. Its KL
 is measured with a uniform tail and, for stand-in experts, with the tail spread like the base model's
 distribution (see the section below). `--logprobs-cache DIR` keeps each task's teacher log-probs (~0.25 GB per
 teacher and task at V = 49,152 and 100 rows) so reruns skip the fine-tuning; `--tasks` measures a subset.
@@ -57,26 +63,68 @@ from common import REPO, command_line, markdown_table, result_path, write_result
 sys.path.insert(0, REPO)
 KS = (8, 32, 128)
 SOFT_COLUMNS = ("topk_ids", "topk_logprobs", "tail_logmass")
-STORED_FORMAT = "stored format: int32 ids + fp16 log-probs + fp32 tail"
+LOGPROB_BITS = (16, 8)  # the product's settings of soft_targets.logprob_bits, each measured
 BASE_REFERENCE = "base model (reference for the base-shaped tail)"
 GOAL_BYTES, GOAL_KL = 40.0, 0.05
 
 
-def kl_full_vs_topk(logprobs, k: int):
-    """Mean KL(p ‖ q) in nats, q = stored float16 top-k probs + tail mass spread over the other V − k tokens."""
-    import torch
-    from dume_ray.data.soft_targets import encode_top_k
+def stored_format(schema, logprob_bits: int) -> str:
+    """What a product shard holds, read off its schema: "stored format (logprob_bits 8): uint16 ids + 8-bit ..."."""
+    import pyarrow as pa
+    def name(field: str) -> str:
+        t = schema.field(field).type.value_type
+        return {pa.float16(): "fp16", pa.float32(): "fp32", pa.uint8(): "8-bit (1/16 nat)"}.get(t, str(t))
+    counts = " + uint8 counts" if "topk_counts" in schema.names else ""
+    return (f"stored format (logprob_bits {logprob_bits}): {schema.field('topk_ids').type.value_type} ids + "
+            f"{name('topk_logprobs')} log-probs + {name('tail_logmass')} tail{counts}")
 
-    ids, topk_lp, tail = encode_top_k(logprobs, k)
-    n, vocab = logprobs.shape
-    if k >= vocab:
-        q = torch.full_like(logprobs, float("-inf"))
-    else:
-        q = (torch.from_numpy(tail).unsqueeze(1) - torch.log(torch.tensor(float(vocab - k)))).expand(n, vocab).clone()
-    q.scatter_(1, torch.from_numpy(ids).long(), torch.from_numpy(topk_lp.astype("float32")))
-    p = logprobs.float()
-    kl = (p.exp() * (p - q)).nan_to_num(0.0).sum(-1)  # [n]; 0·log 0 terms -> 0
-    return float(kl.mean()), (ids, topk_lp, tail)
+
+def read_back(path: str, top_k: int):
+    """The product's reader on a shard: (ids [n, k] int64, kept log-probs [n, k] float32 with each position's
+    padding set to its first value, tail [n] float32, kept count [n]) from `decode_top_k`, row by row."""
+    import pyarrow.parquet as pq
+    import torch
+    from dume_ray.data.soft_targets import decode_top_k
+    ids, lps, tails = zip(*(decode_top_k(row, top_k) for row in pq.read_table(path).to_pylist()))
+    ids, lps, tail = torch.cat(ids), torch.cat(lps), torch.cat(tails)
+    kept = torch.isfinite(lps)
+    return ids, torch.where(kept, lps, lps[:, :1]), tail, kept.sum(1)
+
+
+def measure_product(name: str, logprobs, rows, vocab: int, work: str, k: int, kl_max: float = 0.0,
+                    ref_logprobs=None, bits=LOGPROB_BITS, label: str = "") -> list[dict]:
+    """The product's own soft targets from these log-probs, for each logprob_bits: `targets_table` (what
+    TeacherScorer returns, in the expert jobs and the stage's actor pool), `write_shard` (zstd), validated, read
+    back by `decode_top_k`; bytes per response token of both writers, KL(full ‖ decoded + uniform tail) and, given
+    ref_logprobs, with a base-shaped tail."""
+    from dume_ray.data.soft_targets import targets_table, validate_shard, write_shard
+    n_tokens = logprobs.shape[0]
+    columns = SOFT_COLUMNS + (("topk_counts",) if kl_max > 0 else ())
+    out = []
+    for b in bits:
+        table = targets_table(rows, logprobs, k, kl_max, b)
+        k_eff = int(table.schema.metadata[b"top_k"])
+        path = os.path.join(work, f"{name.split()[0]}-product-k{k}-kl{kl_max:g}-{b}bit.parquet")
+        write_shard(table, path)
+        validate_shard(path, vocab, k_eff, adaptive=kl_max > 0, logprob_bits=b)  # readable by the pipeline as written
+        whole_z, soft_z = shard_bytes(path, n_tokens, columns)  # the product's writer (zstd 9)
+        ids, top, tail, counts = read_back(path, k_eff)
+        as_snappy(path)
+        whole, soft = shard_bytes(path, n_tokens, columns)
+        tails = {"uniform": None} if ref_logprobs is None else {"uniform": None, "base": ref_logprobs}
+        for tail_name, ref in tails.items():
+            kl, mse = adaptive_kl(logprobs, ids, counts, top, tail, ref)
+            scheme = f"{label}, {tail_name} tail: " if label else ""
+            out.append({"teacher": name, "scheme": scheme + stored_format(table.schema, b), "logprob_bits": b,
+                        "product": True, "vocab": vocab, "k": k, "k_stored": k_eff, "kl_max": kl_max,
+                        "mean_k": float(counts.float().mean()), "tail": tail_name, "tokens": n_tokens,
+                        "bytes_per_token_file": whole, "bytes_per_token_soft_columns": soft,
+                        "bytes_per_token_file_zstd": whole_z, "bytes_per_token_soft_columns_zstd": soft_z,
+                        "full_fp32_bytes_per_token": 4 * vocab, "compression_vs_full": 4 * vocab / soft,
+                        "kl_full_vs_topk_nats": kl, "target_sq_error": mse})
+            print(f"{out[-1]['scheme']} k={k}: mean k {out[-1]['mean_k']:.2f}, {soft:.1f} B/token ({soft_z:.1f} zstd), "
+                  f"KL {kl:.4f}", flush=True)
+    return out
 
 
 def stored_bytes(r: dict) -> float:
@@ -198,30 +246,9 @@ def zipf_logprobs(n: int, vocab: int, s: float):
     return torch.stack([base[torch.randperm(vocab, generator=g)] for _ in range(n)])
 
 
-def measure(name: str, logprobs, rows, vocab: int, work: str, ks=KS) -> list[dict]:
-    """Write one shard per k from these log-probs; bytes/token and KL per k."""
-    from dume_ray.data.soft_targets import rows_to_table, write_shard
-    out = []
-    for k in ks:
-        kl, (ids, lp, tail) = kl_full_vs_topk(logprobs, k)
-        k_eff = ids.shape[1]
-        shard_rows, offset = [], 0
-        for r in rows:
-            n_resp = len(r["input_ids"]) - r["response_start"]
-            shard_rows.append({**r, "topk_ids": ids[offset:offset + n_resp], "topk_logprobs": lp[offset:offset + n_resp],
-                               "tail_logmass": tail[offset:offset + n_resp]})
-            offset += n_resp
-        assert offset == logprobs.shape[0]
-        path = os.path.join(work, f"{name}-k{k}.parquet")
-        write_shard(rows_to_table(shard_rows, k_eff), path)
-        as_snappy(path)
-        whole, soft = shard_bytes(path, offset)
-        whole_z, soft_z = zstd_bytes(path, offset)
-        out.append({"teacher": name, "scheme": STORED_FORMAT, "vocab": vocab, "k": k, "k_stored": k_eff, "tokens": offset, "bytes_per_token_file": whole,
-                    "bytes_per_token_soft_columns": soft, "bytes_per_token_file_zstd": whole_z,
-                    "bytes_per_token_soft_columns_zstd": soft_z, "full_fp32_bytes_per_token": 4 * vocab,
-                    "compression_vs_full": 4 * vocab / soft, "kl_full_vs_topk_nats": kl})
-    return out
+def measure(name: str, logprobs, rows, vocab: int, work: str, ks=KS, bits=LOGPROB_BITS) -> list[dict]:
+    """The product's fixed-k shards (`measure_product`) for every k and logprob_bits."""
+    return [r for k in ks for r in measure_product(name, logprobs, rows, vocab, work, k, bits=bits)]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -230,7 +257,8 @@ def measure(name: str, logprobs, rows, vocab: int, work: str, ks=KS) -> list[dic
 # ---------------------------------------------------------------------------------------------------------
 
 # name -> (k, ids type, log-prob codec, tail codec). Codecs: "fp16", "fp32", ("log", bits, step): a log-prob
-# lp <= 0 stored as the unsigned integer round(-lp / step) clipped to 2^bits - 1 (4-bit values two per byte).
+# lp <= 0 stored as the unsigned integer round(-lp / step) clipped to 2^bits - 2, -inf as 2^bits - 1
+# (`dume_ray.data.soft_targets.quantise_logprobs`, the product's 8-bit codec; 4-bit values two per byte).
 SCHEMES = {
     "uint16 ids + fp16 log-probs + fp16 tail": ("uint16", "fp16", "fp16"),
     "uint16 ids + 8-bit log-probs (1/16 nat) + 8-bit tail": ("uint16", ("log", 8, 1 / 16), ("log", 8, 1 / 16)),
@@ -247,9 +275,10 @@ def quantise(values, codec):
         return stored, stored.astype(np.float32)
     if codec == "fp32":
         return values.astype(np.float32), values.astype(np.float32)
+    from dume_ray.data.soft_targets import dequantise_logprobs, quantise_logprobs
     _, bits, step = codec
-    q = np.clip(np.rint(-values.astype(np.float64) / step), 0, 2 ** bits - 1).astype(np.uint8)
-    return q, (-q.astype(np.float32) * step)
+    q = quantise_logprobs(values, bits, step)  # the product's quantiser (soft_targets.logprob_bits=8)
+    return q, dequantise_logprobs(q, bits, step)
 
 
 def codec_bytes(codec) -> float:
@@ -351,9 +380,7 @@ def measure_schemes(name: str, logprobs, rows, vocab: int, work: str, ks=SCHEME_
 # keeps at its start), measured only where the base was scored on the same rows.
 # ---------------------------------------------------------------------------------------------------------
 
-ADAPTIVE_STORED = "stored format: int32 ids + fp16 log-probs + fp32 tail + uint8 counts"
-ADAPTIVE_CODECS = {  # name -> (ids type, log-prob codec, tail codec)
-    ADAPTIVE_STORED: ("int32", "fp16", "fp32"),
+ADAPTIVE_CODECS = {  # name -> (ids type, log-prob codec, tail codec); the product's own rows: measure_product
     "uint16 ids + 8-bit log-probs (1/16 nat) + 8-bit tail": ("uint16", ("log", 8, 1 / 16), ("log", 8, 1 / 16)),
 }
 ADAPTIVE_RULES = (("mass", 0.01), ("kl", 0.05), ("kl", 0.03), ("kl", 0.02))
@@ -425,11 +452,11 @@ def adaptive_kl(logprobs, ids, counts, top_deq, tail_deq, ref_logprobs=None, chu
         p = logprobs[s:s + chunk].float()  # [c, V]
         c_ids, c_cnt = ids[s:s + chunk].long(), counts[s:s + chunk]
         kept = torch.arange(cap).unsqueeze(0) < c_cnt.unsqueeze(1)  # [c, cap]
-        in_kept = torch.zeros_like(p, dtype=torch.bool).scatter_(1, c_ids, kept)  # [c, V] (scatter of bools: last wins,
-        # ids are distinct per row)
+        # [c, V]; a sum, not a scatter of bools, so that a reader's padding (a kept id repeated, not kept) counts nothing
+        in_kept = torch.zeros_like(p).scatter_add_(1, c_ids, kept.float()) > 0
         tail = tail_deq[s:s + chunk].float().unsqueeze(1)  # [c, 1]
-        if ref_logprobs is None:
-            q = (tail - torch.log((vocab - c_cnt).float()).unsqueeze(1)).expand_as(p).clone()
+        if ref_logprobs is None:  # (all V kept: the tail is -inf and so is q outside them)
+            q = (tail - torch.log((vocab - c_cnt).clamp_min(1).float()).unsqueeze(1)).expand_as(p).clone()
         else:
             r = ref_logprobs[s:s + chunk].float().masked_fill(in_kept, float("-inf"))
             q = tail + r - torch.logsumexp(r, dim=-1, keepdim=True)
@@ -441,43 +468,37 @@ def adaptive_kl(logprobs, ids, counts, top_deq, tail_deq, ref_logprobs=None, chu
 
 
 def measure_adaptive(name: str, logprobs, rows, vocab: int, work: str, ref_logprobs=None,
-                     rules=ADAPTIVE_RULES, caps=ADAPTIVE_CAPS) -> list[dict]:
+                     rules=ADAPTIVE_RULES, caps=ADAPTIVE_CAPS, bits=LOGPROB_BITS, base_rules=BASE_RULES) -> list[dict]:
     """For every rule, cap and codec: the variable-length Parquet table (bytes measured) and KL(full ‖ decoded),
     with a uniform tail and, given ref_logprobs (the base on the same rows), a base-shaped one."""
     import numpy as np
     import torch
-    from dume_ray.data.soft_targets import rows_to_table, validate_shard, write_shard
 
     n_resp = [len(r["input_ids"]) - r["response_start"] for r in rows]
     offsets = np.zeros(len(rows) + 1, dtype=np.int64)
     np.cumsum(n_resp, out=offsets[1:])
     out = []
     if ref_logprobs is not None:
-        rules = tuple(rules) + BASE_RULES
+        rules = tuple(rules) + tuple(base_rules)
     for cap in caps:
         for rule in rules:
+            if rule[0] == "kl":  # the product's rule (soft_targets.kl_max): its own writer, each logprob_bits
+                out += measure_product(name, logprobs, rows, vocab, work, cap, rule[1], ref_logprobs, bits,
+                                       label=f"adaptive k (kl {rule[1]:g}, cap {cap})")
             values, ids, counts, tail = adaptive_counts(logprobs, cap, rule, ref_logprobs=ref_logprobs)
             cnt = counts.numpy()
             tok_start = np.zeros(len(cnt) + 1, dtype=np.int64)
             np.cumsum(cnt, out=tok_start[1:])
             kept = (torch.arange(ids.shape[1]).unsqueeze(0) < counts.unsqueeze(1)).numpy()
             for codec_name, (id_type, lp_codec, tail_codec) in ADAPTIVE_CODECS.items():
-                if (id_type == "uint16" and vocab > 65536) or (rule[0] == "kl_base" and codec_name == ADAPTIVE_STORED):
-                    continue  # the pipeline's format keeps >= 1 token per position, kl_base may keep none
+                if id_type == "uint16" and vocab > 65536:
+                    continue
                 lp_stored, lp_deq = quantise(values.numpy(), lp_codec)
                 tail_stored, tail_deq = quantise(tail.numpy(), tail_codec)
                 flat_ids, flat_lp = ids.numpy()[kept].astype(id_type), lp_stored[kept]  # row-major: token by token
                 per = lambda flat, i: flat[tok_start[offsets[i]]:tok_start[offsets[i + 1]]]  # noqa: E731
                 path = os.path.join(work, f"{name.split()[0]}-adaptive-{rule[0]}{rule[1]}-cap{cap}-{id_type}.parquet")
-                if codec_name == ADAPTIVE_STORED:  # the pipeline's writer: what soft_targets.kl_max > 0 stores
-                    write_shard(rows_to_table([{**r, "topk_ids": per(flat_ids, i), "topk_logprobs": per(flat_lp, i),
-                                                "tail_logmass": tail_stored[offsets[i]:offsets[i + 1]],
-                                                "topk_counts": cnt[offsets[i]:offsets[i + 1]]} for i, r in enumerate(rows)],
-                                              cap, adaptive=True), path)
-                    validate_shard(path, vocab, cap, adaptive=True)  # readable by the pipeline as written
-                    as_snappy(path)
-                else:
-                    write_adaptive_table(rows, per, flat_ids, flat_lp, tail_stored, cnt, offsets, path)
+                write_adaptive_table(rows, per, flat_ids, flat_lp, tail_stored, cnt, offsets, path)
                 whole, soft = shard_bytes(path, int(offsets[-1]), SOFT_COLUMNS + ("topk_counts",))
                 whole_z, soft_z = zstd_bytes(path, int(offsets[-1]), SOFT_COLUMNS + ("topk_counts",))
                 top_deq, tail_deq_t = torch.from_numpy(lp_deq), torch.from_numpy(tail_deq)
@@ -589,8 +610,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--big-vocab", type=int, default=150_000)
     parser.add_argument("--big-rows", type=int, default=64, help="synthetic examples (4 response tokens each)")
     parser.add_argument("--ks", type=int, nargs="+", default=list(KS), help="top-k sizes to store")
-    parser.add_argument("--scheme-ks", type=int, nargs="+", default=list(SCHEME_KS),
-                        help="top-k sizes of the compressed schemes (uint16 ids, quantised log-probs)")
+    parser.add_argument("--scheme-ks", type=int, nargs="*", default=list(SCHEME_KS),
+                        help="top-k sizes of the compressed schemes (uint16 ids, quantised log-probs); none: skip them")
     parser.add_argument("--finetune-steps", type=int, default=0,
                         help="when --run-dir has no experts: fine-tune the base this many steps per task as stand-in experts")
     parser.add_argument("--no-synthetic", action="store_true", help="only the config's teachers, no 150k-vocab Zipf rows")
@@ -599,9 +620,20 @@ def main(argv: list[str] | None = None) -> int:
                              "there (the teachers cost minutes to an hour on a shared CPU; reruns measure the same numbers)")
     parser.add_argument("--tasks", nargs="+", default=None, help="only these of the config's tasks")
     parser.add_argument("--no-adaptive", action="store_true", help="skip the adaptive-k schemes")
+    parser.add_argument("--caps", type=int, nargs="+", default=list(ADAPTIVE_CAPS), help="adaptive-k caps (top_k)")
+    parser.add_argument("--rules", nargs="+", default=[f"{r}:{v:g}" for r, v in ADAPTIVE_RULES],
+                        help="adaptive-k rules, RULE:VALUE with RULE mass or kl (kl = the product's soft_targets.kl_max)")
+    parser.add_argument("--logprob-bits", type=int, nargs="+", default=list(LOGPROB_BITS), choices=LOGPROB_BITS,
+                        help="the product's soft_targets.logprob_bits settings to measure")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    try:
+        rules = tuple((r.split(":")[0], float(r.split(":")[1])) for r in args.rules)
+    except (IndexError, ValueError):
+        parser.error(f"--rules: expected RULE:VALUE items such as kl:0.05, got {args.rules}")
+    if any(r not in ("mass", "kl") for r, _ in rules):
+        parser.error(f"--rules: RULE must be mass or kl, got {args.rules}")
     started = time.time()
     from dume_ray.config import load_config
     if args.tiny:
@@ -616,18 +648,20 @@ def main(argv: list[str] | None = None) -> int:
     labels, results = [], []
     for teacher, (demo_lp, demo_rows) in teachers.items():
         labels.append(f"{cfg.name} ({teacher})")
-        results += measure(labels[-1], demo_lp, demo_rows, demo_lp.shape[1], work, args.ks)
+        results += measure(labels[-1], demo_lp, demo_rows, demo_lp.shape[1], work, args.ks, args.logprob_bits)
         results += measure_schemes(labels[-1], demo_lp, demo_rows, demo_lp.shape[1], work, args.scheme_ks)
         # The base-shaped tail for experts only: the base scored on the same rows (stand-ins: the base teacher's rows).
         base = reference[0] if reference else None
         if not args.no_adaptive:
             results += measure_adaptive(labels[-1], demo_lp, demo_rows, demo_lp.shape[1], work,
-                                        base if teacher.startswith(("stand-in", "trained")) else None)
+                                        base if teacher.startswith(("stand-in", "trained")) else None,
+                                        rules, args.caps, args.logprob_bits,
+                                        BASE_RULES if rules == ADAPTIVE_RULES else ())  # --rules: only those
             results += measure_sampled(labels[-1], demo_lp, demo_rows, demo_lp.shape[1], work)
     big_rows = synthetic_rows(args.big_rows, 4, args.big_vocab)
     for s in () if args.no_synthetic else (2.0, 1.1):
         results += measure(f"synthetic Zipf s={s}", zipf_logprobs(4 * args.big_rows, args.big_vocab, s), big_rows, args.big_vocab,
-                           work, args.ks)
+                           work, args.ks, args.logprob_bits)
 
     rows = [[r["teacher"], r["scheme"], f"{r['vocab']:,}", r["k"] if r["k"] == r["k_stored"] else f"{r['k']} (stored {r['k_stored']} = V)",
              f"{r['bytes_per_token_soft_columns']:.1f}", f"{r['bytes_per_token_soft_columns_zstd']:.1f}",
@@ -648,9 +682,12 @@ def main(argv: list[str] | None = None) -> int:
             return f"{r['scheme']} k={r['k']} ({stored_bytes(r):.1f} B with {writer}, {r['kl_full_vs_topk_nats']:.3f} nats)"
         fewest = min(ok, key=stored_bytes, default=None)
         best = min(ok, key=lambda r: r["kl_full_vs_topk_nats"], default=None)
+        product = [r for r in ok if r.get("product") and r.get("tail") == "uniform"]  # what the KD loss is handed
         verdicts.append(f"{label}, goal <= {GOAL_BYTES:.0f} bytes/token at <= {GOAL_KL} nats KL (V = {demo_lp.shape[1]:,}): "
                         + (f"met by {len(ok)} schemes; fewest bytes: {show(fewest)}; lowest KL: {show(best)}" if ok
-                           else "met by nothing measured"))
+                           else "met by nothing measured")
+                        + "; by the product's own format (uniform tail): "
+                        + (f"{len(product)} settings, fewest bytes: {show(min(product, key=stored_bytes))}" if product else "none"))
     verdict = "\n".join(verdicts)
     print("\n" + table + "\n\n" + verdict, flush=True)
     write_result(result_path("storage", args.out, args.tiny), "storage", command_line(), started,

@@ -223,6 +223,9 @@ class ExpertsConfig:
 class SoftTargetsConfig:
     top_k: int = 8  # teacher tokens kept per response token; the rest is one tail bucket
     kl_max: float = 0.0  # > 0: adaptive k, per response token the fewest of the top_k (<= 255) whose kept probs + uniform tail are within kl_max nats of the full distribution (KL); 0 = always top_k
+    logprob_bits: int = 16  # stored log-probs: 16 = float16 top-k log-probs + float32 tail; 8 = uint8 codes for both
+    #   (step 1/16 nat; tokens below -15.9 nats are not stored; readers dequantise and renormalise): fewer bytes, and a student
+    #   equal to its teacher has a KD loss <= 1/2048 nat per token instead of ~0 (data/soft_targets.py)
     batch_size: int = 256  # examples per teacher forward
     num_actors: int = 1  # TeacherScorer actors per expert
     cpus_per_actor: float = 1.0
@@ -236,6 +239,7 @@ class SoftTargetsConfig:
     def __post_init__(self) -> None:
         _check(self.top_k >= 1, f"soft_targets.top_k must be >= 1, got {self.top_k}")
         _check(math.isfinite(self.kl_max) and self.kl_max >= 0, f"soft_targets.kl_max must be a finite number >= 0, got {self.kl_max}")
+        _check(self.logprob_bits in (16, 8), f"soft_targets.logprob_bits must be 16 or 8, got {self.logprob_bits}")
         _check(self.kl_max == 0 or self.top_k <= 255,
                f"soft_targets.top_k must be <= 255 with soft_targets.kl_max > 0 (counts are stored as uint8), got {self.top_k}")
         _check(self.num_actors >= 1, f"soft_targets.num_actors must be >= 1, got {self.num_actors}")

@@ -76,12 +76,13 @@ def expert_hash(base: str, task_names: list[str], cfg: PipelineConfig) -> str:
 
 def soft_target_group_hash(cfg: PipelineConfig, task_names: list[str], expert: str) -> str:
     """One group's soft targets: its expert, its tasks' training rows, k and kl_max when adaptive (left out at its
-    default 0, so fixed-k runs keep their hashes). Not how many rows are scored: that is the union's
+    default 0, so fixed-k runs keep their hashes), logprob_bits when not the default 16 (likewise). Not how many rows are scored: that is the union's
     (`soft_targets_hash`), so an edit that changes the students' budget (a task added) keeps every group that
     still holds the rows it needs."""
     st = cfg.soft_targets
     k = (st.top_k, "kl_max", st.kl_max) if st.kl_max > 0 else st.top_k
-    return config_hash("soft_targets", expert, k, task_data(cfg, task_names))
+    bits = () if st.logprob_bits == 16 else (("logprob_bits", st.logprob_bits),)
+    return config_hash("soft_targets", expert, k, task_data(cfg, task_names), *bits)
 
 
 def read_budget(cfg: PipelineConfig, stage: str) -> int:

@@ -27,7 +27,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from dume_ray.data.soft_targets import COUNTS_COLUMN, pad_top_k
+from dume_ray.data.soft_targets import COUNTS_COLUMN, decode_logprobs, pad_top_k
 
 #: Label value ignored by ``torch.nn.functional.cross_entropy``.
 IGNORE_INDEX = -100
@@ -166,16 +166,21 @@ def soft_target_batch(batch: dict, pad_id: int, top_k: int) -> dict[str, torch.T
         ``topk_logprobs`` float32 [n, k] and ``tail_logmass`` float32 [n], n = response tokens in the batch.
         Adaptive-k shards (a ``topk_counts`` column): k = the most kept at a position of this batch, the
         shorter positions padded with log-prob -inf (``pad_top_k``; the KD loss drops those entries).
+        Ids stored as uint16 or int32 alike; 8-bit log-prob codes dequantised and renormalised per position
+        (``decode_logprobs``).
     """
     out = collate(batch_rows(batch), pad_id)
-    if batch.get(COUNTS_COLUMN) is not None:  # adaptive-k shard: pad to the most kept in this batch, not to top_k
-        counts = np.concatenate(batch[COUNTS_COLUMN]).astype(np.int64)  # [n]
-        out["topk_ids"], out["topk_logprobs"] = pad_top_k(np.concatenate(batch["topk_ids"]), np.concatenate(batch["topk_logprobs"]),
-                                                          counts, int(counts.max(initial=1)))  # [n, width], -inf padding
+    tail = np.concatenate(batch["tail_logmass"])  # [n], stored values or codes
+    adaptive = batch.get(COUNTS_COLUMN) is not None
+    counts = np.concatenate(batch[COUNTS_COLUMN]).astype(np.int64) if adaptive else np.full(tail.shape[0], top_k, np.int64)  # [n]
+    ids = np.concatenate(batch["topk_ids"]).astype(np.int64)  # [sum(counts)]
+    logprobs, tail = decode_logprobs(np.concatenate(batch["topk_logprobs"]), tail, counts)  # float32
+    if adaptive:  # pad to the most kept in this batch, not to top_k
+        out["topk_ids"], out["topk_logprobs"] = pad_top_k(ids, logprobs, counts, int(counts.max(initial=1)))  # [n, width], -inf padding
     else:
-        out["topk_ids"] = torch.from_numpy(np.concatenate(batch["topk_ids"]).astype(np.int64)).view(-1, top_k)  # [n, k]
-        out["topk_logprobs"] = torch.from_numpy(np.concatenate(batch["topk_logprobs"]).astype(np.float32)).view(-1, top_k)
-    out["tail_logmass"] = torch.from_numpy(np.concatenate(batch["tail_logmass"]).astype(np.float32))  # [n]
+        out["topk_ids"] = torch.from_numpy(ids).view(-1, top_k)  # [n, k]
+        out["topk_logprobs"] = torch.from_numpy(logprobs).view(-1, top_k)
+    out["tail_logmass"] = torch.from_numpy(tail)  # [n]
     return out
 
 

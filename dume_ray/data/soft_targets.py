@@ -24,6 +24,28 @@ V = 49,152). Such a shard has one more column, ``topk_counts`` list<uint8>
 Readers pad each position back to a fixed width with log-prob -inf and the
 position's first id (``pad_top_k``); the KD loss ignores those entries.
 
+Compact storage (issue 16's goal: <= 40 bytes/token at <= 0.05 nats KL at
+V = 49,152). Token ids are stored as ``uint16`` whenever the vocabulary fits
+(V <= 65,536; lossless), ``int32`` otherwise; readers accept both, so shards
+written before (int32 at any V) stay readable. ``soft_targets.logprob_bits``
+chooses the log-prob codec: 16 (the default) stores ``topk_logprobs`` as
+float16 and ``tail_logmass`` as float32, as above; 8 stores both as ``uint8``
+codes of a log-quantiser with step ``LOGPROB_STEP`` = 1/16 nat: code
+round(-lp / step) for finite lp, clipped to 254, and code 255 = -inf. A top-k
+token whose code would be clipped (lp < FLOOR_8BIT, about -15.9 nats: p below
+1.3e-7) is not stored: code 255 ("absent", dropped on both sides by the KD
+loss like adaptive-k padding; the reader's renormalisation spreads its mass
+over the rest); adaptive k keeps fewer tokens instead (their mass in the
+tail). Clipped, such a token would be overweighted in the tempered target
+p^(1/T) at T > 1. Only the tail can be clipped (a tail mass below 1.3e-7,
+which only T = 1 uses). The scheme is the one
+benchmarks/storage.py measured ("uint16 ids + 8-bit log-probs (1/16 nat) +
+8-bit tail") and it imports ``quantise_logprobs`` from here. Readers
+dequantise (error <= step/2 per stored value, unless clipped) and renormalise
+each position (kept + tail logsumexp to 0), so the KD loss always sees a
+distribution; 16-bit values are handed over bit for bit as before. The dtype
+of the stored column says which codec a shard used (uint8 = 8 bits).
+
 Pure pyarrow/numpy/torch, no Ray. Test with:
 
     .venv/bin/python -m pytest tests/unit/test_soft_targets.py -q
@@ -33,7 +55,7 @@ from __future__ import annotations
 
 import glob
 import os
-from typing import Any, Callable, Dict, List, Mapping, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -61,40 +83,59 @@ LOGPROB_FLOOR = -1.0e4
 # SmolLM2's experts (benchmarks/results/storage_smollm2.json, "zstd" beside "snappy"); any codec reads back.
 PARQUET_WRITE_ARGS = {"compression": "zstd", "compression_level": 9}  # what the benchmark measured
 
-_LIST_DTYPES = {
-    "input_ids": np.int32,
-    "topk_ids": np.int32,
-    "topk_logprobs": np.float16,
-    "tail_logmass": np.float32,
-    COUNTS_COLUMN: np.uint8,
-}
+LOGPROB_BITS = (16, 8)  # soft_targets.logprob_bits: float16 log-probs + float32 tail, or 8-bit codes for both
+LOGPROB_STEP = 1.0 / 16  # nats per 8-bit code (the step benchmarks/storage.py measured)
+FLOOR_8BIT = -(2 ** 8 - 1.5) * LOGPROB_STEP  # -15.906: log-probs from here up get codes <= 254, never clipped
+UINT16_VOCAB = 1 << 16  # vocabularies up to this size store their ids as uint16
+# validate_shard's tolerance on each position's logsumexp: float16 rounding, or half an 8-bit step (+ slack for the
+# clipped codes, each worth < 1.3e-7 of mass)
+ATOL = {16: 2e-2, 8: LOGPROB_STEP / 2 + 1e-3}
+_LIST_COLUMNS = ("input_ids", "topk_ids", "topk_logprobs", "tail_logmass", COUNTS_COLUMN)
 
 
 class SoftTargetError(ValueError):
     """A soft-target shard is unreadable or violates the format."""
 
 
-def soft_target_schema(top_k: int, adaptive: bool = False) -> pa.Schema:
+def id_dtype(vocab_size: Optional[int]) -> type:
+    """numpy dtype of stored top-k ids: uint16 when the vocabulary fits (V <= 65,536), else int32; None (the
+    vocabulary not given) = int32, the format every shard had before ids were narrowed."""
+    return np.uint16 if vocab_size is not None and vocab_size <= UINT16_VOCAB else np.int32
+
+
+def _check_bits(logprob_bits: int) -> None:
+    if logprob_bits not in LOGPROB_BITS:
+        raise ValueError(f"logprob_bits must be one of {LOGPROB_BITS}, got {logprob_bits!r}")
+
+
+def soft_target_schema(top_k: int, adaptive: bool = False, vocab_size: Optional[int] = None,
+                       logprob_bits: int = 16) -> pa.Schema:
     """Arrow schema of a soft-target shard.
 
     Fields: ``example_id``/``task``/``group`` strings; ``input_ids``
     list<int32> (prompt + response); ``response_start`` int32 (index of the
     first response token, so logits at positions response_start-1 .. len-2
     score the n_resp = len(input_ids) - response_start response tokens);
-    ``topk_ids`` list<int32> and ``topk_logprobs`` list<float16>, both the
-    row-major flattening of [n_resp, k]; ``tail_logmass`` list<float32>
-    [n_resp]. Metadata ``b"top_k"`` holds str(k). Adaptive shards add
-    ``topk_counts`` list<uint8> [n_resp] and their top-k lists hold
-    sum(counts) values (k is then the most kept at a position).
+    ``topk_ids`` list<uint16> (V <= 65,536) or list<int32>, and
+    ``topk_logprobs`` list<float16> (logprob_bits 16) or list<uint8> (8), both
+    the row-major flattening of [n_resp, k]; ``tail_logmass`` list<float32>
+    (16) or list<uint8> (8), [n_resp]. Metadata ``b"top_k"`` holds str(k).
+    Adaptive shards add ``topk_counts`` list<uint8> [n_resp] and their top-k
+    lists hold sum(counts) values (k is then the most kept at a position).
 
     Args:
         top_k: Number of teacher tokens kept per position (the cap, adaptive).
         adaptive: Whether the shard keeps a variable number per position.
+        vocab_size: The teacher's vocabulary size, which decides the id type
+            (``id_dtype``); None = int32 ids.
+        logprob_bits: 16 or 8 (``soft_targets.logprob_bits``).
 
     Returns:
         The schema.
     """
+    _check_bits(logprob_bits)
     counts = [pa.field(COUNTS_COLUMN, pa.list_(pa.uint8()))] if adaptive else []
+    lp_type, tail_type = (pa.float16(), pa.float32()) if logprob_bits == 16 else (pa.uint8(), pa.uint8())
     return pa.schema(
         [
             pa.field("example_id", pa.string()),
@@ -102,12 +143,81 @@ def soft_target_schema(top_k: int, adaptive: bool = False) -> pa.Schema:
             pa.field("group", pa.string()),
             pa.field("input_ids", pa.list_(pa.int32())),
             pa.field("response_start", pa.int32()),
-            pa.field("topk_ids", pa.list_(pa.int32())),
-            pa.field("topk_logprobs", pa.list_(pa.float16())),
-            pa.field("tail_logmass", pa.list_(pa.float32())),
+            pa.field("topk_ids", pa.list_(pa.from_numpy_dtype(id_dtype(vocab_size)))),
+            pa.field("topk_logprobs", pa.list_(lp_type)),
+            pa.field("tail_logmass", pa.list_(tail_type)),
         ] + counts,
         metadata={b"top_k": str(int(top_k)).encode()},
     )
+
+
+# --------------------------------------------------------------------------
+# 8-bit log-prob codes
+# --------------------------------------------------------------------------
+
+
+def quantise_logprobs(values: np.ndarray, bits: int = 8, step: float = LOGPROB_STEP) -> np.ndarray:
+    """Log-probs (<= 0, -inf allowed) -> unsigned codes: round(-lp / step) for finite lp, clipped to
+    2^bits - 2; -inf -> 2^bits - 1. uint8 array of the same shape (values < 2^bits; benchmarks/storage.py packs
+    its 4-bit codes two per byte). The error of a decoded finite value is <= step/2 unless it was clipped
+    (lp < -(2^bits - 2)·step)."""
+    top = 2 ** bits - 1
+    lp = np.asarray(values, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        codes = np.clip(np.rint(-lp / step), 0, top - 1)
+    return np.where(np.isneginf(lp), top, codes).astype(np.uint8)
+
+
+def dequantise_logprobs(codes: np.ndarray, bits: int = 8, step: float = LOGPROB_STEP) -> np.ndarray:
+    """quantise_logprobs' codes -> float32 log-probs (code 2^bits - 1 -> -inf)."""
+    codes = np.asarray(codes)
+    return np.where(codes == 2 ** bits - 1, -np.inf, -codes.astype(np.float32) * step).astype(np.float32)
+
+
+def _encode_values(values: Tensor, tail: Tensor, logprob_bits: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Stored top-k log-probs and tail: float16 (clamped to LOGPROB_FLOOR) + float32, or 8-bit codes."""
+    _check_bits(logprob_bits)
+    values, tail = values.detach().float().cpu().numpy(), tail.detach().float().cpu().numpy()
+    if logprob_bits == 8:
+        return quantise_logprobs(values), quantise_logprobs(tail)
+    return np.maximum(values, LOGPROB_FLOOR).astype(np.float16), tail.astype(np.float32)
+
+
+def decode_logprobs(topk_values: Any, tail_values: Any, counts: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Stored log-prob columns (flat, position by position) -> float32 log-probs for the KD loss.
+
+    float16/float32 columns (logprob_bits 16) are returned as stored, bit for bit. Integer codes
+    (logprob_bits 8: uint8 from Parquet or Ray Data, Python ints from ``to_pylist``) are dequantised and every
+    position renormalised, its counts[t] kept values + tail shifted by their logsumexp so they sum to 1.
+
+    Args:
+        topk_values: [sum(counts)] stored top-k values.
+        tail_values: [positions] stored tail values.
+        counts: [positions] values kept at each position (k for fixed-k shards).
+
+    Returns:
+        (topk_logprobs float32 [sum(counts)], tail_logmass float32 [positions]).
+    """
+    topk, tail = np.asarray(topk_values), np.asarray(tail_values)
+    if topk.dtype.kind not in "ui":  # float16 / float32 as stored (an empty list reads as float64)
+        return topk.astype(np.float32), tail.astype(np.float32)
+    topk, tail = dequantise_logprobs(topk), dequantise_logprobs(tail)
+    if tail.size == 0:
+        return topk, tail
+    total = position_logmass(topk, np.asarray(counts, dtype=np.int64), tail)  # [positions]
+    return ((topk - np.repeat(total, counts)).astype(np.float32), (tail - total).astype(np.float32))
+
+
+def position_logmass(logps: np.ndarray, counts: np.ndarray, tail: np.ndarray) -> np.ndarray:
+    """logsumexp of each position's kept log-probs and its tail, float64 [positions]; position t owns
+    logps[starts[t]:starts[t] + counts[t]] (counts >= 1, its first value finite: the largest kept)."""
+    logps, tail = np.asarray(logps, dtype=np.float64), np.asarray(tail, dtype=np.float64)
+    starts = np.zeros(counts.size, dtype=np.int64)  # [positions]
+    np.cumsum(counts[:-1], out=starts[1:])
+    peak = np.maximum(np.maximum.reduceat(logps, starts), tail)  # [positions], finite
+    position = np.repeat(np.arange(counts.size), counts)  # [sum(counts)]
+    mass = np.add.reduceat(np.exp(logps - peak[position]), starts) + np.exp(tail - peak)  # [positions]
+    return peak + np.log(mass)
 
 
 # --------------------------------------------------------------------------
@@ -115,17 +225,22 @@ def soft_target_schema(top_k: int, adaptive: bool = False) -> pa.Schema:
 # --------------------------------------------------------------------------
 
 
-def encode_top_k(logprobs: Tensor, k: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+def encode_top_k(logprobs: Tensor, k: int, logprob_bits: int = 16) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Compress full teacher log-probs to top-k + tail.
 
     Args:
         logprobs: Teacher ``log_softmax`` output at T=1, [n, V].
         k: Tokens to keep per position; clamped to V.
+        logprob_bits: 16 (float16 log-probs, float32 tail) or 8 (uint8 codes, ``quantise_logprobs``).
 
     Returns:
-        (topk_ids int32 [n, k], topk_logprobs float16 [n, k],
-        tail_logmass float32 [n]). The tail is the exact logsumexp of the
-        non-top-k log-probs in float32 (-inf when k >= V).
+        (topk_ids [n, k] uint16 (V <= 65,536) or int32, topk_logprobs
+        float16/uint8 [n, k], tail_logmass float32/uint8 [n]). The tail is the
+        exact logsumexp of the non-top-k log-probs in float32 (-inf when
+        k >= V) before it is stored. At 8 bits a top-k token below
+        FLOOR_8BIT is stored absent (code 255, decoded -inf): the KD loss
+        drops it on both sides, as adaptive-k padding, and the reader's
+        renormalisation spreads its mass (< 1.3e-7) over the rest.
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got k={k!r}")
@@ -140,11 +255,9 @@ def encode_top_k(logprobs: Tensor, k: int) -> Tuple[np.ndarray, np.ndarray, np.n
         # the top k hold nearly all the mass.
         in_topk = torch.zeros_like(logp, dtype=torch.bool).scatter_(-1, ids, True)  # [n, V]
         tail = torch.logsumexp(logp.masked_fill(in_topk, float("-inf")), dim=-1)  # [n]
-    return (
-        ids.to(torch.int32).cpu().numpy(),
-        values.clamp_min(LOGPROB_FLOOR).cpu().numpy().astype(np.float16),
-        tail.cpu().numpy().astype(np.float32),
-    )
+    if logprob_bits == 8:  # top-k tokens below the 8-bit floor: absent (-inf, code 255); the top-1 never is (>= -log V)
+        values = values.masked_fill(values < FLOOR_8BIT, float("-inf"))
+    return (ids.cpu().numpy().astype(id_dtype(vocab)), *_encode_values(values, tail, logprob_bits))
 
 
 def kept_counts(logprobs: Tensor, k: int, kl_max: float, chunk: int = 256) -> Tensor:
@@ -183,28 +296,33 @@ def kept_counts(logprobs: Tensor, k: int, kl_max: float, chunk: int = 256) -> Te
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64)
 
 
-def encode_adaptive_top_k(logprobs: Tensor, k: int, kl_max: float) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def encode_adaptive_top_k(logprobs: Tensor, k: int, kl_max: float,
+                          logprob_bits: int = 16) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Compress full teacher log-probs to a variable number of top tokens + tail (see ``kept_counts``).
 
+    At logprob_bits 8 a position keeps no token below the 8-bit floor (-15.875 nats, p < 1.3e-7), whatever
+    the KL rule asks (it moves the reconstruction by ~1e-6 nats at most): such a code would be clipped, which
+    at T > 1 would overweight the token in the tempered target. Only the tail can then be clipped (T = 1 only).
+
     Returns:
-        (topk_ids int32 [sum(counts)], topk_logprobs float16 [sum(counts)],
-        tail_logmass float32 [n] (the exact log-mass of the tokens not kept,
-        -inf when all V are), counts uint8 [n]); the flat arrays list each
-        position's kept tokens in descending probability, position by position.
+        (topk_ids uint16/int32 [sum(counts)] (as ``encode_top_k``),
+        topk_logprobs float16/uint8 [sum(counts)], tail_logmass float32/uint8
+        [n] (the exact log-mass of the tokens not kept, -inf when all V are),
+        counts uint8 [n]); the flat arrays list each position's kept tokens in
+        descending probability, position by position.
     """
     counts = kept_counts(logprobs, k, kl_max)  # [n]
     logp = logprobs.detach().float()  # [n, V]
     k = min(k, logp.shape[1])
     values, ids = torch.topk(logp, k, dim=-1)  # [n, k]
+    if logprob_bits == 8:  # never keep a token whose code would be clipped: its mass (< 1.3e-7) joins the exact tail
+        above = (values >= FLOOR_8BIT).sum(-1)  # [n]; values descend, so a prefix
+        counts = torch.minimum(counts, above.clamp_min(1))
     kept = torch.arange(k).unsqueeze(0) < counts.unsqueeze(1)  # [n, k]
     in_kept = torch.zeros_like(logp, dtype=torch.bool).scatter_(-1, ids, kept)  # [n, V]
     tail = torch.logsumexp(logp.masked_fill(in_kept, float("-inf")), dim=-1)  # [n]
-    return (
-        ids[kept].to(torch.int32).cpu().numpy(),
-        values[kept].clamp_min(LOGPROB_FLOOR).cpu().numpy().astype(np.float16),
-        tail.cpu().numpy().astype(np.float32),
-        counts.cpu().numpy().astype(np.uint8),
-    )
+    return (ids[kept].cpu().numpy().astype(id_dtype(logp.shape[1])), *_encode_values(values[kept], tail, logprob_bits),
+            counts.cpu().numpy().astype(np.uint8))
 
 
 def pad_top_k(ids: np.ndarray, logprobs: np.ndarray, counts: np.ndarray, width: int) -> Tuple[Tensor, Tensor]:
@@ -250,23 +368,24 @@ def decode_top_k(row: Mapping[str, Any], top_k: int) -> Tuple[Tensor, Tensor, Te
         SoftTargetError: If the flattened lengths do not match [n_resp, k].
     """
     # np.array copies: Arrow-backed arrays are read-only, torch wants writable.
-    tail = np.array(row["tail_logmass"], dtype=np.float32)  # [n_resp]
-    ids = np.asarray(row["topk_ids"], dtype=np.int64)  # [n_resp * k]
-    logps = np.asarray(row["topk_logprobs"], dtype=np.float32)  # [n_resp * k]
+    ids = np.asarray(row["topk_ids"]).astype(np.int64)  # [n_resp * k], stored uint16 or int32
+    logps, tail = np.asarray(row["topk_logprobs"]), np.array(row["tail_logmass"])  # stored values or 8-bit codes
     n_resp = tail.shape[0]
-    if row.get(COUNTS_COLUMN) is not None:  # adaptive: pad each position to top_k
-        counts = np.asarray(row[COUNTS_COLUMN], dtype=np.int64)  # [n_resp]
-        if counts.size != n_resp or ids.size != counts.sum() or logps.size != counts.sum():
-            raise SoftTargetError(
-                f"example_id={row.get('example_id')!r}: topk_ids/topk_logprobs have {ids.size}/{logps.size} "
-                f"values and {counts.size} counts, expected sum(counts) = {counts.sum()} and n_resp = {n_resp}"
-            )
-        return (*pad_top_k(ids, logps, counts, top_k), torch.from_numpy(tail))
-    if ids.size != n_resp * top_k or logps.size != n_resp * top_k:
+    adaptive = row.get(COUNTS_COLUMN) is not None
+    counts = np.asarray(row[COUNTS_COLUMN], dtype=np.int64) if adaptive else np.full(n_resp, top_k, dtype=np.int64)  # [n_resp]
+    if adaptive and (counts.size != n_resp or ids.size != counts.sum() or logps.size != counts.sum()):
+        raise SoftTargetError(
+            f"example_id={row.get('example_id')!r}: topk_ids/topk_logprobs have {ids.size}/{logps.size} "
+            f"values and {counts.size} counts, expected sum(counts) = {counts.sum()} and n_resp = {n_resp}"
+        )
+    if not adaptive and (ids.size != n_resp * top_k or logps.size != n_resp * top_k):
         raise SoftTargetError(
             f"example_id={row.get('example_id')!r}: topk_ids/topk_logprobs have "
             f"{ids.size}/{logps.size} values, expected n_resp*k = {n_resp}*{top_k}"
         )
+    logps, tail = decode_logprobs(logps, tail, counts)  # float32; 8-bit codes dequantised and renormalised
+    if adaptive:  # pad each position to top_k
+        return (*pad_top_k(ids, logps, counts, top_k), torch.from_numpy(tail))
     return (
         torch.from_numpy(ids.reshape(n_resp, top_k)),
         torch.from_numpy(logps.reshape(n_resp, top_k)),
@@ -289,29 +408,81 @@ def _list_column(values: Sequence[Any], dtype: Any, arrow_type: pa.DataType) -> 
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=arrow_type))
 
 
-def rows_to_table(rows: List[Dict[str, Any]], top_k: int, adaptive: bool = False) -> pa.Table:
+def rows_to_table(rows: List[Dict[str, Any]], top_k: int, adaptive: bool = False, vocab_size: Optional[int] = None,
+                  logprob_bits: int = 16) -> pa.Table:
     """Build a shard table from row dicts (values may be lists or arrays).
 
     Args:
         rows: One dict per example with every column in SOFT_TARGET_COLUMNS
-            (and ``topk_counts`` when adaptive).
+            (and ``topk_counts`` when adaptive), values as encoded for
+            ``logprob_bits`` (``encode_top_k``).
         top_k: k used for encoding (stored in the schema metadata).
         adaptive: Write the adaptive-k format (``topk_counts`` column).
+        vocab_size: The teacher's vocabulary size (the id type; None = int32).
+        logprob_bits: 16 or 8, as the values were encoded.
 
     Returns:
-        A table with exactly ``soft_target_schema(top_k, adaptive)``.
+        A table with exactly ``soft_target_schema(top_k, adaptive, vocab_size, logprob_bits)``.
     """
-    schema = soft_target_schema(top_k, adaptive)
+    schema = soft_target_schema(top_k, adaptive, vocab_size, logprob_bits)
     columns = []
     for field in schema:
         values = [r[field.name] for r in rows]
-        if field.name in _LIST_DTYPES:
-            columns.append(_list_column(values, _LIST_DTYPES[field.name], field.type.value_type))
+        if field.name in _LIST_COLUMNS:
+            columns.append(_list_column(values, field.type.value_type.to_pandas_dtype(), field.type.value_type))
         elif field.name == "response_start":
             columns.append(pa.array(np.asarray(values, dtype=np.int32), type=pa.int32()))
         else:
             columns.append(pa.array([str(v) for v in values], type=pa.string()))
     return pa.Table.from_arrays(columns, schema=schema)
+
+
+def targets_table(rows: Sequence[Mapping[str, Any]], logprobs: Tensor, top_k: int, kl_max: float = 0.0,
+                  logprob_bits: int = 16) -> pa.Table:
+    """The shard table of `rows` from the teacher's log-probs at their response tokens: what ``TeacherScorer``
+    writes (and benchmarks/storage.py measures), fixed k or adaptive (kl_max > 0), in the codec of logprob_bits,
+    ids typed by the vocabulary (the log-probs' width).
+
+    Args:
+        rows: Encoded examples (``example_id``, ``task``, ``group``, ``input_ids``, ``response_start``).
+        logprobs: Teacher ``log_softmax`` at T=1 of every response token, rows in order, [n, V].
+        top_k: Tokens kept per position (the cap when adaptive); clamped to V.
+        kl_max: > 0: adaptive k (``encode_adaptive_top_k``).
+        logprob_bits: 16 or 8.
+
+    Returns:
+        A table in ``soft_target_schema(min(top_k, V), kl_max > 0, V, logprob_bits)``.
+    """
+    vocab = logprobs.shape[1]
+    k = min(top_k, vocab)
+    if kl_max > 0:  # flat [sum(counts)] values, counts [n]; rows slice them at the running sum of counts
+        topk_ids, topk_logprobs, tail_logmass, counts = encode_adaptive_top_k(logprobs, k, kl_max, logprob_bits)
+        ends = np.cumsum(counts, dtype=np.int64)  # [n]
+    else:
+        topk_ids, topk_logprobs, tail_logmass = encode_top_k(logprobs, k, logprob_bits)  # [n, k], [n, k], [n]
+    out, offset = [], 0
+    for row in rows:
+        n_resp = len(row["input_ids"]) - row["response_start"]
+        out.append({"example_id": row["example_id"], "task": row["task"], "group": row["group"],
+                    "input_ids": row["input_ids"], "response_start": row["response_start"],
+                    "tail_logmass": tail_logmass[offset:offset + n_resp]})
+        if kl_max > 0:
+            lo, hi = (ends[offset - 1] if offset else 0), ends[offset + n_resp - 1]
+            out[-1].update(topk_ids=topk_ids[lo:hi], topk_logprobs=topk_logprobs[lo:hi], **{COUNTS_COLUMN: counts[offset:offset + n_resp]})
+        else:
+            out[-1].update(topk_ids=topk_ids[offset:offset + n_resp], topk_logprobs=topk_logprobs[offset:offset + n_resp])
+        offset += n_resp
+    if offset != logprobs.shape[0]:
+        raise ValueError(f"rows have {offset} response tokens, log-probs {logprobs.shape[0]}")
+    return rows_to_table(out, k, kl_max > 0, vocab, logprob_bits)
+
+
+def int32_ids(table: pa.Table) -> pa.Table:
+    """`table` with its ``topk_ids`` as list<int32>: shards with uint16 ids and older ones with int32 ids (a
+    run's groups kept from before ids were narrowed) in one stream need one schema."""
+    i = table.schema.get_field_index("topk_ids")
+    return table.set_column(i, table.schema.field(i).with_type(pa.list_(pa.int32())),
+                            table.column(i).cast(pa.list_(pa.int32())))
 
 
 def write_shard(table: pa.Table, path: str) -> None:
@@ -344,11 +515,14 @@ def write_shard(table: pa.Table, path: str) -> None:
 # --------------------------------------------------------------------------
 
 
-def validate_shard(path: str, vocab_size: int, top_k: int, atol: float = 2e-2, adaptive: bool = False) -> int:
+def validate_shard(path: str, vocab_size: int, top_k: int, atol: Optional[float] = None, adaptive: bool = False,
+                   logprob_bits: int = 16) -> int:
     """Check a shard against the format and the teacher's probability axioms.
 
-    Checks: readable Parquet; schema equals soft_target_schema(top_k)
-    (metadata ignored) and metadata top_k matches; no nulls; per row
+    Checks: readable Parquet; schema equals soft_target_schema(top_k,
+    adaptive, vocab_size, logprob_bits) or the same with int32 ids (shards
+    written before ids were narrowed), metadata ignored, and metadata top_k
+    matches; no nulls; per row
     0 < response_start < len(input_ids), flattened top-k lengths equal
     n_resp * k and the tail length n_resp, every id in [0, vocab_size),
     top-k log-probs finite and <= atol, tail finite or -inf, and each
@@ -359,8 +533,11 @@ def validate_shard(path: str, vocab_size: int, top_k: int, atol: float = 2e-2, a
         path: Shard file.
         vocab_size: Teacher/student vocabulary size.
         top_k: Expected k.
-        atol: Tolerance for the log-prob checks (float16 storage rounds).
+        atol: Tolerance for the log-prob checks; None = ``ATOL[logprob_bits]``
+            (float16 rounding, or half an 8-bit step; 8-bit codes are checked
+            dequantised, before the reader's renormalisation).
         adaptive: Expect the adaptive-k format (``topk_counts``).
+        logprob_bits: Expected codec, 16 or 8.
 
     Returns:
         Number of rows.
@@ -369,25 +546,29 @@ def validate_shard(path: str, vocab_size: int, top_k: int, atol: float = 2e-2, a
         SoftTargetError: On the first violation; the message names the file
             and, for row-level problems, the row index, example_id and field.
     """
-    table = _read_shard(path, top_k, adaptive)
+    table = _read_shard(path, top_k, adaptive, vocab_size, logprob_bits)
     if table.num_rows == 0:
         return 0
     fail = _row_error(path, table)
     _check_no_nulls(table, fail)
-    lists = {name: _flat_list(table.column(name)) for name in _LIST_DTYPES if name in table.column_names}  # (values, offsets)
+    lists = {name: _flat_list(table.column(name)) for name in _LIST_COLUMNS if name in table.column_names}  # (values, offsets)
     counts = _check_lengths(table, lists, top_k, fail)
     _check_ids(lists, vocab_size, fail)
-    _check_distributions(lists, counts, atol, fail)
+    if logprob_bits == 8:  # checked as the reader decodes them, before its renormalisation
+        for name in ("topk_logprobs", "tail_logmass"):
+            lists[name] = (dequantise_logprobs(lists[name][0]), lists[name][1])
+    _check_distributions(lists, counts, ATOL[logprob_bits] if atol is None else atol, fail, absent_ok=logprob_bits == 8)
     return table.num_rows
 
 
-def validate_shards(directory: str, vocab_size: int, top_k: int, expected_rows: int, adaptive: bool = False) -> int:
+def validate_shards(directory: str, vocab_size: int, top_k: int, expected_rows: int, adaptive: bool = False,
+                    logprob_bits: int = 16) -> int:
     """Validate every Parquet shard in `directory` and the total row count; raises SoftTargetError naming
     the bad file (or FileNotFoundError when there are no shards)."""
     paths = sorted(glob.glob(os.path.join(directory, "*.parquet")))
     if not paths:
         raise FileNotFoundError(f"no soft-target shards in {directory}")
-    rows = sum(validate_shard(p, vocab_size, top_k, adaptive=adaptive) for p in paths)
+    rows = sum(validate_shard(p, vocab_size, top_k, adaptive=adaptive, logprob_bits=logprob_bits) for p in paths)
     if rows != expected_rows:
         raise SoftTargetError(f"{directory}: {len(paths)} shards hold {rows} rows, expected {expected_rows} "
                               f"(one per training example): a shard is missing or extra")
@@ -397,16 +578,18 @@ def validate_shards(directory: str, vocab_size: int, top_k: int, expected_rows: 
 RowError = Callable[[int, str, str], SoftTargetError]
 
 
-def _read_shard(path: str, top_k: int, adaptive: bool = False) -> pa.Table:
-    """The shard's table, after checking that it reads and has the expected schema and metadata top_k."""
+def _read_shard(path: str, top_k: int, adaptive: bool, vocab_size: int, logprob_bits: int) -> pa.Table:
+    """The shard's table, after checking that it reads and has the expected schema (ids uint16 where V fits, or
+    int32 as every shard had before) and metadata top_k."""
     try:
         table = pq.read_table(path)
     except (OSError, pa.ArrowException) as e:
         # Truncated files raise ArrowInvalid; wrap so callers handle one type.
         raise SoftTargetError(f"{path}: cannot read Parquet file: {e}") from e
 
-    expected = soft_target_schema(top_k, adaptive)
-    if not table.schema.equals(expected, check_metadata=False):
+    expected = soft_target_schema(top_k, adaptive, vocab_size, logprob_bits)
+    old_ids = soft_target_schema(top_k, adaptive, None, logprob_bits)  # int32 ids
+    if not (table.schema.equals(expected, check_metadata=False) or table.schema.equals(old_ids, check_metadata=False)):
         raise SoftTargetError(
             f"{path}: schema mismatch: got {_schema_str(table.schema)}, "
             f"expected {_schema_str(expected)}"
@@ -485,11 +668,17 @@ def _check_ids(lists: Dict[str, Tuple[np.ndarray, np.ndarray]], vocab_size: int,
 
 
 def _check_distributions(lists: Dict[str, Tuple[np.ndarray, np.ndarray]], counts: np.ndarray, atol: float,
-                         fail: RowError) -> None:
-    """Top-k log-probs finite and <= atol, tail finite or -inf, each position's buckets logsumexp to 0."""
+                         fail: RowError, absent_ok: bool = False) -> None:
+    """Top-k log-probs finite and <= atol (absent_ok, 8 bits: -inf too, but never a position's first), tail
+    finite or -inf, each position's buckets logsumexp to 0."""
     logps, lp_offsets = lists["topk_logprobs"]
     logps = logps.astype(np.float64)  # [sum(counts)]
-    bad = np.flatnonzero(~np.isfinite(logps) | (logps > atol))
+    starts = np.zeros(counts.size, dtype=np.int64)  # [positions]: each position's first (largest) value
+    np.cumsum(counts[:-1], out=starts[1:])
+    first = np.zeros(logps.size, dtype=bool)
+    first[starts] = True
+    absent = np.isneginf(logps) & (first | (not absent_ok))
+    bad = np.flatnonzero(np.isnan(logps) | (logps > atol) | (logps == np.inf) | absent)
     if bad.size:
         r = _row_of(lp_offsets, bad[0])
         raise fail(r, "topk_logprobs", f"has value {logps[bad[0]]}, expected finite and <= 0")
@@ -502,14 +691,8 @@ def _check_distributions(lists: Dict[str, Tuple[np.ndarray, np.ndarray]], counts
         raise fail(r, "tail_logmass", f"has value {tail[bad[0]]}, expected finite or -inf")
 
     # Lengths are consistent (checked first), so positions line up across columns: position t owns
-    # logps[starts[t]:starts[t] + counts[t]]. Its largest kept log-prob comes first (finite), so it is the peak
-    # unless the tail is larger.
-    starts = np.zeros(counts.size, dtype=np.int64)  # [positions]
-    np.cumsum(counts[:-1], out=starts[1:])
-    peak = np.maximum(np.maximum.reduceat(logps, starts), tail)  # [positions], finite
-    position = np.repeat(np.arange(counts.size), counts)  # [sum(counts)]
-    mass = np.add.reduceat(np.exp(logps - peak[position]), starts) + np.exp(tail - peak)  # [positions]
-    total = peak + np.log(mass)  # [positions]
+    # logps[starts[t]:starts[t] + counts[t]], its largest kept log-prob first (finite).
+    total = position_logmass(logps, counts, tail)  # [positions]
     bad = np.flatnonzero(np.abs(total) > atol)
     if bad.size:
         r = _row_of(tail_offsets, bad[0])

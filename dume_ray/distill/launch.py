@@ -31,6 +31,7 @@ from ray.data.datasource import FileShuffleConfig
 from dume_ray import manifest, storage
 from dume_ray.config import PipelineConfig
 from dume_ray.data.encode import stream_order
+from dume_ray.data.soft_targets import int32_ids
 from dume_ray.data.student_rows import every_group_train_ids, rows_read
 from dume_ray.distill.on_policy import ExpertTeacher
 from dume_ray.distill.worker import train_fn_per_worker
@@ -175,10 +176,12 @@ def soft_target_stream(soft_targets: dict, cache_max_mb: float, seed: int, sched
             f"{len(missing)} of the {len(reads)} rows this stage reads have no soft targets in the shards of "
             f"{groups} (e.g. {missing[0]!r}): they were scored for fewer rows (soft_targets.rows); rerun the "
             f"soft-targets stage for this config")
+    # groups kept from a run before ids were narrowed (int32) beside groups scored since (uint16): one schema
+    mixed_ids = len({pq.read_schema(p).field("topk_ids").type for p in paths}) > 1
     passes = max(1.0, (length or 0) / max(1, len(reads if reads is not None else scored)))  # annealed: every pass held
     held_bytes = soft_targets["metrics"].get("bytes", float("inf")) * passes
     if held_bytes <= cache_max_mb * 2**20:
-        table = pa.concat_tables([pq.read_table(path) for path in paths])
+        table = pa.concat_tables([int32_ids(pq.read_table(p)) if mixed_ids else pq.read_table(p) for p in paths])
         if subset:
             table = table.filter(pc.is_in(table.column("example_id"), value_set=pa.array(sorted(reads), pa.string())))
         table = table.take(stream_order(table.column("group").to_pylist(), groups, seed, schedule, length))
@@ -194,6 +197,8 @@ def soft_target_stream(soft_targets: dict, cache_max_mb: float, seed: int, sched
         dataset = ray.data.read_parquet(sorted(store.remote_path(p) for p in paths), filesystem=store.fs, shuffle=shuffle)
     else:
         dataset = ray.data.read_parquet(sorted(os.path.abspath(p) for p in paths), shuffle=shuffle)  # (read by workers)
+    if mixed_ids:  # each block on its own (batch_size None), before any two of different schemas meet
+        dataset = dataset.map_batches(int32_ids, batch_format="pyarrow", batch_size=None)
     if subset:  # shards scored for more rows than this stage reads (a continued student): keep its rows
         keep = pa.array(sorted(reads), pa.string())
         dataset = dataset.map_batches(lambda t: t.filter(pc.is_in(t.column("example_id"), value_set=keep)),

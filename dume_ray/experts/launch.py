@@ -77,7 +77,8 @@ def run_experts(cfg: PipelineConfig) -> dict[str, dict]:
         if cfg.soft_targets.in_expert_jobs:  # the job scores its group's soft targets on the model it holds
             st = cfg.soft_targets
             jobs[-1].extra_config["soft_targets"] = {
-                "rows": keep_rows(rows, scored), "top_k": st.top_k, "kl_max": st.kl_max, "batch_size": st.batch_size,
+                "rows": keep_rows(rows, scored), "top_k": st.top_k, "kl_max": st.kl_max, "logprob_bits": st.logprob_bits,
+                "batch_size": st.batch_size,
                 # relative like the model's output_dir: a worker on another node writes into its own working copy
                 "shards_dir": f"{soft_target_group_dir(cfg, group)}/shards"}
 

@@ -31,9 +31,10 @@ def train_fn_per_worker(config: dict) -> dict:
 
 def score_soft_targets(model, tokenizer, config: dict) -> dict:
     """The group's soft targets from the expert just trained: `config["soft_targets"]` holds its rows (the
-    group's training rows in encoding order), top_k, kl_max, batch_size and the shards folder."""
+    group's training rows in encoding order), top_k, kl_max, logprob_bits, batch_size and the shards folder."""
     st = config["soft_targets"]
-    scorer = TeacherScorer.from_model(model, tokenizer.pad_token_id, st["top_k"], st.get("kl_max", 0.0))
+    scorer = TeacherScorer.from_model(model, tokenizer.pad_token_id, st["top_k"], st.get("kl_max", 0.0),
+                                      st.get("logprob_bits", 16))
     written = write_group_shards(scorer, st["rows"], st["batch_size"], st["shards_dir"], len(tokenizer))
     storage.push_path(st["shards_dir"])  # with a storage URI: the driver may be on another node
     return written

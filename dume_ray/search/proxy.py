@@ -72,9 +72,9 @@ def train_expert(model, tokenizer, rows: list[dict], optim: OptimConfig, seed: i
 
 
 def score_soft_targets(expert_dir: str, rows: list[dict], top_k: int, path: str, batch_size: int = 256,
-                       kl_max: float = 0.0) -> None:
+                       kl_max: float = 0.0, logprob_bits: int = 16) -> None:
     """The expert's top-k soft targets for its group's rows, as one Parquet file (the pipeline's schema)."""
-    pq.write_table(score_rows(expert_dir, rows, top_k, batch_size, kl_max), path, **PARQUET_WRITE_ARGS)
+    pq.write_table(score_rows(expert_dir, rows, top_k, batch_size, kl_max, logprob_bits), path, **PARQUET_WRITE_ARGS)
 
 
 def read_soft_targets(path: str) -> list[dict]:
@@ -110,11 +110,13 @@ def expert_cache_key(base_hash: str, group: list[str], cfg: PipelineConfig) -> s
     """Content hash of (task group, base model, expert config, tasks, soft-target k): equal keys, same expert."""
     return config_hash("search-expert", base_hash, sorted(group), cfg.experts.optim, expert_trainable(cfg.experts),
                        cfg.tasks, cfg.model.max_seq_len, cfg.soft_targets.top_k, cfg.seed,
-                       *(("kl_max", cfg.soft_targets.kl_max) if cfg.soft_targets.kl_max > 0 else ()))
+                       *(("kl_max", cfg.soft_targets.kl_max) if cfg.soft_targets.kl_max > 0 else ()),
+                       *(("logprob_bits", cfg.soft_targets.logprob_bits) if cfg.soft_targets.logprob_bits != 16 else ()))
 
 
 def build_expert(cfg: PipelineConfig, base_dir: str, tokenizer, rows: list[dict], out_dir: str) -> None:
     model = make_trainable(load_model(base_dir), **expert_trainable(cfg.experts))
     model_dir = os.path.join(out_dir, "model")
     train_expert(model, tokenizer, rows, cfg.experts.optim, cfg.seed, model_dir, cfg.model.dtype)
-    score_soft_targets(model_dir, rows, cfg.soft_targets.top_k, os.path.join(out_dir, SOFT_TARGETS), kl_max=cfg.soft_targets.kl_max)
+    score_soft_targets(model_dir, rows, cfg.soft_targets.top_k, os.path.join(out_dir, SOFT_TARGETS), kl_max=cfg.soft_targets.kl_max,
+                       logprob_bits=cfg.soft_targets.logprob_bits)

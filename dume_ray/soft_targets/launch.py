@@ -124,6 +124,7 @@ def score_groups(cfg: PipelineConfig, groups: list[str], experts: dict, base_dir
         scored.append(ray.data.from_items(rows).map_batches(
             TeacherScorer, fn_constructor_kwargs={"model_dir": expert_dir, "top_k": cfg.soft_targets.top_k,
                                                   "kl_max": cfg.soft_targets.kl_max,
+                                                  "logprob_bits": cfg.soft_targets.logprob_bits,
                                                   "dtype": cfg.model.dtype, "torch_threads": 1,
                                                   "device": "cuda" if cfg.soft_targets.gpus_per_actor > 0 else "cpu"},
             compute=ray.data.ActorPoolStrategy(size=cfg.soft_targets.num_actors), batch_size=cfg.soft_targets.batch_size,
@@ -147,10 +148,12 @@ def score_groups(cfg: PipelineConfig, groups: list[str], experts: dict, base_dir
                 for path in files[group]:
                     os.replace(path, os.path.join(tmp_dir, os.path.basename(path)))
                 if not files[group]:
-                    write_shard(rows_to_table([], top_k, adaptive=cfg.soft_targets.kl_max > 0),
+                    write_shard(rows_to_table([], top_k, cfg.soft_targets.kl_max > 0, len(tokenizer),
+                                              cfg.soft_targets.logprob_bits),
                                 os.path.join(tmp_dir, "part-00000.parquet"))
                 rows_written = validate_shards(tmp_dir, len(tokenizer), top_k, expected[group],
-                                               adaptive=cfg.soft_targets.kl_max > 0)
+                                               adaptive=cfg.soft_targets.kl_max > 0,
+                                               logprob_bits=cfg.soft_targets.logprob_bits)
             print(f"[soft_targets] {group}: {rows_written} examples -> {shards_dir}", flush=True)
             done[group] = manifest.mark_done(
                 group_dir(cfg, group), hashes[f"soft_targets/{group}"], {"shards": shards_dir}, seconds=seconds,
@@ -191,7 +194,7 @@ def checked_soft_targets(cfg: PipelineConfig) -> dict:
         try:
             validate_shards(shards, vocab_size, min(cfg.soft_targets.top_k, vocab_size),
                             manifest.read_manifest(group_dir(cfg, group))["metrics"]["rows"],
-                            adaptive=cfg.soft_targets.kl_max > 0)
+                            adaptive=cfg.soft_targets.kl_max > 0, logprob_bits=cfg.soft_targets.logprob_bits)
         except (SoftTargetError, FileNotFoundError, TypeError) as exc:
             print(f"[soft_targets] rejected: {exc}", flush=True)
             rejected.append(group)

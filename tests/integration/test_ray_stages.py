@@ -35,20 +35,30 @@ def test_teacher_scorer_on_a_ray_data_actor_pool_writes_valid_shards(ray_session
     paths = glob.glob(str(tmp_path / "shards" / "*.parquet"))
     vocab = len(build_char_tokenizer())
     assert sum(validate_shard(p, vocab, 4) for p in paths) == 8
-    assert pq.read_schema(paths[0]).remove_metadata() == soft_target_schema(4).remove_metadata()
+    assert pq.read_schema(paths[0]).remove_metadata() == soft_target_schema(4, vocab_size=vocab).remove_metadata()  # uint16 ids
+    # soft_targets.logprob_bits=8: the pool's tables keep their uint8 columns through write_parquet
+    ray.data.from_items(rows).map_batches(
+        TeacherScorer, fn_constructor_kwargs={"model_dir": tiny_model_dir, "top_k": 4, "logprob_bits": 8},
+        compute=ray.data.ActorPoolStrategy(size=1), batch_size=4, batch_format="numpy", num_cpus=1,
+    ).write_parquet(str(tmp_path / "shards8"))
+    paths = glob.glob(str(tmp_path / "shards8" / "*.parquet"))
+    assert sum(validate_shard(p, vocab, 4, logprob_bits=8) for p in paths) == 8
+    assert pq.read_schema(paths[0]).remove_metadata() == soft_target_schema(4, vocab_size=vocab, logprob_bits=8).remove_metadata()
 
 
 def test_soft_target_stream_mixes_the_groups_in_memory_and_streams_large_shards(ray_session, tiny_model_dir, tmp_path):
     """Shards hold one expert group each. Within `cache_max_mb` the stream is one seeded order mixing them
-    (in-memory blocks); beyond it, `read_parquet` with the files shuffled. Both carry every row once."""
-    from dume_ray.data.soft_targets import write_shard
+    (in-memory blocks); beyond it, `read_parquet` with the files shuffled. Both carry every row once, also when
+    one group's shard is in the older format (int32 ids) and the others have uint16 ids."""
+    from dume_ray.data.soft_targets import int32_ids, write_shard
     from dume_ray.distill.launch import soft_target_stream
     from dume_ray.soft_targets.teacher_scoring import TeacherScorer
 
     tokenizer, scorer = build_char_tokenizer(), TeacherScorer(tiny_model_dir, top_k=4)
     for name in ("copy", "reverse", "sort"):
         rows = encode_rows({name: make_builtin_task(name, 0, 40, 4, 4)}, tokenizer, "train", 32, {name: name})
-        write_shard(scorer({k: [r[k] for r in rows] for k in rows[0]}), str(tmp_path / f"{name}.parquet"))
+        table = scorer({k: [r[k] for r in rows] for k in rows[0]})
+        write_shard(int32_ids(table) if name == "sort" else table, str(tmp_path / f"{name}.parquet"))  # sort: an old shard
     for name in ("copy", "reverse", "sort"):  # each group's shards in their own folder, as the stage writes them
         os.makedirs(tmp_path / name)
         os.replace(tmp_path / f"{name}.parquet", tmp_path / name / "part-0.parquet")

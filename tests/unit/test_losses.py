@@ -5,6 +5,7 @@ Run: cd /work/main && .venv/bin/python -m pytest tests/unit/test_losses.py -q
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -488,3 +489,73 @@ def test_padded_adaptive_rows_equal_their_kept_tokens_alone(temp, divergence):
                                  temp, divergence, 0.3) for i, c in enumerate(counts.tolist())])
     assert torch.allclose(padded.detach(), alone.mean(), rtol=1e-5, atol=1e-6)
     assert padded.item() > 0
+
+
+# ---------------------------------------------------------------- 8-bit log-probs (soft_targets.logprob_bits=8)
+#
+# The bound: a stored code is within d = step/2 of its log-prob (step = 1/16 nat) unless clipped at the floor, and
+# the reader renormalises each position, so the decoded target t and the teacher's bucket distribution p (which a
+# student equal to its teacher reproduces exactly) satisfy log t_i - log p_i = e_i - c with |e_i| <= d: a range
+# of at most 2d. t is p tilted by that log-ratio, and Hoeffding's lemma (as for the top-k bound in losses.py)
+# gives KL(t ‖ p), KL(p ‖ t) <= (2d)^2 / 8 = step^2 / 8; the generalized JSD's two terms compare each side with
+# the mixture, whose log-ratio range is no wider, so the same bound. At T != 1 both sides are tempered and
+# renormalised over the kept tokens: the range becomes 2d / T and T^2 cancels the 1/T^2. So for every T, alpha,
+# k and divergence, kd_loss <= step^2 / 8 = 1/2048 nat per token. No stored top-k code is clipped: a token below
+# the floor (-15.9 nats) is stored absent (fixed k) or not kept (adaptive k), dropped on both sides, and the
+# mass it leaves (< 1.3e-7 a token) moves the loss by far less than the bound.
+
+STEP = 1 / 16
+BOUND_8BIT = STEP ** 2 / 8  # 4.9e-4
+
+
+def _stored_targets_8bit(teacher_logits, k, kl_max=0.0):
+    """What an 8-bit shard gives the loss: the product's encoder, then the reader's decode (+ padding, adaptive)."""
+    from dume_ray.data.soft_targets import decode_logprobs, encode_adaptive_top_k, pad_top_k
+    logp = torch.log_softmax(teacher_logits, -1)
+    if kl_max > 0:
+        ids, codes, tail_codes, counts = encode_adaptive_top_k(logp, k, kl_max, logprob_bits=8)
+    else:
+        ids, codes, tail_codes = encode_top_k(logp, k, logprob_bits=8)
+        counts = np.full(logp.shape[0], ids.shape[1])
+    assert codes.dtype == tail_codes.dtype == np.uint8
+    lps, tail = decode_logprobs(codes.reshape(-1), tail_codes, counts)
+    pad_ids, pad_lps = pad_top_k(ids.reshape(-1), lps, counts, int(counts.max()))
+    return pad_ids, pad_lps, torch.from_numpy(tail)
+
+
+@pytest.mark.parametrize("divergence,beta", [
+    ("forward_kl", 0.5), ("reverse_kl", 0.5), ("generalized_jsd", 0.5), ("generalized_jsd", 0.2),
+])
+@pytest.mark.parametrize("k", [1, 8, DEMO_V])
+@pytest.mark.parametrize("alpha", [0.5, 1.0])
+@pytest.mark.parametrize("temp", [0.5, 1.0, 2.0, 8.0])
+def test_student_equal_to_teacher_is_within_the_8bit_bound_at_every_temperature(temp, alpha, k, divergence, beta):
+    # The 16-bit test's teachers: at k = V many of the 87 log-probs are below the 8-bit floor (stored absent).
+    gen = torch.Generator().manual_seed(7)
+    teacher_logits = torch.randn(64, DEMO_V, generator=gen) * 4
+    ids, topk_logp, tail = _stored_targets_8bit(teacher_logits, k)
+    student_logits = teacher_logits + torch.randn(64, 1, generator=gen) * 10
+    targets = torch.randint(0, DEMO_V, (64,), generator=gen)
+    out = distill_objective(student_logits, targets, ids, topk_logp, tail, alpha=alpha, temperature=temp,
+                            divergence=divergence, jsd_beta=beta)
+    assert 0 <= out["kd_loss"].item() <= BOUND_8BIT  # measured at most 1.6e-4 (KL), 4.0e-5 (JSD): a third of it
+
+
+@pytest.mark.parametrize("divergence,beta", [
+    ("forward_kl", 0.5), ("reverse_kl", 0.5), ("generalized_jsd", 0.5), ("generalized_jsd", 0.2),
+])
+@pytest.mark.parametrize("kl_max", [0.0, 0.02, 0.3])
+@pytest.mark.parametrize("temp", [1.0, 2.0, 8.0])
+def test_student_equal_to_teacher_is_within_the_8bit_bound_on_peaked_teachers(temp, kl_max, divergence, beta):
+    """Peaked rows (logit scale up to 12) put most of the top 16 below the floor: a fixed k stores them absent,
+    adaptive k at 8 bits keeps fewer tokens (their mass in the tail)."""
+    gen = torch.Generator().manual_seed(5)
+    teacher_logits = torch.randn(64, DEMO_V, generator=gen) * torch.linspace(1, 12, 64).unsqueeze(1)
+    ids, topk_logp, tail = _stored_targets_8bit(teacher_logits, 16, kl_max)
+    if kl_max == 0:
+        assert torch.isneginf(topk_logp).any()  # absent tokens present
+    student_logits = teacher_logits + torch.randn(64, 1, generator=gen) * 10
+    targets = torch.randint(0, DEMO_V, (64,), generator=gen)
+    out = distill_objective(student_logits, targets, ids, topk_logp, tail, alpha=1.0, temperature=temp,
+                            divergence=divergence, jsd_beta=beta)
+    assert 0 <= out["kd_loss"].item() <= BOUND_8BIT

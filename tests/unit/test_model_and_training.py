@@ -189,7 +189,8 @@ def test_ce_train_steps_lower_loss_on_a_fixed_batch(model_dir, batch):
 
 
 def test_teacher_scorer_table_has_soft_target_schema_and_lengths(soft_table, rows, teacher_dir, tmp_path):
-    assert soft_table.schema.equals(soft_target_schema(TOP_K), check_metadata=False)
+    vocab = load_model(teacher_dir).config.vocab_size
+    assert soft_table.schema.equals(soft_target_schema(TOP_K, vocab_size=vocab), check_metadata=False)  # uint16 ids
     assert soft_table.num_rows == len(rows)
     assert soft_table.column("example_id").to_pylist() == [r["example_id"] for r in rows]
     for i, row in enumerate(rows):
@@ -241,7 +242,7 @@ def test_adaptive_teacher_scorer_keeps_fewer_tokens_and_the_student_trains_on_th
     """soft_targets.kl_max > 0: a valid adaptive shard (topk_counts, at most top_k per position, fewer bytes of
     top-k values than fixed k) whose padded batches train the student like the fixed-k ones."""
     table = TeacherScorer(teacher_dir, top_k=TOP_K, kl_max=0.3)(_numpy_batch(rows))  # a 6-step teacher is flat
-    assert table.schema.equals(soft_target_schema(TOP_K, adaptive=True), check_metadata=False)
+    assert table.schema.equals(soft_target_schema(TOP_K, adaptive=True, vocab_size=len(tokenizer)), check_metadata=False)
     path = str(tmp_path / "adaptive.parquet")
     write_shard(table, path)
     assert validate_shard(path, vocab_size=load_model(teacher_dir).config.vocab_size, top_k=TOP_K, adaptive=True) == len(rows)

@@ -94,7 +94,7 @@ def test_tail_is_neg_inf_when_k_equals_vocab():
 def test_tail_equals_log_of_one_minus_topk_mass():
     logp = torch.log_softmax(torch.randn(5, 32, generator=torch.Generator().manual_seed(1)), -1)
     ids, lps, tail = encode_top_k(logp, 4)
-    assert ids.dtype == np.int32 and lps.dtype == np.float16 and tail.dtype == np.float32
+    assert ids.dtype == np.uint16 and lps.dtype == np.float16 and tail.dtype == np.float32  # V = 32 fits uint16
     top_mass = torch.topk(logp, 4, -1).values.exp().sum(-1)
     assert np.allclose(tail, torch.log1p(-top_mass).numpy(), atol=1e-5)
 
@@ -329,3 +329,129 @@ def test_soft_target_batch_pads_adaptive_rows_to_the_batch_widest():
     assert (torch.isfinite(out["topk_logprobs"]).sum(1).numpy() == counts).all()
     assert np.array_equal(out["topk_ids"][torch.isfinite(out["topk_logprobs"])].numpy(),
                           np.concatenate([r["topk_ids"] for r in rows]))
+
+
+# ---------------------------------------------------------------- compact storage: uint16 ids, 8-bit log-probs
+
+
+def _bits_rows(n_rows=4, bits=8, k=TOP_K, kl_max=0.0, vocab=VOCAB):
+    """Rows as the product writes them (`targets_table`, what TeacherScorer returns) + their full log-probs."""
+    from dume_ray.data.soft_targets import targets_table
+    rows, full = _make_rows(n_rows, vocab=vocab, k=k)
+    return targets_table(rows, torch.cat(full), k, kl_max, bits), full
+
+
+def test_ids_are_uint16_when_the_vocabulary_fits_and_int32_above():
+    from dume_ray.data.soft_targets import id_dtype
+    assert id_dtype(49_152) == id_dtype(65_536) == np.uint16 and id_dtype(65_537) == id_dtype(None) == np.int32
+    big = torch.log_softmax(torch.randn(2, 70_000, generator=torch.Generator().manual_seed(0)), -1)
+    ids, _, _ = encode_top_k(big, 4)
+    assert ids.dtype == np.int32 and ids.max() >= 0 and np.array_equal(ids, torch.topk(big, 4, -1).indices.numpy())
+    table, _ = _bits_rows(bits=16)
+    assert table.schema.field("topk_ids").type == pa.list_(pa.uint16())
+
+
+def test_quantiser_round_trip_is_within_half_a_step_above_its_floor():
+    from dume_ray.data.soft_targets import LOGPROB_STEP, dequantise_logprobs, quantise_logprobs
+    lp = np.concatenate([-np.linspace(0, 254 * LOGPROB_STEP, 10_001), [-np.inf, -20.0, -1e4]])
+    codes = quantise_logprobs(lp)
+    assert codes.dtype == np.uint8
+    back = dequantise_logprobs(codes)
+    finite = slice(0, 10_001)
+    assert np.abs(back[finite] - lp[finite]).max() <= LOGPROB_STEP / 2 + 1e-6
+    assert np.isneginf(back[-3]) and codes[-3] == 255  # -inf (an empty tail) is kept exactly
+    assert (back[-2:] == -254 * LOGPROB_STEP).all()  # below the floor: clipped to it (p < 1.3e-7)
+
+
+@pytest.mark.parametrize("kl_max", [0.0, 0.05])
+def test_8bit_shard_validates_and_decodes_within_one_step_renormalised(tmp_path, kl_max):
+    """Stored codes are within half a step of the log-probs; the reader's renormalisation shifts a position by at
+    most another half step, so decoded values are within one step and every position sums to 1."""
+    from dume_ray.data.soft_targets import LOGPROB_STEP
+    table, full = _bits_rows(bits=8, k=8, kl_max=kl_max)
+    assert table.schema.field("topk_logprobs").type == pa.list_(pa.uint8())
+    assert table.schema.field("tail_logmass").type == pa.list_(pa.uint8())
+    path = str(tmp_path / "eight.parquet")
+    write_shard(table, path)
+    assert validate_shard(path, VOCAB, 8, adaptive=kl_max > 0, logprob_bits=8) == 4
+    with pytest.raises(SoftTargetError, match="schema mismatch"):  # a 16-bit config refuses 8-bit shards
+        validate_shard(path, VOCAB, 8, adaptive=kl_max > 0)
+    for row, logp in zip(pq.read_table(path).to_pylist(), full):
+        ids, lps, tail = decode_top_k(row, 8)
+        kept = torch.isfinite(lps)
+        want = logp.gather(-1, ids)  # [n_resp, 8]
+        assert (lps[kept] - want[kept]).abs().max() <= LOGPROB_STEP + 1e-6
+        in_kept = torch.zeros_like(logp).scatter_add(-1, ids, kept.float()) > 0  # [n_resp, V] (padding repeats a kept id)
+        want_tail = torch.logsumexp(logp.masked_fill(in_kept, float("-inf")), -1)
+        assert (tail - want_tail).abs().max() <= LOGPROB_STEP + 1e-6
+        total = torch.logsumexp(torch.cat([lps, tail.unsqueeze(1)], 1), 1)
+        assert total.abs().max() <= 1e-5
+
+
+def test_8bit_validation_rejects_codes_that_do_not_sum_to_one(tmp_path):
+    table, _ = _bits_rows(bits=8)
+    rows = table.to_pylist()
+    rows[2]["tail_logmass"] = [0] * len(rows[2]["tail_logmass"])  # code 0 = log-prob 0: tail mass 1
+    path = str(tmp_path / "bad.parquet")
+    write_shard(pa.Table.from_pylist(rows, schema=table.schema), path)
+    with pytest.raises(SoftTargetError, match=r"row 2 .*logsumexp"):
+        validate_shard(path, VOCAB, TOP_K, logprob_bits=8)
+
+
+def test_old_int32_shards_still_validate_and_decode_like_uint16_ones(tmp_path):
+    from dume_ray.data.encode import soft_target_batch
+    rows, _ = _make_rows(n_rows=3)
+    old, new = str(tmp_path / "old.parquet"), str(tmp_path / "new.parquet")
+    write_shard(rows_to_table(rows, TOP_K), old)  # no vocabulary given: int32 ids, as every shard before
+    write_shard(rows_to_table(rows, TOP_K, vocab_size=VOCAB), new)
+    assert pq.read_schema(old).field("topk_ids").type == pa.list_(pa.int32())
+    assert pq.read_schema(new).field("topk_ids").type == pa.list_(pa.uint16())
+    assert validate_shard(old, VOCAB, TOP_K) == validate_shard(new, VOCAB, TOP_K) == 3
+    assert os.path.getsize(new) < os.path.getsize(old)
+    batches = [soft_target_batch({c: t.column(c).to_numpy(zero_copy_only=False) for c in t.column_names}, 0, TOP_K)
+               for t in (pq.read_table(old), pq.read_table(new))]
+    for key in batches[0]:
+        assert torch.equal(batches[0][key], batches[1][key])
+
+
+def test_logprob_bits_other_than_8_or_16_are_refused():
+    from dume_ray.config import ConfigError, load_config
+    with pytest.raises(ValueError, match="logprob_bits"):
+        soft_target_schema(4, logprob_bits=4)
+    with pytest.raises(ConfigError, match="soft_targets.logprob_bits must be 16 or 8, got 12"):
+        load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "demo.yaml"), ["soft_targets.logprob_bits=12"])
+
+
+def test_8bit_fixed_k_stores_tokens_below_the_floor_absent_and_validates(tmp_path):
+    """A peaked teacher's top 8 reach below -15.9 nats: those codes would be clipped, so they are stored absent
+    (255, decoded -inf, never a position's first) and the shard still validates; a shard whose first value is
+    absent is refused."""
+    from dume_ray.data.soft_targets import FLOOR_8BIT, targets_table
+    rows, _ = _make_rows(n_rows=4)
+    n = sum(len(r["input_ids"]) - r["response_start"] for r in rows)
+    logp = torch.log_softmax(torch.randn(n, VOCAB, generator=torch.Generator().manual_seed(3)) * 12, -1)
+    table = targets_table(rows, logp, 8, logprob_bits=8)
+    codes = np.concatenate([np.asarray(v) for v in table.column("topk_logprobs").to_pylist()]).reshape(-1, 8)
+    below = torch.topk(logp, 8, -1).values.numpy() < FLOOR_8BIT
+    assert below.any() and np.array_equal(codes == 255, below) and (codes[:, 0] < 255).all()
+    path = str(tmp_path / "absent.parquet")
+    write_shard(table, path)
+    assert validate_shard(path, VOCAB, 8, logprob_bits=8) == 4
+    bad = table.to_pylist()
+    bad[1]["topk_logprobs"] = [255] * len(bad[1]["topk_logprobs"])
+    write_shard(pa.Table.from_pylist(bad, schema=table.schema), path)
+    with pytest.raises(SoftTargetError, match=r"row 1 .*topk_logprobs has value -inf"):
+        validate_shard(path, VOCAB, 8, logprob_bits=8)
+
+
+@pytest.mark.parametrize("kl_max", [0.0, 0.05])
+def test_soft_target_batch_decodes_8bit_rows_like_decode_top_k(kl_max):
+    """The student's batch builder (Ray Data numpy batches) and the row decoder hand the loss the same targets."""
+    from dume_ray.data.encode import soft_target_batch
+    table, _ = _bits_rows(bits=8, k=8, kl_max=kl_max)
+    out = soft_target_batch({c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}, 0, 8)
+    rows = [decode_top_k(r, 8) for r in table.to_pylist()]
+    ids, lps, tail = (torch.cat(x) for x in zip(*rows))
+    width = out["topk_ids"].shape[1]  # adaptive: the batch's widest position
+    assert torch.equal(out["topk_ids"], ids[:, :width]) and torch.equal(out["topk_logprobs"], lps[:, :width])
+    assert torch.equal(out["tail_logmass"], tail) and torch.isneginf(lps[:, width:]).all()

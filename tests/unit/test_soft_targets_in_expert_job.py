@@ -41,22 +41,29 @@ def _ray_data_batch(rows: list[dict]) -> dict[str, np.ndarray]:
     return batch
 
 
-def test_the_expert_job_writes_the_same_soft_targets_as_the_stage(stand_in_expert, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("logprob_bits,kl_max", [(16, 0.0), (8, 0.0), (8, 0.3)])
+def test_the_expert_job_writes_the_same_soft_targets_as_the_stage(stand_in_expert, tiny_model_dir, tmp_path,
+                                                                   logprob_bits, kl_max):
     expert_dir = str(tmp_path / "expert")
     model, rows = stand_in_expert(expert_dir), _rows()
     tokenizer = load_tokenizer(expert_dir)
-    config = {"soft_targets": {"rows": rows, "top_k": TOP_K, "batch_size": BATCH, "shards_dir": str(tmp_path / "shards")}}
+    config = {"soft_targets": {"rows": rows, "top_k": TOP_K, "kl_max": kl_max, "logprob_bits": logprob_bits,
+                               "batch_size": BATCH, "shards_dir": str(tmp_path / "shards")}}
 
     written = score_soft_targets(model, tokenizer, config)  # the job's path: the model in memory
 
     assert written["rows"] == len(rows) == 40 and written["bytes"] > 0
     in_job = pa.concat_tables([pq.read_table(p) for p in sorted(glob.glob(str(tmp_path / "shards" / "*.parquet")))])
-    stage = TeacherScorer(expert_dir, top_k=TOP_K)  # the stage's path: the saved expert loaded again
+    # the stage's path: the saved expert loaded again
+    stage = TeacherScorer(expert_dir, top_k=TOP_K, kl_max=kl_max, logprob_bits=logprob_bits)
     write_shard(pa.concat_tables([stage(_ray_data_batch(rows[i:i + BATCH])) for i in range(0, len(rows), BATCH)]),
                 str(tmp_path / "stage.parquet"))
     by_stage = pq.read_table(tmp_path / "stage.parquet")  # as the stage's shards are read back by the student
     assert in_job.schema.equals(by_stage.schema, check_metadata=True)
-    assert in_job.to_pylist() == by_stage.to_pylist()  # every id, float16 log-prob and tail, exactly
+    assert in_job.schema.field("topk_ids").type == pa.list_(pa.uint16())  # the char vocabulary fits
+    want = pa.uint8() if logprob_bits == 8 else pa.float16()
+    assert in_job.schema.field("topk_logprobs").type == pa.list_(want)
+    assert in_job.to_pylist() == by_stage.to_pylist()  # every id, stored log-prob (or code) and tail, exactly
     assert not any(name.startswith(".") for name in os.listdir(tmp_path / "shards"))
     assert not any(name.startswith(".shards") for name in os.listdir(tmp_path))  # no temp folder left behind
 

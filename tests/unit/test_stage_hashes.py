@@ -64,6 +64,8 @@ ROWS = {
                              (("experts.lora_rank=4",), "experts.lora_dropout=0.1", FROM_EXPERTS)],
     "soft_targets.top_k": [((), "soft_targets.top_k=4", SOFT_TARGETS)],
     "soft_targets.kl_max": [((), "soft_targets.kl_max=0.02", SOFT_TARGETS)],
+    "soft_targets.logprob_bits": [((), "soft_targets.logprob_bits=8", SOFT_TARGETS),
+                                  (("soft_targets.kl_max=0.02",), "soft_targets.logprob_bits=8", SOFT_TARGETS)],
     "soft_targets.batch_size": [((), "soft_targets.batch_size=8", NOTHING)],
     "soft_targets.num_actors": [((), "soft_targets.num_actors=2", NOTHING)],
     "soft_targets.cpus_per_actor": [((), "soft_targets.cpus_per_actor=2", NOTHING)],
