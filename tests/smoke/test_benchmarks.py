@@ -60,7 +60,7 @@ def test_benchmark_runs_tiny_and_writes_json(script, tmp_path, request, capsys, 
     assert _results_snapshot() == before  # tiny runs never touch the committed results
 
 
-IN_PROCESS = {"select_defaults", "on_policy", "quality", "soft_rows"}  # their pipeline runs through common.cli
+IN_PROCESS = {"select_defaults", "on_policy", "quality", "soft_rows", "smollm2_stages"}  # their stages run through common.cli
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
@@ -70,6 +70,7 @@ def _run_in_process(path: str, args: list[str], capsys, monkeypatch) -> subproce
     monkeypatch.chdir(REPO)
     monkeypatch.setattr(sys, "argv", [path, *args])
     monkeypatch.setattr(sys, "path", list(sys.path))  # the script puts benchmarks/ and the repository first
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # a `python -m dume_ray` it starts starts its own Ray, as from a shell
     import torch
     threads = torch.get_num_threads()
     capsys.readouterr()
