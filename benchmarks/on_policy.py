@@ -7,7 +7,7 @@ on validation and the choice reported on test.
     python benchmarks/on_policy.py --config configs/smollm2.yaml --seeds 0 --runs-dir runs/bench-on-policy \
         --set upcycle.enabled=false multitask.enabled=false experts.optim.steps=20 distill.optim.steps=60 \
         distill.optim.checkpoint_every=30 --arms 0 0.5:end 0.25:end 0.5:end:generalized_jsd   # where the steps go
-    python benchmarks/on_policy.py --tiny                            # smoke setting, temp folder
+    python benchmarks/on_policy.py --tiny                            # smoke setting (seed 0, the 3 default arms), temp folder
 
 For each seed S it runs the pipeline once (`python -m dume_ray run --config C seed=S name=select-sS
 runs_dir=R eval.split=validation`; with the default R = runs/select the runs of benchmarks/select_defaults.py are
@@ -36,7 +36,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (REPO, command_line, fmt_pm, markdown_table, mean_std, ray_workers_at_own_priority, result_path,  # noqa: E402
                     write_result)
-from select_defaults import TINY_OVERRIDES, choose, cli, run_arguments, validation_mean  # noqa: E402
+from select_defaults import TINY_OVERRIDES, choose, cli, run_arguments, tiny_or, validation_mean  # noqa: E402
 
 sys.path.insert(0, REPO)
 
@@ -93,6 +93,7 @@ def main() -> None:
                              "with --out elsewhere) whose cells count as cached")
     args = parser.parse_args()
     args.arms = list(dict.fromkeys(args.arms))
+    args.seeds = tiny_or(args.seeds, args.tiny, [0], [0, 1, 2])  # --tiny: one seed; every arm's code path still runs
     started = time.time()
     # The pipeline's Ray workers at this process's priority (Ray's default is nice 15): on a machine other work
     # loads, the distill stage's seconds and the teachers' tokens/s then count the arms' own work.

@@ -2,7 +2,7 @@
 
     python benchmarks/select_defaults.py                                   # configs/demo.yaml, seeds 0 1 2
     python benchmarks/select_defaults.py --config configs/dume.yaml --temperatures --alphas   # routing only
-    python benchmarks/select_defaults.py --tiny                            # smoke setting, temp folder
+    python benchmarks/select_defaults.py --tiny                            # smoke setting (2 seeds x 2 points), temp folder
 
 For each seed S it runs the real pipeline once with `eval.split=validation` (`python -m dume_ray run --config C
 seed=S name=select-sS runs_dir=R eval.split=validation`), then retrains only the student for every (T, alpha) of
@@ -35,6 +35,9 @@ sys.path.insert(0, REPO)
 TINY_OVERRIDES = ["tasks.builtin=[copy,reverse]", "tasks.num_train=32", "tasks.num_test=8", "tasks.num_validation=4",
                   "base.optim.steps=2", "experts.optim.steps=2", "distill.optim.steps=2", "eval.max_new_tokens=4",
                   "upcycle.stats_examples_per_task=8"]
+# --tiny's own defaults (an explicit --seeds/--temperatures/--alphas wins): two seeds, so the ± and the tie rule
+# see a spread, and two grid points, so there is a choice (the full defaults: 3 seeds x 8 points, 27 CLI calls).
+TINY_SEEDS, TINY_TEMPERATURES, TINY_ALPHAS = [0, 1], [1.0, 2.0], [0.5]
 
 
 def validation_mean(stage_dir: str) -> float:
@@ -66,7 +69,7 @@ def run_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The options of a benchmark that runs the pipeline once per seed, then varies the student (also
     `on_policy.py`): config, seeds, where the runs go, extra overrides, --tiny, --out."""
     parser.add_argument("--config", default="configs/demo.yaml")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (--tiny: fewer)")
     parser.add_argument("--runs-dir", default="runs/select")
     parser.add_argument("--set", nargs="*", default=[], help="extra key=value overrides for every run")
     parser.add_argument("--tiny", action="store_true")
@@ -74,11 +77,19 @@ def run_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def tiny_or(value, tiny: bool, tiny_default: list, default: list) -> list:
+    """An option left unset (None) takes --tiny's default or the full one; a value given (even empty) is kept."""
+    return value if value is not None else list(tiny_default if tiny else default)
+
+
 def main() -> None:
     parser = run_arguments(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
-    parser.add_argument("--temperatures", type=float, nargs="*", default=[1.0, 2.0, 4.0, 8.0])
-    parser.add_argument("--alphas", type=float, nargs="*", default=[0.5, 0.9])
+    parser.add_argument("--temperatures", type=float, nargs="*", default=None, help="default 1 2 4 8 (--tiny: 1 2)")
+    parser.add_argument("--alphas", type=float, nargs="*", default=None, help="default 0.5 0.9 (--tiny: 0.5)")
     args = parser.parse_args()
+    args.seeds = tiny_or(args.seeds, args.tiny, TINY_SEEDS, [0, 1, 2])
+    args.temperatures = tiny_or(args.temperatures, args.tiny, TINY_TEMPERATURES, [1.0, 2.0, 4.0, 8.0])
+    args.alphas = tiny_or(args.alphas, args.tiny, TINY_ALPHAS, [0.5, 0.9])
     started = time.time()
     name = os.path.splitext(os.path.basename(args.config))[0]
     out = result_path(f"select_defaults_{name}", args.out, args.tiny)

@@ -5,12 +5,25 @@ Run: .venv/bin/python -m pytest tests/smoke/test_benchmarks.py -q -m smoke
 The benchmarks themselves are not run by CI (minutes to tens of minutes); this keeps them working.
 `quality`, `end_to_end`, `eval_share` and `smollm2_stages` start the real pipeline (Ray) on a 2-task, 2-step setting
 (`smollm2_stages --tiny` on the tiny embedded model, not SmolLM2).
+
+The scripts that drive the pipeline through `common.cli` (the CLI in their own process, on one Ray they keep up)
+run here in the test's process (`runpy`, as `__main__`, with their own argv and the repository as working
+directory) on the session's Ray (`ray_session`): `common.start_ray` finds Ray up and uses it, as every call of
+theirs but the first does anyway, and the test saves a Python start, the imports and a Ray start per script.
+`add_task` stays a subprocess, so `start_ray` starting Ray itself is still run.
+
+Every script runs with one torch thread in its own process (OMP_NUM_THREADS=1 for the subprocesses,
+`torch.set_num_threads(1)` around the in-process ones), as the unit tests do: the tiny models gain nothing from a
+second thread, and two threads per process on 2 cores that the other pytest worker and Ray also use mostly wait
+for each other (`curves --tiny`, load average 10: its two parts took 11 s with one thread, 89 s with two under
+cProfile). The Ray workers set their own threads.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import runpy
 import subprocess
 import sys
 
@@ -30,16 +43,51 @@ def _results_snapshot() -> dict:
 @pytest.mark.parametrize("script", ["storage", "stream_cost", "scaling", "quality", "end_to_end", "select_defaults",
                                     "on_policy", "add_task", "search_predicts", "curves", "regime", "soft_rows",
                                     "smollm2_stages", "eval_share"])
-def test_benchmark_runs_tiny_and_writes_json(script, tmp_path):
+def test_benchmark_runs_tiny_and_writes_json(script, tmp_path, request, capsys, monkeypatch):
     before = _results_snapshot()
     out = tmp_path / f"{script}.json"
-    args = [sys.executable, os.path.join(REPO, "benchmarks", f"{script}.py"), "--tiny", "--out", str(out)]
-    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=900)  # minutes on a loaded 2-core machine
+    path = os.path.join(REPO, "benchmarks", f"{script}.py")
+    if script in IN_PROCESS:
+        request.getfixturevalue("ray_session")
+        proc = _run_in_process(path, ["--tiny", "--out", str(out)], capsys, monkeypatch)
+    else:
+        proc = subprocess.run([sys.executable, path, "--tiny", "--out", str(out)], cwd=REPO, capture_output=True,
+                              text=True, timeout=900, env={**os.environ, **ONE_THREAD})  # minutes on a loaded 2-core machine
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     record = json.loads(out.read_text())
     assert record["benchmark"].startswith(script) and record["table"] and record["machine"]["cpu_count"]
     assert "|" in proc.stdout or "skipped" in proc.stdout  # the table (or the skip line) is printed
     assert _results_snapshot() == before  # tiny runs never touch the committed results
+
+
+IN_PROCESS = {"select_defaults", "on_policy", "quality", "soft_rows", "smollm2_stages"}  # their stages run through common.cli
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def _run_in_process(path: str, args: list[str], capsys, monkeypatch) -> subprocess.CompletedProcess:
+    """`python PATH ARGS` in this process, from the repository: its exit status (SystemExit's, 0 if it returns,
+    1 and the traceback on stderr if it raises) and what it printed."""
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sys, "argv", [path, *args])
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the script puts benchmarks/ and the repository first
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # a `python -m dume_ray` it starts starts its own Ray, as from a shell
+    import torch
+    threads = torch.get_num_threads()
+    capsys.readouterr()
+    rc, error = 0, ""
+    try:
+        torch.set_num_threads(1)
+        runpy.run_path(path, run_name="__main__")
+    except SystemExit as exit_:
+        rc = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+        error = "" if isinstance(exit_.code, int) or exit_.code is None else str(exit_.code)
+    except Exception:  # noqa: BLE001 - reported as a failed command, with its traceback
+        import traceback
+        rc, error = 1, traceback.format_exc()
+    finally:
+        torch.set_num_threads(threads)
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess([sys.executable, path, *args], rc, captured.out, captured.err + error)
 
 
 def test_tiny_runs_without_out_go_to_a_temp_folder():
