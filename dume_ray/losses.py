@@ -199,15 +199,22 @@ def student_bucket_logprobs(
     if kept is not None:
         top = top.masked_fill(~kept, _NEG_INF)
     n, vocab = logp.shape
-    if ids.shape[-1] >= vocab:
+    if ids.shape[-1] >= vocab and (kept is None or bool(kept.all())):
         # Nothing is left outside the top k. Skipping logsumexp over an all
         # -inf row also avoids its NaN backward (exp(-inf - -inf)).
         tail = logp.new_full((n,), _NEG_INF)  # [n]
     else:
         # Exact logsumexp over the non-top-k tokens; log1p(-sum(p_topk))
         # would cancel catastrophically when the top k hold almost all mass.
+        # Padding repeats a kept id, so a padded row of width >= V still has
+        # tokens outside; a row with none gets a constant dummy, then -inf.
         in_topk = torch.zeros_like(logp, dtype=torch.bool).scatter_(-1, ids, True)  # [n, V]
-        tail = torch.logsumexp(logp.masked_fill(in_topk, _NEG_INF), dim=-1)  # [n]
+        outside = ~in_topk.all(dim=-1)  # [n]
+        masked = logp.masked_fill(in_topk, _NEG_INF)  # [n, V]
+        if not bool(outside.all()):
+            dummy = ~outside.unsqueeze(-1) & (torch.arange(vocab, device=logp.device) == 0)  # [n, V]
+            masked = masked.masked_fill(dummy, 0.0)
+        tail = torch.where(outside, torch.logsumexp(masked, dim=-1), logp.new_full((n,), _NEG_INF))  # [n]
     return torch.cat([top, tail.unsqueeze(-1)], dim=-1)  # [n, k+1]
 
 

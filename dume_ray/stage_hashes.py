@@ -74,6 +74,9 @@ def expert_hash(base: str, task_names: list[str], cfg: PipelineConfig) -> str:
     return config_hash("expert", base, task_data(cfg, task_names), _optim(e.optim), trainable)
 
 
+EIGHT_BIT_FORMAT = 2  # version of the 8-bit layout: 2 = tokens below its floor stored as padding, mass in the tail
+
+
 def soft_target_group_hash(cfg: PipelineConfig, task_names: list[str], expert: str) -> str:
     """One group's soft targets: its expert, its tasks' training rows, k and kl_max when adaptive (left out at its
     default 0, so fixed-k runs keep their hashes), logprob_bits when not the default 16 (likewise). Not how many rows are scored: that is the union's
@@ -81,7 +84,7 @@ def soft_target_group_hash(cfg: PipelineConfig, task_names: list[str], expert: s
     still holds the rows it needs."""
     st = cfg.soft_targets
     k = (st.top_k, "kl_max", st.kl_max) if st.kl_max > 0 else st.top_k
-    bits = () if st.logprob_bits == 16 else (("logprob_bits", st.logprob_bits),)
+    bits = () if st.logprob_bits == 16 else (("logprob_bits", st.logprob_bits, EIGHT_BIT_FORMAT),)
     return config_hash("soft_targets", expert, k, task_data(cfg, task_names), *bits)
 
 

@@ -33,10 +33,10 @@ float16 and ``tail_logmass`` as float32, as above; 8 stores both as ``uint8``
 codes of a log-quantiser with step ``LOGPROB_STEP`` = 1/16 nat: code
 round(-lp / step) for finite lp, clipped to 254, and code 255 = -inf. A top-k
 token whose code would be clipped (lp < FLOOR_8BIT, about -15.9 nats: p below
-1.3e-7) is not stored: code 255 ("absent", dropped on both sides by the KD
-loss like adaptive-k padding; the reader's renormalisation spreads its mass
-over the rest); adaptive k keeps fewer tokens instead (their mass in the
-tail). Clipped, such a token would be overweighted in the tempered target
+1.3e-7) is not stored: it becomes padding (the position's top-1 id with code
+255, dropped on both sides by the KD loss like adaptive-k padding) and its
+mass joins the tail; adaptive k keeps fewer tokens instead (their mass in the
+tail too). (Format version ``stage_hashes.EIGHT_BIT_FORMAT``.) Clipped, such a token would be overweighted in the tempered target
 p^(1/T) at T > 1. Only the tail can be clipped (a tail mass below 1.3e-7,
 which only T = 1 uses). The scheme is the one
 benchmarks/storage.py measured ("uint16 ids + 8-bit log-probs (1/16 nat) +
@@ -163,6 +163,8 @@ def quantise_logprobs(values: np.ndarray, bits: int = 8, step: float = LOGPROB_S
     (lp < -(2^bits - 2)·step)."""
     top = 2 ** bits - 1
     lp = np.asarray(values, dtype=np.float64)
+    if np.isnan(lp).any():  # NaN would become code 0, a log-prob of 0: a silent certainty
+        raise ValueError(f"log-probs to quantise hold NaN at flat index {int(np.flatnonzero(np.isnan(lp))[0])}")
     with np.errstate(invalid="ignore"):
         codes = np.clip(np.rint(-lp / step), 0, top - 1)
     return np.where(np.isneginf(lp), top, codes).astype(np.uint8)
@@ -238,9 +240,9 @@ def encode_top_k(logprobs: Tensor, k: int, logprob_bits: int = 16) -> Tuple[np.n
         float16/uint8 [n, k], tail_logmass float32/uint8 [n]). The tail is the
         exact logsumexp of the non-top-k log-probs in float32 (-inf when
         k >= V) before it is stored. At 8 bits a top-k token below
-        FLOOR_8BIT is stored absent (code 255, decoded -inf): the KD loss
-        drops it on both sides, as adaptive-k padding, and the reader's
-        renormalisation spreads its mass (< 1.3e-7) over the rest.
+        FLOOR_8BIT is stored as padding (the top-1 id, code 255 = -inf: the
+        KD loss drops it on both sides, as adaptive-k padding) and its mass
+        (< 1.3e-7) joins the tail (`_floor_to_tail`).
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got k={k!r}")
@@ -255,9 +257,21 @@ def encode_top_k(logprobs: Tensor, k: int, logprob_bits: int = 16) -> Tuple[np.n
         # the top k hold nearly all the mass.
         in_topk = torch.zeros_like(logp, dtype=torch.bool).scatter_(-1, ids, True)  # [n, V]
         tail = torch.logsumexp(logp.masked_fill(in_topk, float("-inf")), dim=-1)  # [n]
-    if logprob_bits == 8:  # top-k tokens below the 8-bit floor: absent (-inf, code 255); the top-1 never is (>= -log V)
-        values = values.masked_fill(values < FLOOR_8BIT, float("-inf"))
+    if logprob_bits == 8:  # top-k tokens below the 8-bit floor: stored as padding; the top-1 never is (>= -log V)
+        ids, values, tail = _floor_to_tail(ids, values, tail)
     return (ids.cpu().numpy().astype(id_dtype(vocab)), *_encode_values(values, tail, logprob_bits))
+
+
+def _floor_to_tail(ids: Tensor, values: Tensor, tail: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """8-bit codes cannot hold a log-prob below FLOOR_8BIT: such a top-k token becomes padding, as adaptive k
+    pads (its id replaced by the position's top-1 id, its value -inf: dropped on both sides) and its mass
+    joins the tail. Both sides then count a student's mass on that token in the tail bucket; keeping its
+    own id with a -inf value would count it nowhere, and reverse KL would pay the student to move mass there."""
+    below = values < FLOOR_8BIT  # [n, k]
+    if not bool(below.any()):
+        return ids, values, tail
+    tail = torch.logaddexp(tail, torch.logsumexp(values.masked_fill(~below, float("-inf")), dim=-1))  # [n]
+    return (torch.where(below, ids[:, :1].expand_as(ids), ids), values.masked_fill(below, float("-inf")), tail)
 
 
 def kept_counts(logprobs: Tensor, k: int, kl_max: float, chunk: int = 256) -> Tensor:

@@ -501,8 +501,7 @@ def test_padded_adaptive_rows_equal_their_kept_tokens_alone(temp, divergence):
 # the mixture, whose log-ratio range is no wider, so the same bound. At T != 1 both sides are tempered and
 # renormalised over the kept tokens: the range becomes 2d / T and T^2 cancels the 1/T^2. So for every T, alpha,
 # k and divergence, kd_loss <= step^2 / 8 = 1/2048 nat per token. No stored top-k code is clipped: a token below
-# the floor (-15.9 nats) is stored absent (fixed k) or not kept (adaptive k), dropped on both sides, and the
-# mass it leaves (< 1.3e-7 a token) moves the loss by far less than the bound.
+# the floor (-15.9 nats) is stored as padding with its mass in the tail (fixed k) or not kept (adaptive k).
 
 STEP = 1 / 16
 BOUND_8BIT = STEP ** 2 / 8  # 4.9e-4
@@ -530,7 +529,7 @@ def _stored_targets_8bit(teacher_logits, k, kl_max=0.0):
 @pytest.mark.parametrize("alpha", [0.5, 1.0])
 @pytest.mark.parametrize("temp", [0.5, 1.0, 2.0, 8.0])
 def test_student_equal_to_teacher_is_within_the_8bit_bound_at_every_temperature(temp, alpha, k, divergence, beta):
-    # The 16-bit test's teachers: at k = V many of the 87 log-probs are below the 8-bit floor (stored absent).
+    # The 16-bit test's teachers: at k = V many of the 87 log-probs are below the 8-bit floor (stored as padding).
     gen = torch.Generator().manual_seed(7)
     teacher_logits = torch.randn(64, DEMO_V, generator=gen) * 4
     ids, topk_logp, tail = _stored_targets_8bit(teacher_logits, k)
@@ -547,15 +546,43 @@ def test_student_equal_to_teacher_is_within_the_8bit_bound_at_every_temperature(
 @pytest.mark.parametrize("kl_max", [0.0, 0.02, 0.3])
 @pytest.mark.parametrize("temp", [1.0, 2.0, 8.0])
 def test_student_equal_to_teacher_is_within_the_8bit_bound_on_peaked_teachers(temp, kl_max, divergence, beta):
-    """Peaked rows (logit scale up to 12) put most of the top 16 below the floor: a fixed k stores them absent,
-    adaptive k at 8 bits keeps fewer tokens (their mass in the tail)."""
+    """Peaked rows (logit scale up to 12) put most of the top 16 below the floor: a fixed k stores them as
+    padding, adaptive k at 8 bits keeps fewer tokens (their mass in the tail in both cases)."""
     gen = torch.Generator().manual_seed(5)
     teacher_logits = torch.randn(64, DEMO_V, generator=gen) * torch.linspace(1, 12, 64).unsqueeze(1)
     ids, topk_logp, tail = _stored_targets_8bit(teacher_logits, 16, kl_max)
     if kl_max == 0:
-        assert torch.isneginf(topk_logp).any()  # absent tokens present
+        assert torch.isneginf(topk_logp).any()  # padding present
     student_logits = teacher_logits + torch.randn(64, 1, generator=gen) * 10
     targets = torch.randint(0, DEMO_V, (64,), generator=gen)
     out = distill_objective(student_logits, targets, ids, topk_logp, tail, alpha=1.0, temperature=temp,
                             divergence=divergence, jsd_beta=beta)
     assert 0 <= out["kd_loss"].item() <= BOUND_8BIT
+
+
+@pytest.mark.parametrize("divergence,beta", [
+    ("forward_kl", 0.5), ("reverse_kl", 0.5), ("generalized_jsd", 0.5), ("generalized_jsd", 0.2),
+])
+@pytest.mark.parametrize("temp", [1.0, 2.0])
+def test_8bit_targets_never_pay_a_student_for_mass_on_floored_tokens(temp, divergence, beta):
+    """A student that moves mass onto the top-k tokens an 8-bit shard could not store (below its floor) must
+    pay for it at T = 1 (the loss grows with that mass), and the loss never goes below 0. (Stored with their own id and a -inf
+    value, their mass fell outside every bucket, and reverse KL went negative as the student moved there.)"""
+    from dume_ray.data.soft_targets import FLOOR_8BIT
+    gen = torch.Generator().manual_seed(5)
+    teacher_logits = torch.randn(64, DEMO_V, generator=gen) * 12
+    logp = torch.log_softmax(teacher_logits, -1)
+    top = torch.topk(logp, 16, -1)
+    floored = torch.zeros_like(logp, dtype=torch.bool).scatter_(-1, top.indices, top.values < FLOOR_8BIT)
+    assert floored.any(-1).float().mean() > 0.5
+    ids, topk_logp, tail = _stored_targets_8bit(teacher_logits, 16)
+    targets = torch.randint(0, DEMO_V, (64,), generator=gen)
+    losses = []
+    for boost in (0.0, 10.0, 20.0):  # logits added on the floored tokens: their student mass 0 -> most of it
+        student = teacher_logits + boost * floored
+        out = distill_objective(student, targets, ids, topk_logp, tail, alpha=1.0, temperature=temp,
+                                divergence=divergence, jsd_beta=beta)
+        losses.append(out["kd_loss"].item())
+    assert min(losses) >= 0
+    if temp == 1.0:  # at T != 1 both sides are restricted to the kept tokens and renormalised: no tail, by design
+        assert losses[0] < losses[1] < losses[2]

@@ -422,18 +422,30 @@ def test_logprob_bits_other_than_8_or_16_are_refused():
         load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "demo.yaml"), ["soft_targets.logprob_bits=12"])
 
 
-def test_8bit_fixed_k_stores_tokens_below_the_floor_absent_and_validates(tmp_path):
-    """A peaked teacher's top 8 reach below -15.9 nats: those codes would be clipped, so they are stored absent
-    (255, decoded -inf, never a position's first) and the shard still validates; a shard whose first value is
-    absent is refused."""
-    from dume_ray.data.soft_targets import FLOOR_8BIT, targets_table
+def test_8bit_fixed_k_stores_tokens_below_the_floor_as_padding_and_validates(tmp_path):
+    """A peaked teacher's top 8 reach below -15.9 nats: those codes would be clipped, so they are stored as
+    padding (the position's top-1 id, code 255 = -inf, never a position's first) with their mass in the tail,
+    and the shard still validates; a shard whose first value is absent is refused."""
+    from dume_ray.data.soft_targets import FLOOR_8BIT, dequantise_logprobs, quantise_logprobs, targets_table
     rows, _ = _make_rows(n_rows=4)
     n = sum(len(r["input_ids"]) - r["response_start"] for r in rows)
     logp = torch.log_softmax(torch.randn(n, VOCAB, generator=torch.Generator().manual_seed(3)) * 12, -1)
     table = targets_table(rows, logp, 8, logprob_bits=8)
     codes = np.concatenate([np.asarray(v) for v in table.column("topk_logprobs").to_pylist()]).reshape(-1, 8)
-    below = torch.topk(logp, 8, -1).values.numpy() < FLOOR_8BIT
+    ids = np.concatenate([np.asarray(v) for v in table.column("topk_ids").to_pylist()]).reshape(-1, 8)
+    top = torch.topk(logp, 8, -1)
+    below = top.values.numpy() < FLOOR_8BIT
     assert below.any() and np.array_equal(codes == 255, below) and (codes[:, 0] < 255).all()
+    assert np.array_equal(ids, np.where(below, top.indices.numpy()[:, :1], top.indices.numpy()))
+    tail = dequantise_logprobs(np.concatenate([np.asarray(v) for v in table.column("tail_logmass").to_pylist()]))
+    outside = torch.logsumexp(logp.scatter(-1, top.indices, float("-inf")), -1)  # the non-top-k mass alone
+    floored = torch.logsumexp(top.values.masked_fill(~torch.from_numpy(below), float("-inf")), -1)
+    expected = torch.logaddexp(outside, floored).numpy()
+    rows_below = below.any(1)
+    expected = np.maximum(expected, -254 / 16)  # the tail's code clips at 254 (a mass below 1.3e-7)
+    assert (np.abs(tail[rows_below] - expected[rows_below]) <= 1 / 32 + 1e-6).all()  # half a code step
+    without = dequantise_logprobs(quantise_logprobs(outside.numpy()))  # the tail had the floored mass been lost
+    assert (tail[rows_below] > without[rows_below]).any()
     path = str(tmp_path / "absent.parquet")
     write_shard(table, path)
     assert validate_shard(path, VOCAB, 8, logprob_bits=8) == 4
