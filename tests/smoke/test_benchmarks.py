@@ -72,7 +72,7 @@ def _run_in_process(path: str, args: list[str], capsys, monkeypatch) -> subproce
     monkeypatch.setattr(sys, "path", list(sys.path))  # the script puts benchmarks/ and the repository first
     monkeypatch.delenv("RAY_ADDRESS", raising=False)  # a `python -m dume_ray` it starts starts its own Ray, as from a shell
     import torch
-    threads = torch.get_num_threads()
+    threads, environ, modules = torch.get_num_threads(), dict(os.environ), set(sys.modules)
     capsys.readouterr()
     rc, error = 0, ""
     try:
@@ -84,8 +84,13 @@ def _run_in_process(path: str, args: list[str], capsys, monkeypatch) -> subproce
     except Exception:  # noqa: BLE001 - reported as a failed command, with its traceback
         import traceback
         rc, error = 1, traceback.format_exc()
-    finally:
-        torch.set_num_threads(threads)
+    finally:  # what the script set (QUIET_ENV, HF_HUB_OFFLINE, ...) and imported (benchmarks/common's load at
+        torch.set_num_threads(threads)  # start) must not reach the next test
+        os.environ.clear()
+        os.environ.update(environ)
+        for name in set(sys.modules) - modules:
+            if getattr(sys.modules[name], "__file__", None) and os.path.dirname(sys.modules[name].__file__) == os.path.join(REPO, "benchmarks"):
+                del sys.modules[name]
     captured = capsys.readouterr()
     return subprocess.CompletedProcess([sys.executable, path, *args], rc, captured.out, captured.err + error)
 

@@ -254,7 +254,10 @@ def test_preflight_warns_when_the_generation_cap_cuts_answers(tmp_path, tiny_mod
     tasks = load_tasks(cfg.tasks, tokenizer, cfg.model.max_seq_len)
     group_of = {t: g for g, names in cfg.groups.items() for t in names}
     rows = {s: encode_rows(tasks, tokenizer, s, cfg.model.max_seq_len, group_of) for s in ("validation", "test")}
-    lengths = {(r["task"], s): len(r["input_ids"]) - r["response_start"] - 1 for s in rows for r in rows[s]}
+    lengths: dict = {}  # (task, split) -> its longest answer
+    for s in rows:
+        for r in rows[s]:
+            lengths[r["task"], s] = max(lengths.get((r["task"], s), 0), len(r["input_ids"]) - r["response_start"] - 1)
     longest = max(lengths.values())
     assert answers_cut_by_generation_cap(rows, longest) == {}  # an answer of exactly the cap still fits
     cut = answers_cut_by_generation_cap(rows, longest - 1)
