@@ -10,8 +10,9 @@ Three sides per round, in this order:
 1. Ray, started by the run (the demo's own command): a fresh `python -m dume_ray run --config C name=bench-e2e-rI runs_dir=R` (I = the round) in a subprocess; per-stage
    seconds from the stages' `DONE.json` manifests, total = the subprocess's wall time (Ray start included); the
    faults it survived from its log (`log_faults`: out-of-memory task kills, restarts from checkpoint).
-2. Ray, joined running cluster: the same command with RAY_ADDRESS set to a Ray head started once before the
-   rounds (`RunningRay`), as `ray job submit` runs it on a cluster that `ray up` started: no Ray start in the run.
+2. Ray, joined running cluster: the same command with RAY_ADDRESS set to a Ray head started just before it and
+   left to settle, outside the clock (`RunningRay`), as `ray job submit` runs it on a cluster that `ray up`
+   started: no Ray start in the run.
 3. Plain: `reference_pipeline` below, the stages' pure functions called in order in this process, no Ray:
    the same models, steps, batch sizes, schedules, checkpoint interval, validation scoring after each
    training job, soft targets (`TeacherScorer` + `write_shard`) and test-split scoring of every model.
@@ -200,23 +201,36 @@ def ray_pipeline(config: str, overrides: list[str], runs_dir: str, name: str,
 
 
 class RunningRay:
-    """A local Ray head that outlives the rounds, as a cluster started by `ray up` outlives the jobs sent to it:
-    the "joined" side of each round runs `python -m dume_ray run` with RAY_ADDRESS set to it, so that side pays
-    no Ray start (a cluster's, paid once per `ray up`). Held by a child process (`ray.init` there), not by
-    `ray start`, whose only way down is `ray stop`: that would kill every other Ray on the machine. Closing the
-    child's stdin ends it, and its `ray.shutdown` takes the head's processes with it."""
+    """A local Ray head started before a run and stopped after it, outside the run's clock, as a cluster started
+    by `ray up` outlives the jobs sent to it: the "joined" side runs `python -m dume_ray run` with RAY_ADDRESS
+    set to it, so that side pays no Ray start (a cluster's, paid once per `ray up`). Up only around that side's
+    run, so its idle processes take no CPU from the other sides. Held by a child process (`ray.init` there), not
+    by `ray start`, whose only way down is `ray stop`: that would kill every other Ray on the machine. Closing
+    the child's stdin ends it, and its `ray.shutdown` takes the head's processes with it."""
 
     HOLD = ("import ray, sys; context = ray.init(include_dashboard=False); "
-            "print(context.address_info['gcs_address'], flush=True); sys.stdin.read()")
+            "print('ADDRESS=' + context.address_info['gcs_address'], flush=True); sys.stdin.read()")
+    START_TIMEOUT_S = 180.0
+    SETTLE_S = 10.0  # the head's own start-up work (its prestarted workers' imports) ends before the clock starts
 
     def __enter__(self) -> "RunningRay":
+        import select
         self.process = subprocess.Popen([sys.executable, "-c", self.HOLD], cwd=REPO, stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                                         env={**os.environ, "RAY_AUTH_MODE": "token"})
-        self.address = self.process.stdout.readline().strip()
-        if not self.address:
-            raise RuntimeError(f"the Ray head for the joined side did not start (rc={self.process.wait()})")
-        print(f"[end_to_end] a running Ray for the joined side at {self.address}", flush=True)
+        try:
+            deadline, self.address = time.time() + self.START_TIMEOUT_S, ""
+            while not self.address:
+                ready, _, _ = select.select([self.process.stdout], [], [], max(0.0, deadline - time.time()))
+                line = self.process.stdout.readline() if ready else ""
+                if not line:
+                    raise RuntimeError(f"the Ray head for the joined side did not start within {self.START_TIMEOUT_S:.0f} s "
+                                       f"(exit status {self.process.poll()})")
+                self.address = line.strip()[len("ADDRESS="):] if line.startswith("ADDRESS=") else ""
+            time.sleep(self.SETTLE_S)
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *_exc) -> None:
@@ -225,6 +239,7 @@ class RunningRay:
             self.process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             self.process.kill()
+            self.process.wait()
 
 
 def stage_walls(log: str) -> dict[str, float]:
@@ -349,42 +364,41 @@ def main(argv: list[str] | None = None) -> int:
 
     runs, load, path = [], [], result_path("end_to_end", args.out, args.tiny)
     runs_dir = os.path.abspath(args.runs_dir)
-    with contextlib.ExitStack() as stack:
-        cluster = stack.enter_context(RunningRay()) if "joined" in args.sides else None
-        for repeat in range(args.repeats):  # each side in turn in each round; medians over rounds
-            before = list(os.getloadavg())
-            run = {}
-            for side in args.sides:
-                name = f"bench-e2e-{side}-r{repeat}"  # a log per round and side, kept (the run folder is small)
+    for repeat in range(args.repeats):  # each side in turn in each round; medians over rounds
+        before = list(os.getloadavg())
+        run = {}
+        for side in args.sides:
+            name = f"bench-e2e-{side}-r{repeat}"  # a log per round and side, kept (the run folder is small)
+            with RunningRay() if side == "joined" else contextlib.nullcontext() as cluster:
                 total, stages, walls, profile = ray_pipeline(args.config, overrides, runs_dir, name,
-                                                             cluster.address if side == "joined" else None)
-                run[side] = {"total_seconds": total, "stages": stages, "cli_stage_walls": walls, "profile": profile,
-                             "faults": log_faults(os.path.join(runs_dir, f"{name}.log"))}
-            work = tempfile.mkdtemp(prefix="bench-e2e-plain-")
-            t = time.time()
-            plain_stages, plain_profile = reference_pipeline(cfg, work)
-            run["plain"] = {"total_seconds": time.time() - t, "stages": plain_stages, "profile": plain_profile}
-            shutil.rmtree(work, ignore_errors=True)
-            for side in RAY_SIDES:
-                if side in run:
-                    run[f"{side}_over_plain"] = run[side]["total_seconds"] / run["plain"]["total_seconds"]
-            runs.append(run)
-            load.append({"before": before, "after": list(os.getloadavg())})
-            print(f"[end_to_end] round {repeat + 1}/{args.repeats}: " + ", ".join(
-                f"{side} {run[side]['total_seconds']:.1f} s" for side in (*RAY_SIDES, "plain") if side in run)
-                + f"; load average (1, 5, 15 min) {load[-1]}", flush=True)
-            # Written after every round (marked partial until the last), so a cut-short run still leaves its rounds.
-            table, verdict, median = summarize(runs)
-            table = f"{table}\n\n{profile_table(runs)}"
-            write_result(path, "end_to_end", command_line(), started,
-                         {"config": args.config, "overrides": overrides, "plain_torch_threads": torch.get_num_threads(),
-                          "ray_worker_niceness": niceness,
-                          "rounds": runs, "partial": len(runs) < args.repeats, "median": median,
-                          **{f"{side}_over_plain": median[f"{side}_over_plain"] for side in args.sides},
-                          **{f"{side}_target_met": median[f"{side}_over_plain"] <= TARGET_TOTAL for side in args.sides},
-                          **{f"soft_targets_{side}_target_met": median[f"soft_targets_{side}_over_plain"] <= TARGET_SOFT_TARGETS
-                             for side in args.sides},
-                          "loadavg": load}, f"{table}\n\n{verdict}")
+                                                             cluster.address if cluster else None)
+            run[side] = {"total_seconds": total, "stages": stages, "cli_stage_walls": walls, "profile": profile,
+                         "faults": log_faults(os.path.join(runs_dir, f"{name}.log"))}
+        work = tempfile.mkdtemp(prefix="bench-e2e-plain-")
+        t = time.time()
+        plain_stages, plain_profile = reference_pipeline(cfg, work)
+        run["plain"] = {"total_seconds": time.time() - t, "stages": plain_stages, "profile": plain_profile}
+        shutil.rmtree(work, ignore_errors=True)
+        for side in RAY_SIDES:
+            if side in run:
+                run[f"{side}_over_plain"] = run[side]["total_seconds"] / run["plain"]["total_seconds"]
+        runs.append(run)
+        load.append({"before": before, "after": list(os.getloadavg())})
+        print(f"[end_to_end] round {repeat + 1}/{args.repeats}: " + ", ".join(
+            f"{side} {run[side]['total_seconds']:.1f} s" for side in (*RAY_SIDES, "plain") if side in run)
+            + f"; load average (1, 5, 15 min) {load[-1]}", flush=True)
+        # Written after every round (marked partial until the last), so a cut-short run still leaves its rounds.
+        table, verdict, median = summarize(runs)
+        table = f"{table}\n\n{profile_table(runs)}"
+        write_result(path, "end_to_end", command_line(), started,
+                     {"config": args.config, "overrides": overrides, "plain_torch_threads": torch.get_num_threads(),
+                      "ray_worker_niceness": niceness,
+                      "rounds": runs, "partial": len(runs) < args.repeats, "median": median,
+                      **{f"{side}_over_plain": median[f"{side}_over_plain"] for side in args.sides},
+                      **{f"{side}_target_met": median[f"{side}_over_plain"] <= TARGET_TOTAL for side in args.sides},
+                      **{f"soft_targets_{side}_target_met": median[f"soft_targets_{side}_over_plain"] <= TARGET_SOFT_TARGETS
+                         for side in args.sides},
+                      "loadavg": load}, f"{table}\n\n{verdict}")
     print(f"\n{table}\n\n{verdict}", flush=True)
     return 0
 
