@@ -320,15 +320,18 @@ def _stored_targets(teacher_logits, k):
 @pytest.mark.parametrize("k", [1, 8, DEMO_V])
 @pytest.mark.parametrize("alpha", [0.5, 1.0])
 @pytest.mark.parametrize("temp", [0.5, 1.0, 2.0, 8.0])
-def test_student_equal_to_teacher_has_zero_kd_loss_at_every_temperature(temp, alpha, k, divergence, beta):
+@pytest.mark.parametrize("bits", [16, 8])
+def test_student_equal_to_teacher_has_zero_kd_loss_at_every_temperature(bits, temp, alpha, k, divergence, beta):
     # Soft targets go through encode_top_k, so the float16 rounding of the
     # stored log-probs is included. It stays far below 1e-4: at T != 1 both
     # sides are renormalised over the same support, so the rounding enters at
     # second order; at T == 1 (unnormalised stored buckets) it is first order
-    # but measured <= 6e-6 on these logits (<= 2e-6 at T != 1).
+    # but measured <= 6e-6 on these logits (<= 2e-6 at T != 1). At 8 bits (`_stored_targets_8bit`: at k = V many
+    # of the 87 log-probs are below its floor, stored as padding) the bound is BOUND_8BIT, derived below;
+    # measured at most 1.6e-4 (KL), 4.0e-5 (JSD), a third of it.
     gen = torch.Generator().manual_seed(7)
     teacher_logits = torch.randn(64, DEMO_V, generator=gen) * 4
-    ids, topk_logp, tail = _stored_targets(teacher_logits, k)
+    ids, topk_logp, tail = (_stored_targets if bits == 16 else _stored_targets_8bit)(teacher_logits, k)
     # Same distribution, different logits: a per-row shift changes nothing.
     student_logits = teacher_logits + torch.randn(64, 1, generator=gen) * 10
     targets = torch.randint(0, DEMO_V, (64,), generator=gen)
@@ -336,7 +339,7 @@ def test_student_equal_to_teacher_has_zero_kd_loss_at_every_temperature(temp, al
         student_logits, targets, ids, topk_logp, tail,
         alpha=alpha, temperature=temp, divergence=divergence, jsd_beta=beta,
     )
-    assert abs(out["kd_loss"].item()) <= 1e-4
+    assert (abs(out["kd_loss"].item()) <= 1e-4) if bits == 16 else (0 <= out["kd_loss"].item() <= BOUND_8BIT)
     expected = alpha * out["kd_loss"] + (1 - alpha) * out["ce_loss"]
     assert torch.allclose(out["loss"], expected, atol=1e-6)
 
@@ -520,24 +523,6 @@ def _stored_targets_8bit(teacher_logits, k, kl_max=0.0):
     lps, tail = decode_logprobs(codes.reshape(-1), tail_codes, counts)
     pad_ids, pad_lps = pad_top_k(ids.reshape(-1), lps, counts, int(counts.max()))
     return pad_ids, pad_lps, torch.from_numpy(tail)
-
-
-@pytest.mark.parametrize("divergence,beta", [
-    ("forward_kl", 0.5), ("reverse_kl", 0.5), ("generalized_jsd", 0.5), ("generalized_jsd", 0.2),
-])
-@pytest.mark.parametrize("k", [1, 8, DEMO_V])
-@pytest.mark.parametrize("alpha", [0.5, 1.0])
-@pytest.mark.parametrize("temp", [0.5, 1.0, 2.0, 8.0])
-def test_student_equal_to_teacher_is_within_the_8bit_bound_at_every_temperature(temp, alpha, k, divergence, beta):
-    # The 16-bit test's teachers: at k = V many of the 87 log-probs are below the 8-bit floor (stored as padding).
-    gen = torch.Generator().manual_seed(7)
-    teacher_logits = torch.randn(64, DEMO_V, generator=gen) * 4
-    ids, topk_logp, tail = _stored_targets_8bit(teacher_logits, k)
-    student_logits = teacher_logits + torch.randn(64, 1, generator=gen) * 10
-    targets = torch.randint(0, DEMO_V, (64,), generator=gen)
-    out = distill_objective(student_logits, targets, ids, topk_logp, tail, alpha=alpha, temperature=temp,
-                            divergence=divergence, jsd_beta=beta)
-    assert 0 <= out["kd_loss"].item() <= BOUND_8BIT  # measured at most 1.6e-4 (KL), 4.0e-5 (JSD): a third of it
 
 
 @pytest.mark.parametrize("divergence,beta", [
