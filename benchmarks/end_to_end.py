@@ -13,7 +13,8 @@ Three sides per round, in this order:
 2. Ray, joined running cluster: the same command with RAY_ADDRESS set to a Ray head started just before it and
    left to settle, outside the clock (`RunningRay`), as `ray job submit` runs it on a cluster that `ray up`
    started: no Ray start in the run.
-3. Plain: `reference_pipeline` below, the stages' pure functions called in order in this process, no Ray:
+3. Plain: `reference_pipeline` below in a fresh process (`plain_process`, timed from its start like the Ray
+   side's command): the stages' pure functions called in order, no Ray:
    the same models, steps, batch sizes, schedules, checkpoint interval, validation scoring after each
    training job, soft targets (`TeacherScorer` + `write_shard`) and test-split scoring of every model.
    Experts train one after another here (the Ray run trains them concurrently, one CPU each).
@@ -200,6 +201,24 @@ def ray_pipeline(config: str, overrides: list[str], runs_dir: str, name: str,
     return total, stages, walls, profiles
 
 
+def plain_process(config: str, overrides: list[str], threads: int) -> tuple[float, dict, dict]:
+    """The plain side as a user would run it: a fresh process (`end_to_end.py --plain-child`: interpreter start,
+    imports, config, then `reference_pipeline`), timed from start to exit like the Ray side's `python -m dume_ray
+    run`, so both totals include Python's start and the torch/transformers imports (about 3 s here). Returns
+    (total wall seconds, {stage: seconds}, {stage: phase seconds})."""
+    work = tempfile.mkdtemp(prefix="bench-e2e-plain-")
+    out = os.path.join(work, "plain.json")
+    cmd = [sys.executable, os.path.abspath(__file__), "--plain-child", out, "--config", config,
+           "--threads", str(threads), *overrides]
+    start = time.time()
+    subprocess.run(cmd, cwd=REPO, check=True)
+    total = time.time() - start
+    with open(out) as f:
+        result = json.load(f)
+    shutil.rmtree(work, ignore_errors=True)
+    return total, result["stages"], result["profile"]
+
+
 class RunningRay:
     """A local Ray head started before a run and stopped after it, outside the run's clock, as a cluster started
     by `ray up` outlives the jobs sent to it: the "joined" side runs `python -m dume_ray run` with RAY_ADDRESS
@@ -342,12 +361,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="Ray sides to run beside the plain process: ray = the run starts its own Ray, joined = it "
                              "joins a running one (RAY_ADDRESS, as under `ray job submit`); default both (--tiny: "
                              "joined, the tests' CLI smoke runs cover the other)")
+    parser.add_argument("--plain-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None)
     parser.add_argument("overrides", nargs="*", help="key=value config overrides for both runs")
     args = parser.parse_args(argv)
     started = time.time()
     import torch
     from dume_ray.config import load_config
+    if args.plain_child:  # the plain side's own process (plain_process): the reference pipeline, its result to a file
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        work = os.path.dirname(args.plain_child)
+        stages, profile = reference_pipeline(load_config(os.path.join(REPO, args.config), args.overrides), work)
+        with open(args.plain_child, "w") as f:
+            json.dump({"stages": stages, "profile": profile}, f)
+        return 0
     overrides = [*(TINY_OVERRIDES if args.tiny else []), "upcycle.enabled=false", *args.overrides]
     if args.tiny:
         args.config, args.repeats = "configs/smoke/tiny.yaml", 1
@@ -360,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     # Ray's workers at the plain loop's priority (Ray's default is nice 15, the plain loop runs at this process's):
     # a like-for-like comparison on a machine other work also loads, as benchmarks/smollm2_stages.py does.
     niceness = ray_workers_at_own_priority(args.tiny)
-    cfg = load_config(os.path.join(REPO, args.config), overrides)
+    load_config(os.path.join(REPO, args.config), overrides)  # a bad config or override fails here, before any run
 
     runs, load, path = [], [], result_path("end_to_end", args.out, args.tiny)
     runs_dir = os.path.abspath(args.runs_dir)
@@ -374,11 +402,8 @@ def main(argv: list[str] | None = None) -> int:
                                                              cluster.address if cluster else None)
             run[side] = {"total_seconds": total, "stages": stages, "cli_stage_walls": walls, "profile": profile,
                          "faults": log_faults(os.path.join(runs_dir, f"{name}.log"))}
-        work = tempfile.mkdtemp(prefix="bench-e2e-plain-")
-        t = time.time()
-        plain_stages, plain_profile = reference_pipeline(cfg, work)
-        run["plain"] = {"total_seconds": time.time() - t, "stages": plain_stages, "profile": plain_profile}
-        shutil.rmtree(work, ignore_errors=True)
+        plain_total, plain_stages, plain_profile = plain_process(args.config, overrides, args.threads)
+        run["plain"] = {"total_seconds": plain_total, "stages": plain_stages, "profile": plain_profile}
         for side in RAY_SIDES:
             if side in run:
                 run[f"{side}_over_plain"] = run[side]["total_seconds"] / run["plain"]["total_seconds"]
