@@ -177,7 +177,9 @@ def soft_target_stream(soft_targets: dict, cache_max_mb: float, seed: int, sched
             f"{groups} (e.g. {missing[0]!r}): they were scored for fewer rows (soft_targets.rows); rerun the "
             f"soft-targets stage for this config")
     # groups kept from a run before ids were narrowed (int32) beside groups scored since (uint16): one schema
-    mixed_ids = len({pq.read_schema(p).field("topk_ids").type for p in paths}) > 1
+    # (a table without targets, as a plain cross-entropy stream, has no ids to cast)
+    schemas = [pq.read_schema(p) for p in paths]
+    mixed_ids = len({s.field("topk_ids").type for s in schemas if "topk_ids" in s.names}) > 1
     passes = max(1.0, (length or 0) / max(1, len(reads if reads is not None else scored)))  # annealed: every pass held
     held_bytes = soft_targets["metrics"].get("bytes", float("inf")) * passes
     if held_bytes <= cache_max_mb * 2**20:
