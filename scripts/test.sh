@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install (first run only) and run the test suite: unit, Ray integration, CLI smoke and cluster (~12 min on 2 cores).
+# Install (first run only) and run the test suite: unit, Ray integration, CLI smoke and cluster (~9 min of tests, ~10 min with the install, on 2 cores).
 #   bash scripts/test.sh [pytest args]          e.g.  bash scripts/test.sh -m "not integration and not smoke"
 set -euo pipefail
 cd "$(dirname "$0")/.."
