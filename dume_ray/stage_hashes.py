@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from dume_ray.config import BaseConfig, DistillConfig, ExpertsConfig, OptimConfig, PipelineConfig, UpcycleConfig, config_hash
+from dume_ray.config import (BaseConfig, DistillConfig, ExpertsConfig, OptimConfig, PipelineConfig, SoftTargetsConfig,
+                             UpcycleConfig, config_hash)
 
 
 def _optim(optim: OptimConfig) -> OptimConfig:
@@ -77,6 +78,16 @@ def expert_hash(base: str, task_names: list[str], cfg: PipelineConfig) -> str:
 EIGHT_BIT_FORMAT = 2  # version of the 8-bit layout: 2 = tokens below its floor stored as padding, mass in the tail
 
 
+def logprob_format_key(soft_targets: SoftTargetsConfig) -> tuple:
+    """What the stored log-prob format adds to a hash of soft targets, spread into `config_hash`
+    (`config_hash(..., *logprob_format_key(cfg.soft_targets))`): nothing at the default 16 bits, so those hashes
+    are what they were before 8 bits existed; else one entry, the bits and the 8-bit layout's version
+    (`EIGHT_BIT_FORMAT`), so a new layout invalidates the old shards. Used by the soft-target stage hash and
+    the search proxy's expert cache key (`search.proxy.expert_cache_key`)."""
+    bits = soft_targets.logprob_bits
+    return () if bits == 16 else (("logprob_bits", bits, EIGHT_BIT_FORMAT),)
+
+
 def soft_target_group_hash(cfg: PipelineConfig, task_names: list[str], expert: str) -> str:
     """One group's soft targets: its expert, its tasks' training rows, k and kl_max when adaptive (left out at its
     default 0, so fixed-k runs keep their hashes), logprob_bits when not the default 16 (likewise). Not how many rows are scored: that is the union's
@@ -84,8 +95,7 @@ def soft_target_group_hash(cfg: PipelineConfig, task_names: list[str], expert: s
     still holds the rows it needs."""
     st = cfg.soft_targets
     k = (st.top_k, "kl_max", st.kl_max) if st.kl_max > 0 else st.top_k
-    bits = () if st.logprob_bits == 16 else (("logprob_bits", st.logprob_bits, EIGHT_BIT_FORMAT),)
-    return config_hash("soft_targets", expert, k, task_data(cfg, task_names), *bits)
+    return config_hash("soft_targets", expert, k, task_data(cfg, task_names), *logprob_format_key(st))
 
 
 def read_budget(cfg: PipelineConfig, stage: str) -> int:

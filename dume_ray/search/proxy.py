@@ -29,7 +29,7 @@ from dume_ray.data.encode import shuffled_batches
 from dume_ray.data.soft_targets import PARQUET_WRITE_ARGS
 from dume_ray.model import expert_trainable, load_model, make_trainable, merge_adapters
 from dume_ray.soft_targets.teacher_scoring import score_rows
-from dume_ray.stage_hashes import EIGHT_BIT_FORMAT
+from dume_ray.stage_hashes import logprob_format_key
 from dume_ray.tasks import encode_rows
 from dume_ray.training import ce_step, kd_step, make_optimizer, train_loop
 
@@ -112,7 +112,7 @@ def expert_cache_key(base_hash: str, group: list[str], cfg: PipelineConfig) -> s
     return config_hash("search-expert", base_hash, sorted(group), cfg.experts.optim, expert_trainable(cfg.experts),
                        cfg.tasks, cfg.model.max_seq_len, cfg.soft_targets.top_k, cfg.seed,
                        *(("kl_max", cfg.soft_targets.kl_max) if cfg.soft_targets.kl_max > 0 else ()),
-                       *(("logprob_bits", cfg.soft_targets.logprob_bits, EIGHT_BIT_FORMAT) if cfg.soft_targets.logprob_bits != 16 else ()))
+                       *logprob_format_key(cfg.soft_targets))
 
 
 def build_expert(cfg: PipelineConfig, base_dir: str, tokenizer, rows: list[dict], out_dir: str) -> None:

@@ -238,3 +238,16 @@ def test_grouping_from_search_takes_groups_and_kd_knobs_from_best_yaml(tmp_path)
     searched = _hashes("grouping=from_search", f"search.best_path={best}")
     by_hand = _hashes("experts.groups=[[copy,reverse],[add]]", "distill.temperature=3.0", "distill.alpha=0.3")
     assert searched == by_hand
+
+
+# Computed at 7a98660, before `logprob_format_key` joined the 8-bit soft-target key of the stage hash and the
+# search proxy's cache key: that refactor must leave every stage hash where it was (a moved hash retrains a run).
+PINNED_SOFT_TARGETS = {(): {"soft_targets/copy": "1a11dc89a6ce35f3", "soft_targets": "eb80019af5e9ca6a"},
+                       ("soft_targets.logprob_bits=8",): {"soft_targets/copy": "ed0da6d380418fa8",
+                                                          "soft_targets": "51d5f3f65205ca60"}}
+
+
+@pytest.mark.parametrize("overrides", list(PINNED_SOFT_TARGETS), ids=["16 bits", "8 bits"])
+def test_soft_target_hashes_are_the_ones_computed_before_the_format_key_refactor(overrides):
+    hashes = _hashes(*overrides)
+    assert {stage: hashes[stage] for stage in PINNED_SOFT_TARGETS[overrides]} == PINNED_SOFT_TARGETS[overrides]
