@@ -168,20 +168,16 @@ def distill(cfg, base_dir: str, rows: list[dict], optim, alpha: float):
 
 def dume(cfg, expert_dirs: dict[str, str], tokenizer, tasks: dict, top_ks: list[int]) -> dict[int, object]:
     """{top_k: DUME MoE of the experts (in `tasks` order)}: the router solved once from each expert's training rows."""
-    from dume_ray.data.encode import collate
     from dume_ray.model import load_model
-    from dume_ray.tasks import encode_rows
     from dume_ray.upcycle.moe import build_moe
-    from dume_ray.upcycle.router import collect_group_stats, solve_router, stats_from_groups
+    from dume_ray.upcycle.router import solve_router, stats_from_groups, task_router_stats
     up = cfg.upcycle
     experts = {name: load_model(expert_dirs[name]) for name in tasks}
     moes = {k: build_moe(experts, top_k=k, routing=up.routing) for k in top_ks if k <= len(experts)}
     parts = []
-    for i, name in enumerate(tasks):
-        rows = encode_rows({name: tasks[name]}, tokenizer, "train", cfg.model.max_seq_len, {name: name})
-        rows = rows[:up.stats_examples_per_task]
-        batches = (collate(rows[j:j + up.batch_size], tokenizer.pad_token_id) for j in range(0, len(rows), up.batch_size))
-        stats = collect_group_stats(moes[top_ks[0]], batches, i, len(tasks))
+    for i, name in enumerate(tasks):  # the upcycle stage's statistics, one task a group
+        stats = task_router_stats(moes[top_ks[0]], tokenizer, tasks, [name], i, len(tasks), up.stats_examples_per_task,
+                                  up.batch_size, cfg.model.max_seq_len)
         parts.append((stats.gram, stats.cross[..., i], stats.tokens[i]))
     router = solve_router(stats_from_groups(parts), up.ridge_lambda, normalize_columns=up.normalize_columns)
     for moe in moes.values():

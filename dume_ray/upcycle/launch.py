@@ -27,13 +27,12 @@ from transformers import AutoModelForCausalLM
 
 from dume_ray import manifest, storage
 from dume_ray.config import PipelineConfig, TasksConfig
-from dume_ray.data.encode import collate
 from dume_ray.experts.launch import finished_experts
 from dume_ray.stage_hashes import pipeline_hashes, router_stats_hash
 from dume_ray.model import check_same_vocab, load_model, load_tokenizer
-from dume_ray.tasks import encode_rows, load_tasks
+from dume_ray.tasks import load_tasks
 from dume_ray.upcycle.moe import average_weights, build_moe, count_active_parameters
-from dume_ray.upcycle.router import collect_group_stats, finetune_router, solve_router, stats_from_groups
+from dume_ray.upcycle.router import finetune_router, solve_router, stats_from_groups, task_router_stats
 
 DUME_PLUS_TOKENS_PER_GROUP = 8192  # MLP inputs per group kept as DUME+ training features
 
@@ -137,14 +136,11 @@ def build_and_save(expert_dirs: dict[str, str], outputs: dict, cfg: PipelineConf
 def group_router_stats(moe_dir: str, tasks_cfg: TasksConfig, names: list[str], group: int, num_groups: int,
                        per_task: int, batch_size: int, max_seq_len: int, keep_inputs: int = 0, threads: int = 1):
     """Router statistics of one group's training examples (its expert forced at every layer); with
-    keep_inputs > 0 also up to that many tokens' MLP inputs per layer (for DUME+). A Ray task in `run_upcycle`."""
+    keep_inputs > 0 also up to that many tokens' MLP inputs per layer (for DUME+). A Ray task in `run_upcycle`:
+    loads the saved MoE and the tasks, then `router.task_router_stats` (which works on a model in memory)."""
     torch.set_num_threads(threads)
     moe_dir = storage.ensure_local(moe_dir)
     tokenizer = load_tokenizer(moe_dir, trust_remote_code=True)
     model = AutoModelForCausalLM.from_pretrained(moe_dir, trust_remote_code=True)  # Llama- or Qwen2-based MoE
-    tasks = load_tasks(tasks_cfg)
-    rows = []
-    for name in names:
-        rows += encode_rows({name: tasks[name]}, tokenizer, "train", max_seq_len, {name: "g"})[:per_task]
-    batches = (collate(rows[i:i + batch_size], tokenizer.pad_token_id) for i in range(0, len(rows), batch_size))
-    return collect_group_stats(model, batches, group, num_groups, keep_inputs)
+    return task_router_stats(model, tokenizer, load_tasks(tasks_cfg), names, group, num_groups, per_task, batch_size,
+                             max_seq_len, keep_inputs)

@@ -13,6 +13,8 @@ added; adding an expert adds its A and appends its column to B, then re-solves. 
 are in float64. Routing scores are x W_l.
 
     stats = group_stats(captured_inputs)           # per group, from `collect_group_inputs`
+    stats = task_router_stats(moe, tokenizer, tasks, ["copy"], group=0, num_groups=2, per_task=64,
+                              batch_size=16, max_seq_len=64)   # the same from a group's tasks' training rows
     total = merge_stats([stats_g0, stats_g1, ...])
     weights = solve_router(total, ridge_lambda=1e-2, normalize_columns=False)
     weights_plus, losses = finetune_router(weights, per_group_inputs, steps=50, lr=1e-2)   # optional DUME+
@@ -25,6 +27,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from dume_ray.data.encode import collate
+from dume_ray.tasks import encode_rows
 
 
 @dataclass
@@ -179,6 +184,18 @@ def collect_group_stats(model, batches, group: int, num_groups: int, keep_inputs
     if keep_inputs <= 0:
         return stats
     return stats, [torch.cat([k[layer] for k in kept])[:keep_inputs] for layer in range(len(kept[0]))]
+
+
+def task_router_stats(moe, tokenizer, tasks: dict, names: list[str], group: int, num_groups: int, per_task: int,
+                      batch_size: int, max_seq_len: int, keep_inputs: int = 0):
+    """`collect_group_stats` of one group over its tasks' training examples: the first `per_task` of each task
+    in `names` (`tasks`: {name: Task}), in batches of `batch_size`, through `moe` (a `DumeMoEForCausalLM` in
+    memory). The upcycle stage's Ray task (`launch.group_router_stats`) and benchmarks/regime.py both use it."""
+    rows = []
+    for name in names:
+        rows += encode_rows({name: tasks[name]}, tokenizer, "train", max_seq_len, {name: "g"})[:per_task]
+    batches = (collate(rows[i:i + batch_size], tokenizer.pad_token_id) for i in range(0, len(rows), batch_size))
+    return collect_group_stats(moe, batches, group, num_groups, keep_inputs)
 
 
 def finetune_router(weights: torch.Tensor, inputs: list[list[torch.Tensor]], steps: int, lr: float) -> tuple[torch.Tensor, list[float]]:

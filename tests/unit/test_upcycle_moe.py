@@ -166,6 +166,32 @@ def test_router_from_statistics_routes_each_groups_tokens_mostly_to_its_expert()
         assert (chosen == g).float().mean() > 0.9
 
 
+
+def test_router_stats_of_a_groups_tasks_are_the_same_in_memory_and_in_the_stages_task(tmp_path):
+    """`router.task_router_stats` (a MoE in memory: benchmarks/regime.py) and the upcycle stage's per-group Ray
+    task body (`launch.group_router_stats`: the MoE saved, loaded, tasks from their config) gather the same
+    statistics: the first `per_task` training rows of each of the group's tasks, in the group's column."""
+    from dume_ray.config import TasksConfig
+    from dume_ray.tasks import encode_rows, load_tasks
+    from dume_ray.upcycle.launch import group_router_stats
+    from dume_ray.upcycle.router import task_router_stats
+
+    tasks_cfg = TasksConfig(builtin=["copy", "add"], num_train=12, num_validation=2, num_test=2)
+    tasks = load_tasks(tasks_cfg)
+    moe = build_moe(_experts(shared_trunk=True, n=2)).eval()
+    moe.save_pretrained(tmp_path)
+    TOKENIZER.save_pretrained(tmp_path)
+    in_memory = task_router_stats(moe, TOKENIZER, tasks, ["copy", "add"], 1, 2, per_task=5, batch_size=4, max_seq_len=32)
+    staged = group_router_stats(str(tmp_path), tasks_cfg, ["copy", "add"], 1, 2, 5, 4, 32)
+    assert torch.equal(in_memory.gram, staged.gram) and torch.equal(in_memory.cross, staged.cross)
+    rows = [r for n in ("copy", "add") for r in encode_rows({n: tasks[n]}, TOKENIZER, "train", 32, {n: n})[:5]]
+    batches = [collate(rows[i:i + 4], TOKENIZER.pad_token_id) for i in range(0, len(rows), 4)]
+    by_hand = collect_group_stats(moe, batches, 1, 2)
+    assert in_memory.tokens == staged.tokens == by_hand.tokens == [0, sum(int(b["attention_mask"].sum()) for b in batches)]
+    assert torch.equal(in_memory.gram, by_hand.gram) and torch.equal(in_memory.cross, by_hand.cross)
+    assert in_memory.cross[..., 0].abs().sum() == 0  # every token in the group's own column
+
+
 @torch.no_grad()
 def test_routing_modes_run_and_random_is_seeded():
     moe, batch = build_moe(_experts(shared_trunk=False)).eval(), _batch()
