@@ -51,7 +51,7 @@ sys.path.insert(0, REPO)
 import torch  # noqa: E402
 
 from dume_ray.config import load_config  # noqa: E402
-from dume_ray.data.encode import scheduled_batches  # noqa: E402
+from dume_ray.data.encode import answer_tokens, scheduled_batches  # noqa: E402
 from dume_ray.model import create_initial_model, expert_trainable, load_model, load_tokenizer, make_trainable  # noqa: E402
 from dume_ray.search.proxy import cached_expert, read_soft_targets, score_soft_targets, train_expert  # noqa: E402
 from dume_ray.tasks import encode_rows, load_tasks  # noqa: E402
@@ -68,7 +68,7 @@ TWO_SKILL_EMBEDDED = ["model.max_seq_len=112", "eval.max_new_tokens=36"]  # the 
 # 480 rows, so each task's rows are read as often as by its expert; the control multitask gets the same 60 steps
 # over three tasks (2/3 of a pass). 240 training steps (10 min at 2.5 s a step; the pipeline's SmolLM2 run measured
 # 2.6 s a step for experts with scoring and 3.2 for the student: eval_share.json) plus 7 models x 150 test
-# generations of <= 14 tokens (about 3 min: that run's eval made 1,200 of <= 12 in 161 s).
+# generations of <= 13 tokens (about 3 min: that run's eval made 1,200 of <= 12 in 161 s).
 TWO_SKILL_PRETRAINED = ["experts.optim.steps=30", "distill.optim.steps=60"]
 TINY_OVERRIDES = ["tasks.builtin=[copy,reverse]", "tasks.num_train=32", "tasks.num_validation=4", "tasks.num_test=4", "base.optim.steps=2",
                   "experts.optim.steps=2", "distill.optim.steps=4", "eval.max_new_tokens=4",
@@ -170,7 +170,7 @@ def two_skill(cfg, work: str, control: bool) -> dict:
     test exact match of each model on the two and on reverse_upper. Generations may run to `answer_room`."""
     prep = prepare(cfg, work, {t: [t] for t in SINGLE_SKILLS})
     tasks, tokenizer = prep["tasks"], prep["tokenizer"]
-    max_new_tokens = max(cfg.eval.max_new_tokens, answer_room(tasks, tokenizer))
+    max_new_tokens = max(cfg.eval.max_new_tokens, answer_room(tasks, tokenizer, cfg.model.max_seq_len))
     cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, max_new_tokens=max_new_tokens))
     cell = {"settings": {"max_new_tokens": max_new_tokens, "base_steps": prep["base_steps"],
                          "expert_steps": cfg.experts.optim.steps, "student_steps": cfg.distill.optim.steps,
@@ -200,11 +200,12 @@ def two_skill(cfg, work: str, control: bool) -> dict:
     return cell
 
 
-def answer_room(tasks: dict, tokenizer) -> int:
-    """Tokens a generation needs for the longest answer of any split of `tasks`, plus its eos: a smaller
+def answer_room(tasks: dict, tokenizer, max_seq_len: int) -> int:
+    """Tokens a generation needs for the longest answer of any split of `tasks` (`data.encode.answer_tokens`, the
+    preflight's rule: eos not counted, an answer of exactly max_new_tokens tokens matches): a smaller
     eval.max_new_tokens would cut correct answers (SmolLM2 spends up to 13 tokens on 5 upper-cased words)."""
-    return 1 + max(len(tokenizer(e.response, add_special_tokens=False)["input_ids"])
-                   for task in tasks.values() for examples in task.splits.values() for e in examples)
+    return max(answer_tokens(row) for name, task in tasks.items() for split in task.splits
+               for row in encode_rows({name: task}, tokenizer, split, max_seq_len, {name: name}))
 
 
 def _no_targets(row: dict, k: int) -> dict:

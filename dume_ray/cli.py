@@ -183,12 +183,14 @@ def preflight(cfg: PipelineConfig) -> None:
 
 def answers_cut_by_generation_cap(rows_by_split: dict[str, list[dict]], max_new_tokens: int) -> dict[str, dict]:
     """{"task/split": {"rows": n, "longest": tokens}} of the encoded rows (`encode_rows`) whose answer has more
-    tokens than generation may produce (eos not counted: decoding stops at the cap, so an answer of exactly
-    max_new_tokens tokens still matches)."""
+    tokens than generation may produce (`data.encode.answer_tokens`: eos not counted, decoding stops at the cap,
+    so an answer of exactly max_new_tokens tokens still matches)."""
+    from dume_ray.data.encode import answer_tokens
+
     cut: dict[str, dict] = {}
     for split, rows in rows_by_split.items():
         for row in rows:
-            answer = len(row["input_ids"]) - row["response_start"] - 1
+            answer = answer_tokens(row)
             if answer > max_new_tokens:
                 entry = cut.setdefault(f"{row['task']}/{split}", {"rows": 0, "longest": 0})
                 entry["rows"] += 1

@@ -109,6 +109,22 @@ def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
     return _prefix_ids(tokenizer, prompt)
 
 
+def answer_tokens(row: dict) -> int:
+    """Tokens greedy decoding must be allowed (``max_new_tokens``) to reproduce an encoded row's answer: its
+    response tokens, the final eos not counted.
+
+    Decoding (``training.greedy_generate``) stops at eos or after ``max_new_tokens`` tokens, whichever comes
+    first, and the answer is decoded without special tokens, so an answer of N tokens is matched with
+    ``max_new_tokens = N``; N + 1 is not needed (pinned in tests/unit/test_model_and_training.py). The
+    preflight's warning (``cli.answers_cut_by_generation_cap``) and benchmarks/curves.py's ``answer_room``
+    both count with this.
+
+    Args:
+        row: An output of :func:`encode_example` (``input_ids``, ``response_start``).
+    """
+    return len(row["input_ids"]) - row["response_start"] - 1
+
+
 def batch_rows(batch: dict) -> list[dict]:
     """A columnar batch (Ray Data numpy batch, or dict of lists) -> the rows `collate` takes."""
     return [{"input_ids": ids, "response_start": int(rs)} for ids, rs in zip(batch["input_ids"], batch["response_start"])]

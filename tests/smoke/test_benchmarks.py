@@ -141,21 +141,26 @@ def test_regime_lists_every_planned_cell_short_of_its_seeds():
 
 
 def test_curves_answer_room_fits_the_longest_answer_of_any_split():
-    """`answer_room` (two_skill's generation cap) = tokens of the longest answer in any split of any task + its eos,
-    so eval.max_new_tokens never cuts a correct answer (pure function; a word-counting tokenizer)."""
+    """`answer_room` (two_skill's generation cap) = tokens of the longest answer in any split of any task, eos not
+    counted (`data.encode.answer_tokens`, the preflight's rule: an answer of exactly max_new_tokens tokens is
+    matched, tests/unit/test_model_and_training.py), so eval.max_new_tokens never cuts a correct answer (pure
+    function; a word-counting tokenizer)."""
     sys.path.insert(0, os.path.join(REPO, "benchmarks"))
     from curves import answer_room
     from dume_ray.tasks.base import Example, Task
     from dume_ray.tasks.words import make_word_task
 
-    def words(text, add_special_tokens=True):
-        return {"input_ids": text.split()}
+    class Words:  # one token a word; no chat template, so prompts are bos + words and answers end with eos
+        bos_token_id, eos_token_id = "<s>", "</s>"
+
+        def __call__(self, text, add_special_tokens=True):
+            return {"input_ids": text.split()}
     tasks = {n: make_word_task(n, 0, 20, 5, 5) for n in ("reverse_words", "reverse_upper")}
     longest = max(len(e.response.split()) for t in tasks.values() for split in t.splits.values() for e in split)
-    assert 3 <= longest <= 5 and answer_room(tasks, words) == longest + 1
+    assert 3 <= longest <= 5 and answer_room(tasks, Words(), 64) == longest
     short = [Example("p\n", "a b")]  # a longer answer in the test split alone still counts
     tasks["t"] = Task("t", {"train": short, "validation": short, "test": [Example("p\n", " ".join("x" * 9))]})
-    assert answer_room(tasks, words) == 10
+    assert answer_room(tasks, Words(), 64) == 9
 
 
 def test_curves_two_skill_overrides_pretrained_budget_then_tiny_then_the_users_set():

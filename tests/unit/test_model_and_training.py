@@ -18,7 +18,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from dume_ray.config import ModelConfig, OptimConfig  # noqa: E402
-from dume_ray.data.encode import collate, encode_prompt, response_positions, soft_target_batch  # noqa: E402
+from dume_ray.cli import answers_cut_by_generation_cap  # noqa: E402
+from dume_ray.data.encode import (answer_tokens, collate, encode_example, encode_prompt,  # noqa: E402
+                                  response_positions, soft_target_batch)
 from dume_ray.data.soft_targets import soft_target_schema, validate_shard, write_shard  # noqa: E402
 from dume_ray.data.tokenizer import build_char_tokenizer  # noqa: E402
 from dume_ray.losses import cross_entropy  # noqa: E402
@@ -313,6 +315,43 @@ def test_evaluate_tasks_returns_each_tasks_exact_match_rate(teacher_dir, tokeniz
     test = [Example(p, a if i < 3 else a + "#") for i, (p, a) in enumerate(zip(prompts, answers))]
     rigged = Task(name="rigged", splits={"train": test, "validation": test, "test": test})
     assert evaluate_tasks(model, tokenizer, {"rigged": rigged}, "test", max_new_tokens=6) == {"rigged": 3 / len(test)}
+
+
+
+MEMORISED = [("cp abcde=", "abcde"), ("rv xyz=", "zyx")]
+
+
+@pytest.fixture(scope="module")
+def memorised_dir(model_dir, tokenizer, tmp_path_factory) -> str:
+    """The tiny base after 60 CE steps on the two MEMORISED examples alone: it answers them and then stops."""
+    model = load_model(model_dir)
+    batch = collate([encode_example(tokenizer, p, r, TINY.max_seq_len) for p, r in MEMORISED], tokenizer.pad_token_id)
+    optimizer, scheduler = make_optimizer(model, OptimConfig(lr=3e-2, warmup_steps=1, steps=60, batch_size=2))
+    for _ in range(60):
+        ce_train_step(model, batch, optimizer, scheduler, grad_clip=1.0)
+    out = str(tmp_path_factory.mktemp("memorised"))
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("prompt, answer", MEMORISED)
+def test_an_answer_of_n_tokens_is_scored_correct_with_max_new_tokens_n(memorised_dir, tokenizer, prompt, answer):
+    """Decoding stops at eos or at max_new_tokens and the answer is decoded without the eos, so an answer of
+    N tokens (`answer_tokens`: eos not counted) is matched at max_new_tokens = N, not only at N + 1: the
+    preflight's rule (`answers_cut_by_generation_cap`), which benchmarks/curves.py's `answer_room` now shares."""
+    model = load_model(memorised_dir)
+    row = encode_example(tokenizer, prompt, answer, TINY.max_seq_len)
+    n = answer_tokens(row)
+    assert n == len(answer)  # one token a character
+    # the model writes the answer and then eos: it does stop
+    assert int(model(input_ids=torch.tensor([row["input_ids"][:-1]])).logits[0, -1].argmax()) == tokenizer.eos_token_id
+    task = {"memorised": Task(name="memorised", splits={"test": [Example(prompt, answer)]})}
+    scores = {cap: evaluate_tasks(model, tokenizer, task, "test", cap)["memorised"] for cap in (n - 1, n, n + 1)}
+    assert scores == {n - 1: 0.0, n: 1.0, n + 1: 1.0}
+    assert answers_cut_by_generation_cap({"test": [{**row, "task": "memorised"}]}, n) == {}
+    assert answers_cut_by_generation_cap({"test": [{**row, "task": "memorised"}]}, n - 1) == {
+        "memorised/test": {"rows": 1, "longest": n}}
 
 
 # ---- checkpoints -----------------------------------------------------------------------------------------
