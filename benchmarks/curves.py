@@ -50,10 +50,12 @@ from common import REPO, command_line, fmt_pm, markdown_table, mean_std, result_
 sys.path.insert(0, REPO)
 import torch  # noqa: E402
 
-from dume_ray.config import load_config  # noqa: E402
+from dume_ray.config import config_hash, load_config  # noqa: E402
 from dume_ray.data.encode import answer_tokens, scheduled_batches  # noqa: E402
 from dume_ray.model import create_initial_model, expert_trainable, load_model, load_tokenizer, make_trainable  # noqa: E402
-from dume_ray.search.proxy import cached_expert, read_soft_targets, score_soft_targets, train_expert  # noqa: E402
+from dume_ray.search.proxy import (cached_expert, expert_cache_key, read_soft_targets, score_soft_targets,  # noqa: E402
+                                  train_expert)
+from dume_ray.stage_hashes import base_hash  # noqa: E402
 from dume_ray.tasks import encode_rows, load_tasks  # noqa: E402
 from dume_ray.training import evaluate_tasks, kd_step, make_optimizer, score_tasks, train_loop  # noqa: E402
 from regime import dume  # noqa: E402  (the DUME MoE of the experts, router solved in process)
@@ -84,9 +86,10 @@ def mean(scores: dict) -> float:
 # ---------------------------------------------------------------------------------------------------------
 
 def prepare(cfg, work: str, groups: dict[str, list[str]]) -> dict:
-    """Base, one expert per group and its soft targets, under `work` (reused when there): the pipeline's base,
-    experts and soft_targets stages as plain loops. The base trains on the groups' tasks only; a pretrained model
-    (or `base.enabled: false`) is the base as loaded, as in the pipeline."""
+    """Base, one expert per group and its soft targets, under `work` (reused when there, keyed by the settings
+    that shape them: `base_key`, `search.proxy.expert_cache_key`, so an entry trained under other overrides is
+    never reused): the pipeline's base, experts and soft_targets stages as plain loops. The base trains on the
+    groups' tasks only; a pretrained model (or `base.enabled: false`) is the base as loaded, as in the pipeline."""
     init_dir = create_initial_model(cfg.model, cfg.seed, os.path.join(work, "init"), cfg.data)
     tokenizer = load_tokenizer(init_dir)
     tasks = load_tasks(cfg.tasks, tokenizer, cfg.model.max_seq_len)
@@ -97,7 +100,8 @@ def prepare(cfg, work: str, groups: dict[str, list[str]]) -> dict:
         train_expert(load_model(init_dir), tokenizer, rows, cfg.base.optim, cfg.seed, out, cfg.model.dtype)
 
     as_loaded = cfg.model.pretrained or not cfg.base.enabled
-    base_dir = init_dir if as_loaded else cached_expert(work, "base", train_base)[0]
+    base = base_key(cfg, list(trained), as_loaded)
+    base_dir = init_dir if as_loaded else cached_expert(work, f"base-{base}", train_base)[0]
     expert_dirs, soft_rows = {}, []
     for group, names in groups.items():
         rows = encode_rows({t: tasks[t] for t in names}, tokenizer, "train", cfg.model.max_seq_len, {t: group for t in names})
@@ -108,11 +112,19 @@ def prepare(cfg, work: str, groups: dict[str, list[str]]) -> dict:
             score_soft_targets(os.path.join(out, "model"), rows, cfg.soft_targets.top_k, os.path.join(out, "soft.parquet"),
                                cfg.soft_targets.batch_size)
 
-        entry, _ = cached_expert(work, f"expert-{group}", train_group)
+        entry, _ = cached_expert(work, f"expert-{group}-{expert_cache_key(base, names, cfg)}", train_group)
         expert_dirs[group] = os.path.join(entry, "model")
         soft_rows += read_soft_targets(os.path.join(entry, "soft.parquet"))
     return {"tokenizer": tokenizer, "tasks": tasks, "base_dir": base_dir, "expert_dirs": expert_dirs,
             "soft_rows": soft_rows, "groups": list(groups), "base_steps": 0 if as_loaded else cfg.base.optim.steps}
+
+
+def base_key(cfg, tasks: list[str], as_loaded: bool) -> str:
+    """What `prepare`'s base depends on: the pipeline's base hash (`stage_hashes.base_hash`: model, data, seed,
+    base.optim, the tasks' data) of a base trained on `tasks`, or of the model as loaded, and the tasks' order
+    (the order of its training rows)."""
+    as_run = dataclasses.replace(cfg, base=dataclasses.replace(cfg.base, enabled=not as_loaded, tasks=list(tasks)))
+    return config_hash("curves-base", base_hash(as_run), list(tasks))
 
 
 def train_student(cfg, prep: dict, alpha: float, schedule: str, every: int, eval_tasks: dict,

@@ -163,6 +163,44 @@ def test_curves_answer_room_fits_the_longest_answer_of_any_split():
     assert answer_room(tasks, Words(), 64) == 9
 
 
+def test_curves_reuses_a_base_or_expert_only_under_the_settings_that_shaped_it(tmp_path, monkeypatch):
+    """`prepare`'s cache under one work folder (a cell interrupted and resumed, maybe with other --set overrides):
+    an unchanged config hits every entry; a changed expert setting trains new experts on the cached base; a
+    changed base setting trains a new base and new experts; a student setting trains nothing. A stub trainer
+    (records what it trains) stands in for training; the tiny model and the tasks are real."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import curves
+    from dume_ray.config import load_config
+    trained: list[str] = []
+
+    def fake_train(model, tokenizer, rows, optim, seed, out, dtype="float32"):
+        os.makedirs(out, exist_ok=True)
+        trained.append("expert" if os.path.basename(out) == "model" else "base")
+
+    monkeypatch.setattr(curves, "train_expert", fake_train)
+    monkeypatch.setattr(curves, "score_soft_targets", lambda model_dir, rows, k, path, batch_size: open(path, "w").close())
+    monkeypatch.setattr(curves, "read_soft_targets", lambda path: [])
+    monkeypatch.setattr(curves, "load_model", lambda path: None)
+    monkeypatch.setattr(curves, "make_trainable", lambda model, **trainable: model)
+    work, groups = str(tmp_path / "work"), {"copy": ["copy"], "reverse": ["reverse"]}
+
+    def prepare(*overrides: str) -> tuple[list[str], str]:
+        trained.clear()
+        prep = curves.prepare(load_config(os.path.join(REPO, "configs", "demo.yaml"), [*curves.TINY_OVERRIDES, *overrides]),
+                              work, groups)
+        return sorted(trained), prep["base_dir"]
+
+    first, base_dir = prepare()
+    assert first == ["base", "expert", "expert"]
+    assert prepare() == ([], base_dir)                                                     # unchanged: all cached
+    assert prepare("experts.optim.lr=0.01") == (["expert", "expert"], base_dir)            # experts only
+    assert prepare("experts.train_mlp_only=true")[0] == ["expert", "expert"]
+    changed_base, other_base = prepare("base.optim.lr=0.01")
+    assert changed_base == ["base", "expert", "expert"] and other_base != base_dir          # and their experts
+    assert prepare("distill.optim.steps=7") == ([], base_dir)                              # the student's: nothing
+    assert prepare("experts.optim.lr=0.01") == ([], base_dir)                              # the earlier override, cached
+
+
 def test_curves_two_skill_overrides_pretrained_budget_then_tiny_then_the_users_set():
     """On a pretrained config the part gets TWO_SKILL_PRETRAINED's steps and the config's own sequence room; --tiny's
     steps replace the budget; --set wins over both; the embedded model gets the character lengths instead."""
