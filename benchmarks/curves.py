@@ -110,7 +110,8 @@ def prepare(cfg, work: str, groups: dict[str, list[str]]) -> dict:
             model = make_trainable(load_model(base_dir), **expert_trainable(cfg.experts))
             train_expert(model, tokenizer, rows, cfg.experts.optim, cfg.seed, os.path.join(out, "model"), cfg.model.dtype)
             score_soft_targets(os.path.join(out, "model"), rows, cfg.soft_targets.top_k, os.path.join(out, "soft.parquet"),
-                               cfg.soft_targets.batch_size)
+                               cfg.soft_targets.batch_size, kl_max=cfg.soft_targets.kl_max,
+                               logprob_bits=cfg.soft_targets.logprob_bits)
 
         entry, _ = cached_expert(work, f"expert-{group}-{expert_cache_key(base, names, cfg)}", train_group)
         expert_dirs[group] = os.path.join(entry, "model")
@@ -215,7 +216,9 @@ def two_skill(cfg, work: str, control: bool) -> dict:
 def answer_room(tasks: dict, tokenizer, max_seq_len: int) -> int:
     """Tokens a generation needs for the longest answer of any split of `tasks` (`data.encode.answer_tokens`, the
     preflight's rule: eos not counted, an answer of exactly max_new_tokens tokens matches): a smaller
-    eval.max_new_tokens would cut correct answers (SmolLM2 spends up to 13 tokens on 5 upper-cased words)."""
+    eval.max_new_tokens would cut correct answers (SmolLM2 spends up to 13 tokens on 5 upper-cased words). Encodes
+    every split as the pipeline does, so an example longer than model.max_seq_len fails here as in the preflight
+    (tasks.too_long=error)."""
     return max(answer_tokens(row) for name, task in tasks.items() for split in task.splits
                for row in encode_rows({name: task}, tokenizer, split, max_seq_len, {name: name}))
 

@@ -317,7 +317,6 @@ def test_evaluate_tasks_returns_each_tasks_exact_match_rate(teacher_dir, tokeniz
     assert evaluate_tasks(model, tokenizer, {"rigged": rigged}, "test", max_new_tokens=6) == {"rigged": 3 / len(test)}
 
 
-
 MEMORISED = [("cp abcde=", "abcde"), ("rv xyz=", "zyx")]
 
 

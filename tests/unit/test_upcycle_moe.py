@@ -166,7 +166,6 @@ def test_router_from_statistics_routes_each_groups_tokens_mostly_to_its_expert()
         assert (chosen == g).float().mean() > 0.9
 
 
-
 def test_router_stats_of_a_groups_tasks_are_the_same_in_memory_and_in_the_stages_task(tmp_path):
     """`router.task_router_stats` (a MoE in memory: benchmarks/regime.py) and the upcycle stage's per-group Ray
     task body (`launch.group_router_stats`: the MoE saved, loaded, tasks from their config) gather the same
@@ -231,7 +230,6 @@ def test_bad_experts_are_rejected_naming_the_cause():
     other.resize_token_embeddings(len(TOKENIZER) + 5)
     with pytest.raises(ValueError, match="different vocabularies"):
         build_moe({"a": build_embedded_model(SMALL, TOKENIZER, 0), "b": other})
-
 
 
 @torch.no_grad()
@@ -360,7 +358,6 @@ def test_whole_sequence_generation_with_cache_routes_the_prompt_by_its_mean():
         prompt_x, block.capture = block.capture[0][0], None
         block.mode, block.expert = "forced", int(block.scores(prompt_x)[0, real].mean(0).argmax())
     assert torch.allclose(logits[:, 0], moe(**one, use_cache=False).logits[:, -1], atol=1e-5)
-
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
