@@ -178,7 +178,7 @@ def test_curves_reuses_a_base_or_expert_only_under_the_settings_that_shaped_it(t
         trained.append("expert" if os.path.basename(out) == "model" else "base")
 
     monkeypatch.setattr(curves, "train_expert", fake_train)
-    monkeypatch.setattr(curves, "score_soft_targets", lambda model_dir, rows, k, path, batch_size: open(path, "w").close())
+    monkeypatch.setattr(curves, "score_soft_targets", lambda model_dir, rows, k, path, batch_size, **fmt: open(path, "w").close())
     monkeypatch.setattr(curves, "read_soft_targets", lambda path: [])
     monkeypatch.setattr(curves, "load_model", lambda path: None)
     monkeypatch.setattr(curves, "make_trainable", lambda model, **trainable: model)
